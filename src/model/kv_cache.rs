@@ -1,0 +1,76 @@
+//! A key/value cache that grows with use, so a stream costs memory for the tokens it has
+//! seen rather than for the whole context window up front.
+
+use candle_core::{Result, Tensor};
+
+/// Smallest allocation, in tokens; growth then doubles, capped at the context length.
+const MIN_CAPACITY: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    /// (batch, kv_heads, capacity, head_dim) buffers; rows past `len` are unused.
+    buffers: Option<(Tensor, Tensor)>,
+    len: usize,
+    max_len: usize,
+}
+
+impl KvCache {
+    pub fn new(max_len: usize) -> Self {
+        Self {
+            buffers: None,
+            len: 0,
+            max_len,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.buffers
+            .as_ref()
+            .and_then(|(k, _)| k.dim(2).ok())
+            .unwrap_or(0)
+    }
+
+    /// Appends `k` and `v` of shape (batch, kv_heads, seq, head_dim) and returns views of
+    /// every cached key and value so far.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let seq_len = k.dim(2)?;
+        let needed = self.len + seq_len;
+        if needed > self.max_len {
+            candle_core::bail!(
+                "the KV cache holds at most {} tokens, {needed} were asked for",
+                self.max_len
+            )
+        }
+        if needed > self.capacity() {
+            self.grow(k, v, needed)?;
+        }
+        let (k_buf, v_buf) = match &self.buffers {
+            Some(buffers) => buffers,
+            None => candle_core::bail!("KV cache buffers missing after growth"),
+        };
+        k_buf.slice_set(&k.contiguous()?, 2, self.len)?;
+        v_buf.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok((k_buf.narrow(2, 0, needed)?, v_buf.narrow(2, 0, needed)?))
+    }
+
+    fn grow(&mut self, k: &Tensor, v: &Tensor, needed: usize) -> Result<()> {
+        let capacity = needed
+            .max(2 * self.capacity())
+            .max(MIN_CAPACITY)
+            .min(self.max_len);
+        let (b, h, _, d) = k.dims4()?;
+        let new_k = Tensor::zeros((b, h, capacity, d), k.dtype(), k.device())?;
+        let new_v = Tensor::zeros((b, h, capacity, v.dim(3)?), v.dtype(), v.device())?;
+        if let Some((old_k, old_v)) = &self.buffers {
+            new_k.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            new_v.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+        }
+        self.buffers = Some((new_k, new_v));
+        Ok(())
+    }
+}

@@ -1,0 +1,273 @@
+//! The Phi-3 forward pass on Candle's ops and quantized matmuls.
+//!
+//! Our own module rather than `candle_transformers::models::quantized_phi3`, which hard-codes
+//! the RoPE base, cannot rotate part of a head, needs `output.weight`, and allocates an f32
+//! KV cache for the whole context up front.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::RmsNorm;
+
+use super::config::Phi3Config;
+use super::kv_cache::KvCache;
+use super::rope::RotaryEmbedding;
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: RmsNorm,
+    attn_qkv: QMatMul,
+    attn_output: QMatMul,
+    ffn_norm: RmsNorm,
+    /// Gate and up projections fused: the first `intermediate_size` rows are the gate.
+    ffn_up: QMatMul,
+    ffn_down: QMatMul,
+}
+
+/// The immutable weights of one model, shared (`Arc`) by every stream of a generator.
+#[derive(Debug)]
+pub struct Phi3Weights {
+    pub config: Phi3Config,
+    embeddings: Tensor,
+    layers: Vec<Layer>,
+    output_norm: RmsNorm,
+    output: QMatMul,
+    rope: RotaryEmbedding,
+}
+
+/// A source of named quantized tensors (the GGUF reader, or a test's in-memory map).
+pub trait TensorSource {
+    fn tensor(&mut self, name: &str) -> crate::Result<QTensor>;
+}
+
+impl Phi3Weights {
+    pub fn load(config: Phi3Config, source: &mut impl TensorSource) -> crate::Result<Self> {
+        let device = Device::Cpu;
+        let token_embd = source.tensor("token_embd.weight")?;
+        let embeddings = token_embd.dequantize(&device).map_err(build_error)?;
+        let output = if config.tied_embeddings {
+            QMatMul::from_qtensor(token_embd).map_err(build_error)?
+        } else {
+            drop(token_embd);
+            matmul(source, "output.weight")?
+        };
+        let output_norm = norm(source, "output_norm.weight", config.rms_eps)?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let p = format!("blk.{i}");
+            layers.push(Layer {
+                attn_norm: norm(source, &format!("{p}.attn_norm.weight"), config.rms_eps)?,
+                attn_qkv: matmul(source, &format!("{p}.attn_qkv.weight"))?,
+                attn_output: matmul(source, &format!("{p}.attn_output.weight"))?,
+                ffn_norm: norm(source, &format!("{p}.ffn_norm.weight"), config.rms_eps)?,
+                ffn_up: matmul(source, &format!("{p}.ffn_up.weight"))?,
+                ffn_down: matmul(source, &format!("{p}.ffn_down.weight"))?,
+            });
+        }
+        let rope = RotaryEmbedding::new(&config, &device).map_err(build_error)?;
+        Ok(Self {
+            config,
+            embeddings,
+            layers,
+            output_norm,
+            output,
+            rope,
+        })
+    }
+}
+
+fn build_error(e: candle_core::Error) -> crate::Error {
+    crate::Error::Generation {
+        detail: format!(
+            "building the model failed: {}",
+            crate::error::candle_message(&e)
+        ),
+    }
+}
+
+fn matmul(source: &mut impl TensorSource, name: &str) -> crate::Result<QMatMul> {
+    QMatMul::from_qtensor(source.tensor(name)?).map_err(build_error)
+}
+
+fn norm(source: &mut impl TensorSource, name: &str, eps: f64) -> crate::Result<RmsNorm> {
+    let weight = source
+        .tensor(name)?
+        .dequantize(&Device::Cpu)
+        .map_err(build_error)?;
+    Ok(RmsNorm::new(weight, eps))
+}
+
+/// One sequence being computed: shared weights plus this sequence's own KV cache.
+#[derive(Debug, Clone)]
+pub struct Phi3Model {
+    weights: Arc<Phi3Weights>,
+    caches: Vec<KvCache>,
+}
+
+impl Phi3Model {
+    pub fn new(weights: Arc<Phi3Weights>) -> Self {
+        let caches = (0..weights.config.num_layers)
+            .map(|_| KvCache::new(weights.config.context_length))
+            .collect();
+        Self { weights, caches }
+    }
+
+    pub fn config(&self) -> &Phi3Config {
+        &self.weights.config
+    }
+
+    /// How many tokens the model has seen: the position of the next token.
+    pub fn position(&self) -> usize {
+        self.caches.first().map_or(0, KvCache::len)
+    }
+
+    /// Bytes currently allocated for this sequence's KV cache.
+    pub fn kv_cache_bytes(&self) -> usize {
+        let per_token = self.weights.config.kv_bytes_per_token() / self.caches.len().max(1);
+        self.caches.iter().map(|c| c.capacity() * per_token).sum()
+    }
+
+    /// Feeds `tokens` and returns the next-token logits after the last one, shape (vocab,).
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        let hidden = self.hidden_states(tokens)?;
+        let last = hidden.narrow(1, tokens.len() - 1, 1)?;
+        self.weights.output.forward(&last)?.flatten_all()
+    }
+
+    /// Feeds `tokens` and returns the logits at every position, shape (tokens, vocab).
+    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        let hidden = self.hidden_states(tokens)?;
+        self.weights.output.forward(&hidden)?.squeeze(0)
+    }
+
+    /// The final-normed hidden states (1, tokens, hidden) after feeding `tokens`.
+    fn hidden_states(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        if tokens.is_empty() {
+            candle_core::bail!("no tokens to feed the model")
+        }
+        let weights = Arc::clone(&self.weights);
+        let config = &weights.config;
+        let offset = self.position();
+        if offset + tokens.len() > config.context_length {
+            candle_core::bail!(
+                "{} tokens exceed the context length of {}",
+                offset + tokens.len(),
+                config.context_length
+            )
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= config.vocab_size) {
+            candle_core::bail!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                config.vocab_size
+            )
+        }
+        let device = weights.embeddings.device();
+        let ids = Tensor::new(tokens, device)?;
+        let mut xs = weights.embeddings.index_select(&ids, 0)?.unsqueeze(0)?;
+        let mask = attention_mask(tokens.len(), offset, config.sliding_window, device)?;
+        for (layer, cache) in weights.layers.iter().zip(self.caches.iter_mut()) {
+            let attn = attention(
+                layer,
+                cache,
+                config,
+                &weights.rope,
+                &xs,
+                mask.as_ref(),
+                offset,
+            )?;
+            xs = (xs + attn)?;
+            let ffn = feed_forward(layer, config, &xs)?;
+            xs = (xs + ffn)?;
+        }
+        weights.output_norm.forward(&xs)
+    }
+}
+
+fn attention(
+    layer: &Layer,
+    cache: &mut KvCache,
+    config: &Phi3Config,
+    rope: &RotaryEmbedding,
+    xs: &Tensor,
+    mask: Option<&Tensor>,
+    offset: usize,
+) -> Result<Tensor> {
+    let (b, seq_len, _) = xs.dims3()?;
+    let (n_head, n_kv, hd) = (config.num_heads, config.num_kv_heads, config.head_dim);
+    let qkv = layer.attn_qkv.forward(&layer.attn_norm.forward(xs)?)?;
+    let heads = |start: usize, n: usize| -> Result<Tensor> {
+        qkv.narrow(D::Minus1, start * hd, n * hd)?
+            .reshape((b, seq_len, n, hd))?
+            .transpose(1, 2)
+    };
+    let q = rope.apply(&heads(0, n_head)?, offset)?;
+    let k = rope.apply(&heads(n_head, n_kv)?, offset)?;
+    let v = heads(n_head + n_kv, n_kv)?;
+    let (k, v) = cache.append(&k, &v)?;
+    let kv_len = k.dim(2)?;
+
+    // Grouped-query attention without copying keys: the `n_rep` query heads that share a
+    // key/value head become extra rows of one matmul against that head.
+    let n_rep = n_head / n_kv;
+    let q = q.reshape((b, n_kv, n_rep * seq_len, hd))?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let scores = match mask {
+        Some(mask) => scores
+            .reshape((b, n_kv, n_rep, seq_len, kv_len))?
+            .broadcast_add(mask)?
+            .reshape((b, n_kv, n_rep * seq_len, kv_len))?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs
+        .matmul(&v)?
+        .reshape((b, n_head, seq_len, hd))?
+        .transpose(1, 2)?
+        .reshape((b, seq_len, n_head * hd))?;
+    layer.attn_output.forward(&out)
+}
+
+fn feed_forward(layer: &Layer, config: &Phi3Config, xs: &Tensor) -> Result<Tensor> {
+    let up = layer.ffn_up.forward(&layer.ffn_norm.forward(xs)?)?;
+    let gate = up.narrow(D::Minus1, 0, config.intermediate_size)?;
+    let up = up.narrow(
+        D::Minus1,
+        config.intermediate_size,
+        config.intermediate_size,
+    )?;
+    layer
+        .ffn_down
+        .forward(&(candle_nn::ops::silu(&gate)? * up)?)
+}
+
+/// Additive mask (seq_len, offset + seq_len): 0 where query i may see key j, -inf elsewhere.
+/// `None` when nothing is masked (one new token and no window in effect).
+fn attention_mask(
+    seq_len: usize,
+    offset: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let kv_len = offset + seq_len;
+    let visible = |i: usize, j: usize| {
+        let pos = offset + i;
+        j <= pos && window.is_none_or(|w| pos - j < w)
+    };
+    if seq_len == 1 && (0..kv_len).all(|j| visible(0, j)) {
+        return Ok(None);
+    }
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| (0..kv_len).map(move |j| (i, j)))
+        .map(|(i, j)| {
+            if visible(i, j) {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    Tensor::from_vec(mask, (seq_len, kv_len), device)?
+        .to_dtype(DType::F32)
+        .map(Some)
+}
