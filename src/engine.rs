@@ -1,0 +1,157 @@
+//! A loaded model and its tokenizer: what a Python `Phi3Generator` holds. Immutable once
+//! built, so one engine serves any number of concurrent generations.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::generation::{Generation, GenerationParams};
+use crate::model::{self, ModelMetadata, Phi3Config, Phi3Model, Phi3Weights};
+use crate::source::{HubFile, DEFAULT_REVISION, DEFAULT_TOKENIZER_FILE, DEFAULT_TOKENIZER_REPO};
+use crate::tokenizer::Phi3Tokenizer;
+
+/// Where a file comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    Local(PathBuf),
+    Hub(HubFile),
+}
+
+impl ModelSource {
+    fn resolve(&self, progress: bool) -> Result<PathBuf> {
+        match self {
+            ModelSource::Local(path) => Ok(path.clone()),
+            ModelSource::Hub(file) => file.resolve(progress),
+        }
+    }
+}
+
+pub struct Engine {
+    weights: Arc<Phi3Weights>,
+    tokenizer: Arc<Phi3Tokenizer>,
+    metadata: ModelMetadata,
+    model_path: PathBuf,
+    load_time: Duration,
+}
+
+impl Engine {
+    /// Resolves and loads the model, then its tokenizer. Without a tokenizer source, a
+    /// `tokenizer.json` beside a local GGUF is used, else the default Phi-3 tokenizer.
+    pub fn load(
+        model: &ModelSource,
+        tokenizer: Option<&ModelSource>,
+        progress: bool,
+    ) -> Result<Self> {
+        let start = Instant::now();
+        if let Some(ModelSource::Local(path)) = tokenizer {
+            if !path.is_file() {
+                return Err(Error::TokenizerNotFound { path: path.clone() });
+            }
+        }
+        let model_path = model.resolve(progress)?;
+        let loaded = model::load(&model_path)?;
+        let tokenizer_source = match tokenizer {
+            Some(source) => source.clone(),
+            None => default_tokenizer(model, &model_path),
+        };
+        let tokenizer_path = tokenizer_source.resolve(progress)?;
+        let tokenizer = Phi3Tokenizer::from_file(
+            &tokenizer_path,
+            &loaded.metadata,
+            loaded.weights.config.vocab_size,
+        )?;
+        Ok(Self {
+            weights: loaded.weights,
+            tokenizer: Arc::new(tokenizer),
+            metadata: loaded.metadata,
+            model_path,
+            load_time: start.elapsed(),
+        })
+    }
+
+    pub fn config(&self) -> &Phi3Config {
+        &self.weights.config
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Phi3Tokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+
+    pub fn model_path(&self) -> &Path {
+        &self.model_path
+    }
+
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// A fresh sequence: the shared weights with an empty KV cache of its own.
+    pub fn new_sequence(&self) -> Phi3Model {
+        Phi3Model::new(Arc::clone(&self.weights))
+    }
+
+    /// Prepares a generation for `prompt` (raw text; special-token text is honoured).
+    pub fn generate(&self, prompt: &str, params: &GenerationParams) -> Result<Generation> {
+        let ids = self.tokenizer.encode(prompt, true)?;
+        self.generate_ids(ids, params)
+    }
+
+    pub fn generate_ids(&self, prompt: Vec<u32>, params: &GenerationParams) -> Result<Generation> {
+        Generation::new(
+            self.new_sequence(),
+            Arc::clone(&self.tokenizer),
+            prompt,
+            params,
+        )
+    }
+}
+
+fn default_tokenizer(model: &ModelSource, model_path: &Path) -> ModelSource {
+    if let ModelSource::Local(_) = model {
+        if let Some(beside) = model_path
+            .parent()
+            .map(|dir| dir.join(DEFAULT_TOKENIZER_FILE))
+        {
+            if beside.is_file() {
+                return ModelSource::Local(beside);
+            }
+        }
+    }
+    ModelSource::Hub(HubFile::new(
+        DEFAULT_TOKENIZER_REPO,
+        DEFAULT_TOKENIZER_FILE,
+        DEFAULT_REVISION,
+    ))
+}
+
+impl Engine {
+    /// Logits at every position of `ids`, fed `chunk_size` tokens at a time, rows in order.
+    pub fn logits(&self, ids: &[u32], chunk_size: usize) -> Result<Vec<Vec<f32>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let context_length = self.config().context_length;
+        if ids.len() > context_length {
+            return Err(Error::ContextLength {
+                prompt_tokens: ids.len(),
+                max_tokens: 0,
+                context_length,
+            });
+        }
+        let mut sequence = self.new_sequence();
+        let mut rows = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(chunk_size.max(1)) {
+            let logits = sequence
+                .forward_all(chunk)
+                .and_then(|t| t.to_vec2::<f32>())
+                .map_err(Error::generation)?;
+            rows.extend(logits);
+        }
+        Ok(rows)
+    }
+}

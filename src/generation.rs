@@ -1,0 +1,238 @@
+//! The generation loop as a resumable state machine: each `step` does one bounded piece of
+//! work (a prompt chunk or one token), so the caller can check for Ctrl-C between pieces and
+//! hand text out as soon as it exists.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::model::Phi3Model;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::{Phi3Tokenizer, TextStream};
+
+/// Prompt tokens per forward pass: large enough for batched matmuls, small enough that
+/// Ctrl-C between chunks lands quickly.
+pub const PREFILL_CHUNK: usize = 64;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    /// At most this many tokens are generated; `None` fills the rest of the context.
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    /// Extra token ids that end generation, besides the model's end tokens.
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: Some(256),
+            sampling: SamplingParams::default(),
+            stop_token_ids: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end token or a stop token was generated.
+    Stop,
+    /// `max_tokens` was reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What one `step` produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Work was done but no text is ready yet (a prompt chunk, or a token whose text is
+    /// still incomplete).
+    Working,
+    Text(String),
+    Finished,
+}
+
+/// Counts and timings of one generation, readable at any moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub finish_reason: Option<FinishReason>,
+    pub seed: u64,
+    /// Time spent feeding the prompt.
+    pub prompt_time: Duration,
+    /// From the first step to the first generated token.
+    pub time_to_first_token: Option<Duration>,
+    /// From the first generated token to the last one.
+    pub generation_time: Duration,
+}
+
+pub struct Generation {
+    model: Phi3Model,
+    sampler: Sampler,
+    text: TextStream,
+    prompt: Vec<u32>,
+    prefilled: usize,
+    max_tokens: usize,
+    stop_token_ids: Vec<u32>,
+    generated: Vec<u32>,
+    /// Logits for the next sample, once the prompt is in.
+    logits: Option<Tensor>,
+    /// The last sampled token, fed to the model at the start of the next step so that no
+    /// forward pass is spent after the final token.
+    unfed: Option<u32>,
+    stats: Stats,
+    started: Option<Instant>,
+    first_token_at: Option<Instant>,
+    done: bool,
+}
+
+impl Generation {
+    /// Checks the request against the model before any compute.
+    pub fn new(
+        model: Phi3Model,
+        tokenizer: Arc<Phi3Tokenizer>,
+        prompt: Vec<u32>,
+        params: &GenerationParams,
+    ) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(Error::invalid_argument(
+                "prompt",
+                "''",
+                "It encodes to no tokens; pass some text",
+            ));
+        }
+        let config = model.config();
+        if let Some(&bad) = params
+            .stop_token_ids
+            .iter()
+            .find(|&&id| id as usize >= config.vocab_size)
+        {
+            return Err(Error::invalid_argument(
+                "stop_token_ids",
+                bad,
+                format!(
+                    "Token ids must be below the vocabulary size {}",
+                    config.vocab_size
+                ),
+            ));
+        }
+        let sampler = Sampler::new(&params.sampling)?;
+        let context_length = config.context_length;
+        let room = context_length.saturating_sub(prompt.len());
+        let max_tokens = params.max_tokens.unwrap_or(room);
+        if prompt.len() + max_tokens > context_length || prompt.len() > context_length {
+            return Err(Error::ContextLength {
+                prompt_tokens: prompt.len(),
+                max_tokens,
+                context_length,
+            });
+        }
+        let mut stop_token_ids = tokenizer.end_token_ids().to_vec();
+        stop_token_ids.extend(&params.stop_token_ids);
+        let stats = Stats {
+            prompt_tokens: prompt.len(),
+            seed: sampler.seed(),
+            ..Stats::default()
+        };
+        Ok(Self {
+            model,
+            sampler,
+            text: TextStream::new(tokenizer),
+            prompt,
+            prefilled: 0,
+            max_tokens,
+            stop_token_ids,
+            generated: Vec::new(),
+            logits: None,
+            unfed: None,
+            stats,
+            started: None,
+            first_token_at: None,
+            done: false,
+        })
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// The tokens generated so far (end tokens excluded).
+    pub fn generated_ids(&self) -> &[u32] {
+        &self.generated
+    }
+
+    pub fn step(&mut self) -> Result<Step> {
+        if self.done {
+            return Ok(Step::Finished);
+        }
+        if let Some(reason) = self.stats.finish_reason {
+            return self.flush(reason);
+        }
+        let started = *self.started.get_or_insert_with(Instant::now);
+        if self.generated.len() >= self.max_tokens {
+            return self.flush(FinishReason::Length);
+        }
+        if self.prefilled < self.prompt.len() {
+            let end = (self.prefilled + PREFILL_CHUNK).min(self.prompt.len());
+            let chunk_start = Instant::now();
+            let logits = self
+                .model
+                .forward(&self.prompt[self.prefilled..end])
+                .map_err(Error::generation)?;
+            self.stats.prompt_time += chunk_start.elapsed();
+            self.prefilled = end;
+            if end == self.prompt.len() {
+                self.logits = Some(logits);
+            }
+            return Ok(Step::Working);
+        }
+
+        if let Some(token) = self.unfed.take() {
+            self.logits = Some(self.model.forward(&[token]).map_err(Error::generation)?);
+        }
+        let Some(logits) = self.logits.take() else {
+            return Err(Error::Generation {
+                detail: "no logits to sample from".into(),
+            });
+        };
+        let token = self
+            .sampler
+            .sample(&logits, &self.generated)
+            .map_err(Error::generation)?;
+        let now = Instant::now();
+        let first = *self.first_token_at.get_or_insert(now);
+        self.stats.time_to_first_token = Some(first - started);
+        self.stats.generation_time = now - first;
+        if self.stop_token_ids.contains(&token) {
+            return self.flush(FinishReason::Stop);
+        }
+        self.generated.push(token);
+        self.stats.generated_tokens = self.generated.len();
+        self.unfed = Some(token);
+        Ok(match self.text.push(token)? {
+            Some(text) => Step::Text(text),
+            None => Step::Working,
+        })
+    }
+
+    /// Ends the generation, releasing any text the decoder still holds.
+    fn flush(&mut self, reason: FinishReason) -> Result<Step> {
+        self.stats.finish_reason = Some(reason);
+        self.done = true;
+        Ok(match self.text.finish()? {
+            Some(text) => Step::Text(text),
+            None => Step::Finished,
+        })
+    }
+}

@@ -1,0 +1,173 @@
+//! The tokenizer: encoding prompts, knowing which tokens end a turn, and streaming text out
+//! with `tokenizers`' incremental decoder.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+use crate::model::ModelMetadata;
+
+/// Tokens that end a turn or a document in the Phi family and its relatives.
+const END_TOKEN_NAMES: &[&str] = &["<|end|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>"];
+
+#[derive(Debug)]
+pub struct Phi3Tokenizer {
+    tokenizer: Tokenizer,
+    end_token_ids: Vec<u32>,
+    path: PathBuf,
+}
+
+impl Phi3Tokenizer {
+    /// Loads `tokenizer.json` and checks it against the model it will serve.
+    pub fn from_file(path: &Path, model: &ModelMetadata, vocab_size: usize) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::TokenizerNotFound {
+                path: path.to_path_buf(),
+            });
+        }
+        let tokenizer = Tokenizer::from_file(path).map_err(|e| Error::TokenizerInvalid {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        check_against_model(&tokenizer, model, vocab_size)?;
+
+        let mut end_token_ids: Vec<u32> = END_TOKEN_NAMES
+            .iter()
+            .filter_map(|name| tokenizer.token_to_id(name))
+            .chain(model.eos_token_id)
+            .chain(model.eot_token_id)
+            .filter(|&id| (id as usize) < vocab_size)
+            .collect();
+        end_token_ids.sort_unstable();
+        end_token_ids.dedup();
+        Ok(Self {
+            tokenizer,
+            end_token_ids,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Token ids that end generation unless the caller says otherwise.
+    pub fn end_token_ids(&self) -> &[u32] {
+        &self.end_token_ids
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// Encodes text; special-token text such as `<|user|>` becomes its control token.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.tokenizer
+            .encode(text, add_special_tokens)
+            .map(|enc| enc.get_ids().to_vec())
+            .map_err(|e| Error::Tokenization {
+                detail: e.to_string(),
+            })
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.tokenizer
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenization {
+                detail: e.to_string(),
+            })
+    }
+}
+
+/// A tokenizer for another model gives silent garbage; catch the common mismatches at load.
+fn check_against_model(
+    tokenizer: &Tokenizer,
+    model: &ModelMetadata,
+    vocab_size: usize,
+) -> Result<()> {
+    let largest = tokenizer
+        .get_vocab(true)
+        .into_iter()
+        .max_by_key(|(_, id)| *id);
+    if let Some((token, id)) = largest {
+        if id as usize >= vocab_size {
+            return Err(Error::TokenizerMismatch {
+                detail: format!(
+                    "the tokenizer has token {token:?} at id {id}, but the model's vocabulary has only {vocab_size} entries"
+                ),
+            });
+        }
+    }
+    if let Some(gguf_tokens) = &model.tokens {
+        for (id, added) in tokenizer.get_added_tokens_decoder() {
+            if !added.special {
+                continue;
+            }
+            if let Some(expected) = gguf_tokens.get(id as usize) {
+                if *expected != added.content {
+                    return Err(Error::TokenizerMismatch {
+                        detail: format!(
+                            "token {id} is {:?} in the tokenizer but {expected:?} in the GGUF",
+                            added.content
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Turns generated token ids into text as they come, never splitting a UTF-8 character and
+/// never decoding the whole sequence again. Joined, its pieces equal the decode of all ids.
+#[derive(Debug)]
+pub struct TextStream {
+    tokenizer: Arc<Phi3Tokenizer>,
+    /// The decoder's state, as `tokenizers::DecodeStream` keeps it, but owned.
+    ids: Vec<u32>,
+    prefix: String,
+    prefix_index: usize,
+}
+
+impl TextStream {
+    pub fn new(tokenizer: Arc<Phi3Tokenizer>) -> Self {
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            prefix: String::new(),
+            prefix_index: 0,
+        }
+    }
+
+    /// Adds one token; returns the text it completes, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        tokenizers::tokenizer::step_decode_stream(
+            &self.tokenizer.tokenizer,
+            vec![id],
+            true,
+            &mut self.ids,
+            &mut self.prefix,
+            &mut self.prefix_index,
+        )
+        .map_err(|e| Error::Tokenization {
+            detail: e.to_string(),
+        })
+    }
+
+    /// Text still held back at the end (an incomplete character decodes as U+FFFD, exactly
+    /// as a full decode would show it).
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        if self.ids.len() <= self.prefix_index {
+            return Ok(None);
+        }
+        let text = self.tokenizer.decode(&self.ids, true)?;
+        self.ids.clear();
+        let rest = text.strip_prefix(self.prefix.as_str()).unwrap_or(&text);
+        let rest = (!rest.is_empty()).then(|| rest.to_string());
+        self.prefix.clear();
+        self.prefix_index = 0;
+        Ok(rest)
+    }
+}
