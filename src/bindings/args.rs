@@ -1,0 +1,104 @@
+//! Conversion of Python arguments, so that a wrong type raises `InvalidArgumentError` naming
+//! the parameter and the value, like every other bad argument.
+
+use pyo3::conversion::FromPyObjectOwned;
+use pyo3::prelude::*;
+
+use super::errors::to_py_err;
+use crate::error::Error;
+
+pub(crate) fn extract<'py, T: FromPyObjectOwned<'py>>(
+    obj: &Bound<'py, PyAny>,
+    name: &'static str,
+    expected: &str,
+) -> PyResult<T> {
+    let py = obj.py();
+    // bool is an int subclass in Python; True as a token count is a mistake, not a 1.
+    let wrong_bool = obj.is_instance_of::<pyo3::types::PyBool>() && !expected.contains("bool");
+    match obj.extract::<T>() {
+        Ok(value) if !wrong_bool => Ok(value),
+        _ => {
+            let value = obj
+                .repr()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|_| "<unprintable>".into());
+            let type_name = obj
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default();
+            Err(to_py_err(
+                py,
+                Error::invalid_argument(
+                    name,
+                    format!("{value} (of type {type_name})"),
+                    format!("It must be {expected}"),
+                ),
+            ))
+        }
+    }
+}
+
+/// One `from_py_with` converter per parameter, each naming its parameter in errors.
+macro_rules! converters {
+    ($($fn_name:ident: $ty:ty = $param:literal, $expected:literal;)*) => {$(
+        pub(crate) fn $fn_name(obj: &Bound<'_, PyAny>) -> PyResult<$ty> {
+            extract(obj, $param, $expected)
+        }
+    )*};
+}
+
+converters! {
+    max_tokens: Option<i64> = "max_tokens", "an int >= 0 or None";
+    temperature: f64 = "temperature", "a float >= 0";
+    top_p: Option<f64> = "top_p", "a float in (0, 1] or None";
+    top_k: Option<i64> = "top_k", "an int >= 1 or None";
+    seed: Option<i64> = "seed", "an int >= 0 or None";
+    repeat_penalty: f64 = "repeat_penalty", "a float > 0";
+    repeat_last_n: i64 = "repeat_last_n", "an int >= 0";
+    stop_token_ids: Option<Vec<i64>> = "stop_token_ids", "a list of token ids (ints) or None";
+    token_ids: Vec<i64> = "token_ids", "a list of token ids (ints)";
+    prompt: String = "prompt", "a str";
+    text: String = "text", "a str";
+    token: String = "token", "a str";
+    skip_special_tokens: bool = "skip_special_tokens", "a bool";
+    add_special_tokens: bool = "add_special_tokens", "a bool";
+    chunk_size: Option<i64> = "chunk_size", "an int >= 1 or None";
+    model: Option<std::path::PathBuf> = "model", "a path (str or os.PathLike) or None";
+    tokenizer: Option<std::path::PathBuf> = "tokenizer", "a path (str or os.PathLike) or None";
+    repo_id: String = "repo_id", "a str";
+    filename: String = "filename", "a str";
+    revision: String = "revision", "a str";
+    tokenizer_repo_id: Option<String> = "tokenizer_repo_id", "a str or None";
+    tokenizer_revision: String = "tokenizer_revision", "a str";
+    progress: bool = "progress", "a bool";
+}
+
+/// A non-negative integer as `usize`, or the named `InvalidArgumentError`.
+pub(crate) fn non_negative(
+    py: Python<'_>,
+    value: i64,
+    name: &'static str,
+    expected: &str,
+) -> PyResult<usize> {
+    usize::try_from(value)
+        .map_err(|_| to_py_err(py, Error::invalid_argument(name, value, expected)))
+}
+
+/// Token ids as `u32`, rejecting negatives and out-of-range values.
+pub(crate) fn token_id_list(
+    py: Python<'_>,
+    ids: Vec<i64>,
+    name: &'static str,
+) -> PyResult<Vec<u32>> {
+    ids.into_iter()
+        .map(|id| {
+            u32::try_from(id).map_err(|_| {
+                to_py_err(
+                    py,
+                    Error::invalid_argument(name, id, "Token ids are ints from 0 to 2**32 - 1"),
+                )
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,257 @@
+//! `Phi3Generator`: a loaded model and tokenizer. Frozen and shareable across threads; each
+//! `generate` call returns a stream with its own KV cache over the shared weights.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+
+use super::args;
+use super::errors::IntoPyResult;
+use super::stream::PyTokenStream;
+use crate::engine::{Engine, ModelSource};
+use crate::error::Error;
+use crate::generation::GenerationParams;
+use crate::sampling::SamplingParams;
+use crate::source::{
+    HubFile, DEFAULT_MODEL_FILE, DEFAULT_MODEL_REPO, DEFAULT_REVISION, DEFAULT_TOKENIZER_FILE,
+};
+
+#[pyclass(module = "candle_phi", name = "Phi3Generator", frozen)]
+pub struct PyPhi3Generator {
+    engine: Arc<Engine>,
+}
+
+#[pymethods]
+impl PyPhi3Generator {
+    #[new]
+    #[pyo3(signature = (
+        model = None,
+        *,
+        tokenizer = None,
+        repo_id = DEFAULT_MODEL_REPO.to_string(),
+        filename = DEFAULT_MODEL_FILE.to_string(),
+        revision = DEFAULT_REVISION.to_string(),
+        tokenizer_repo_id = None,
+        tokenizer_revision = DEFAULT_REVISION.to_string(),
+        progress = false,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::model)] model: Option<PathBuf>,
+        #[pyo3(from_py_with = args::tokenizer)] tokenizer: Option<PathBuf>,
+        #[pyo3(from_py_with = args::repo_id)] repo_id: String,
+        #[pyo3(from_py_with = args::filename)] filename: String,
+        #[pyo3(from_py_with = args::revision)] revision: String,
+        #[pyo3(from_py_with = args::tokenizer_repo_id)] tokenizer_repo_id: Option<String>,
+        #[pyo3(from_py_with = args::tokenizer_revision)] tokenizer_revision: String,
+        #[pyo3(from_py_with = args::progress)] progress: bool,
+    ) -> PyResult<Self> {
+        let model = match model {
+            Some(path) => ModelSource::Local(path),
+            None => ModelSource::Hub(HubFile::new(&repo_id, &filename, &revision)),
+        };
+        let tokenizer = match (tokenizer, tokenizer_repo_id) {
+            (Some(path), _) => Some(ModelSource::Local(path)),
+            (None, Some(repo)) => Some(ModelSource::Hub(HubFile::new(
+                &repo,
+                DEFAULT_TOKENIZER_FILE,
+                &tokenizer_revision,
+            ))),
+            (None, None) => None,
+        };
+        let engine = py
+            .detach(|| Engine::load(&model, tokenizer.as_ref(), progress))
+            .py_err(py)?;
+        Ok(Self {
+            engine: Arc::new(engine),
+        })
+    }
+
+    /// Starts generating from `prompt` (raw text: special-token text such as `<|user|>`
+    /// becomes the control token). Nothing is computed until the stream is iterated.
+    #[pyo3(signature = (
+        prompt,
+        *,
+        max_tokens = Some(256),
+        temperature = 0.8,
+        top_p = Some(0.95),
+        top_k = Some(40),
+        seed = None,
+        repeat_penalty = 1.1,
+        repeat_last_n = 64,
+        stop_token_ids = None,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::prompt)] prompt: String,
+        #[pyo3(from_py_with = args::max_tokens)] max_tokens: Option<i64>,
+        #[pyo3(from_py_with = args::temperature)] temperature: f64,
+        #[pyo3(from_py_with = args::top_p)] top_p: Option<f64>,
+        #[pyo3(from_py_with = args::top_k)] top_k: Option<i64>,
+        #[pyo3(from_py_with = args::seed)] seed: Option<i64>,
+        #[pyo3(from_py_with = args::repeat_penalty)] repeat_penalty: f64,
+        #[pyo3(from_py_with = args::repeat_last_n)] repeat_last_n: i64,
+        #[pyo3(from_py_with = args::stop_token_ids)] stop_token_ids: Option<Vec<i64>>,
+    ) -> PyResult<PyTokenStream> {
+        let params = GenerationParams {
+            max_tokens: max_tokens
+                .map(|n| {
+                    args::non_negative(
+                        py,
+                        n,
+                        "max_tokens",
+                        "It must be >= 0, or None to fill the context",
+                    )
+                })
+                .transpose()?,
+            sampling: SamplingParams {
+                temperature,
+                top_p,
+                top_k: top_k
+                    .map(|k| {
+                        args::non_negative(
+                            py,
+                            k,
+                            "top_k",
+                            "It must be at least 1, or None to keep every token",
+                        )
+                    })
+                    .transpose()?,
+                seed: seed
+                    .map(|s| {
+                        u64::try_from(s).map_err(|_| {
+                            super::errors::to_py_err(
+                                py,
+                                Error::invalid_argument(
+                                    "seed",
+                                    s,
+                                    "It must be an int >= 0, or None for a random seed",
+                                ),
+                            )
+                        })
+                    })
+                    .transpose()?,
+                repeat_penalty: repeat_penalty as f32,
+                repeat_last_n: args::non_negative(
+                    py,
+                    repeat_last_n,
+                    "repeat_last_n",
+                    "It must be >= 0 (0 turns the penalty off)",
+                )?,
+            },
+            stop_token_ids: args::token_id_list(
+                py,
+                stop_token_ids.unwrap_or_default(),
+                "stop_token_ids",
+            )?,
+        };
+        let generation = py
+            .detach(|| self.engine.generate(&prompt, &params))
+            .py_err(py)?;
+        Ok(PyTokenStream::new(generation))
+    }
+
+    /// Token ids of `text`; with `add_special_tokens` the tokenizer's BOS is prepended.
+    #[pyo3(signature = (text, *, add_special_tokens = true))]
+    fn tokenize(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::text)] text: String,
+        #[pyo3(from_py_with = args::add_special_tokens)] add_special_tokens: bool,
+    ) -> PyResult<Vec<u32>> {
+        py.detach(|| self.engine.tokenizer().encode(&text, add_special_tokens))
+            .py_err(py)
+    }
+
+    #[pyo3(signature = (token_ids, *, skip_special_tokens = false))]
+    fn detokenize(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::token_ids)] token_ids: Vec<i64>,
+        #[pyo3(from_py_with = args::skip_special_tokens)] skip_special_tokens: bool,
+    ) -> PyResult<String> {
+        let ids = args::token_id_list(py, token_ids, "token_ids")?;
+        py.detach(|| self.engine.tokenizer().decode(&ids, skip_special_tokens))
+            .py_err(py)
+    }
+
+    /// The model's logits at every position of `token_ids`, fed in chunks of `chunk_size`
+    /// tokens (all at once by default). For inspection and tests; generation does not use it.
+    #[pyo3(signature = (token_ids, *, chunk_size = None))]
+    fn logits(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::token_ids)] token_ids: Vec<i64>,
+        #[pyo3(from_py_with = args::chunk_size)] chunk_size: Option<i64>,
+    ) -> PyResult<Vec<Vec<f32>>> {
+        let ids = args::token_id_list(py, token_ids, "token_ids")?;
+        let chunk_size = match chunk_size {
+            None => ids.len().max(1),
+            Some(n) if n >= 1 => n as usize,
+            Some(n) => {
+                return Err(Error::invalid_argument(
+                    "chunk_size",
+                    n,
+                    "It must be at least 1, or None",
+                ))
+                .py_err(py)
+            }
+        };
+        py.detach(|| self.engine.logits(&ids, chunk_size))
+            .py_err(py)
+    }
+
+    /// Tokens the model can attend to: prompt plus generated tokens must fit.
+    #[getter]
+    fn context_length(&self) -> usize {
+        self.engine.config().context_length
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.engine.config().vocab_size
+    }
+
+    /// The id of one token of the vocabulary (e.g. `"<|end|>"`), or None if it has none.
+    #[pyo3(signature = (token, /))]
+    fn token_to_id(&self, #[pyo3(from_py_with = args::token)] token: String) -> Option<u32> {
+        self.engine.tokenizer().token_to_id(&token)
+    }
+
+    /// Token ids that end generation by default (`<|end|>`, `<|endoftext|>`, the GGUF's EOS).
+    #[getter]
+    fn end_token_ids(&self) -> Vec<u32> {
+        self.engine.tokenizer().end_token_ids().to_vec()
+    }
+
+    #[getter]
+    fn model_path(&self) -> PathBuf {
+        self.engine.model_path().to_path_buf()
+    }
+
+    #[getter]
+    fn tokenizer_path(&self) -> PathBuf {
+        self.engine.tokenizer().path().to_path_buf()
+    }
+
+    /// Seconds spent resolving and loading the model and tokenizer.
+    #[getter]
+    fn load_time(&self) -> f64 {
+        self.engine.load_time().as_secs_f64()
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.engine.config();
+        format!(
+            "Phi3Generator(model='{}', layers={}, hidden_size={}, context_length={})",
+            self.engine.model_path().display(),
+            c.num_layers,
+            c.hidden_size,
+            c.context_length
+        )
+    }
+}

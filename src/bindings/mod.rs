@@ -1,0 +1,17 @@
+//! The PyO3 module `candle_phi._native`. Arguments are converted while the GIL is held;
+//! all model work then runs with the GIL released.
+
+mod args;
+mod errors;
+mod generator;
+mod stream;
+
+use pyo3::prelude::*;
+
+#[pymodule(name = "_native")]
+fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<generator::PyPhi3Generator>()?;
+    m.add_class::<stream::PyTokenStream>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! `TokenStream`: the Python iterator over one generation. Each `__next__` releases the GIL
+//! for the model work and checks for Ctrl-C between prompt chunks and tokens.
+
+use std::sync::{Mutex, MutexGuard};
+
+use pyo3::prelude::*;
+
+use super::errors::IntoPyResult;
+use crate::error::Error;
+use crate::generation::{Generation, Stats, Step};
+
+#[pyclass(module = "candle_phi", name = "TokenStream", frozen)]
+pub struct PyTokenStream {
+    generation: Mutex<Generation>,
+}
+
+impl PyTokenStream {
+    pub(crate) fn new(generation: Generation) -> Self {
+        Self {
+            generation: Mutex::new(generation),
+        }
+    }
+
+    fn lock(&self) -> crate::Result<MutexGuard<'_, Generation>> {
+        self.generation.lock().map_err(|_| Error::Generation {
+            detail: "this stream failed earlier and cannot continue; start a new one".into(),
+        })
+    }
+
+    fn stats(&self, py: Python<'_>) -> PyResult<Stats> {
+        self.lock().map(|g| g.stats()).py_err(py)
+    }
+}
+
+#[pymethods]
+impl PyTokenStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        loop {
+            let step = py.detach(|| self.lock()?.step()).py_err(py)?;
+            match step {
+                Step::Text(text) => return Ok(Some(text)),
+                Step::Finished => return Ok(None),
+                Step::Working => py.check_signals()?,
+            }
+        }
+    }
+
+    /// "stop" (an end or stop token), "length" (max_tokens reached), or None while running.
+    #[getter]
+    fn finish_reason(&self, py: Python<'_>) -> PyResult<Option<&'static str>> {
+        Ok(self.stats(py)?.finish_reason.map(|r| r.as_str()))
+    }
+
+    #[getter]
+    fn prompt_tokens(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.stats(py)?.prompt_tokens)
+    }
+
+    #[getter]
+    fn generated_tokens(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.stats(py)?.generated_tokens)
+    }
+
+    /// The generated token ids so far; end and stop tokens are not included.
+    #[getter]
+    fn token_ids(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        self.lock().map(|g| g.generated_ids().to_vec()).py_err(py)
+    }
+
+    /// The seed in use (drawn at random when none was given).
+    #[getter]
+    fn seed(&self, py: Python<'_>) -> PyResult<u64> {
+        Ok(self.stats(py)?.seed)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let s = self.stats(py)?;
+        Ok(format!(
+            "TokenStream(prompt_tokens={}, generated_tokens={}, finish_reason={})",
+            s.prompt_tokens,
+            s.generated_tokens,
+            s.finish_reason
+                .map_or("None".to_string(), |r| format!("'{}'", r.as_str()))
+        ))
+    }
+}
