@@ -1,0 +1,5 @@
+import sys
+
+from candle_phi.cli import main
+
+sys.exit(main())
