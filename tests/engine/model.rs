@@ -1,0 +1,151 @@
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
+use candle_phi::model::{Phi3Config, Phi3Model, Phi3Weights};
+
+use crate::common::{config, weights};
+
+fn model(config: Phi3Config, dtype: GgmlDType) -> Phi3Model {
+    let mut source = weights(&config, 42, dtype);
+    Phi3Model::new(Arc::new(Phi3Weights::load(config, &mut source).unwrap()))
+}
+
+fn tokens(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 37 + 11) % vocab) as u32).collect()
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Logits at every position, feeding `ids` in chunks of `chunk`.
+fn logits(mut model: Phi3Model, ids: &[u32], chunk: usize) -> Vec<Vec<f32>> {
+    ids.chunks(chunk)
+        .flat_map(|c| model.forward_all(c).unwrap().to_vec2::<f32>().unwrap())
+        .collect()
+}
+
+/// Feeding the prompt at once, token by token, or in chunks gives the same logits.
+///
+/// Tolerances: with F32 weights only the f32 summation order differs (1e-4). Quantized
+/// matmuls also quantize each activation row to 8 bits, so an ulp of difference upstream can
+/// flip one rounding step: logits then move by up to ~1e-1 of a ~3 range.
+fn assert_chunking_invariant(config: Phi3Config, n: usize) {
+    for (dtype, tol) in [(GgmlDType::F32, 1e-4), (GgmlDType::Q8_0, 1e-1)] {
+        chunking_invariant(config.clone(), n, dtype, tol);
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best })
+}
+
+fn chunking_invariant(config: Phi3Config, n: usize, dtype: GgmlDType, tol: f32) {
+    let ids = tokens(n, config.vocab_size);
+    let all = logits(model(config.clone(), dtype), &ids, n);
+    for chunk in [1, 5, 64] {
+        let other = logits(model(config.clone(), dtype), &ids, chunk);
+        let diff = max_diff(&all, &other);
+        let same_argmax = all.iter().zip(&other).all(|(a, b)| argmax(a) == argmax(b));
+        assert!(
+            same_argmax || dtype != GgmlDType::F32,
+            "argmax differs, chunk {chunk}"
+        );
+        assert!(
+            diff < tol,
+            "chunk {chunk}, kv heads {}: max logit difference {diff}",
+            config.num_kv_heads
+        );
+    }
+}
+
+#[test]
+fn batched_prompt_matches_token_by_token() {
+    assert_chunking_invariant(config(), 150);
+}
+
+#[test]
+fn grouped_query_attention_matches_token_by_token() {
+    assert_chunking_invariant(
+        Phi3Config {
+            num_kv_heads: 2,
+            ..config()
+        },
+        90,
+    );
+    assert_chunking_invariant(
+        Phi3Config {
+            num_kv_heads: 1,
+            ..config()
+        },
+        40,
+    );
+}
+
+#[test]
+fn partial_rotary_tied_output_and_sliding_window() {
+    let cfg = Phi3Config {
+        rope_dim: 8,
+        tied_embeddings: true,
+        sliding_window: Some(16),
+        ..config()
+    };
+    assert_chunking_invariant(cfg, 70);
+}
+
+#[test]
+fn last_position_of_forward_is_last_row_of_forward_all() {
+    let ids = tokens(33, config().vocab_size);
+    let all = logits(model(config(), GgmlDType::F32), &ids, 33);
+    let mut m = model(config(), GgmlDType::F32);
+    let last = m.forward(&ids).unwrap().to_vec1::<f32>().unwrap();
+    assert!(max_diff(&[last], &all[32..]) < 1e-5);
+    assert_eq!(m.position(), 33);
+}
+
+#[test]
+fn sliding_window_changes_only_far_positions() {
+    let ids = tokens(40, config().vocab_size);
+    let full = logits(model(config(), GgmlDType::F32), &ids, 40);
+    let windowed = logits(
+        model(
+            Phi3Config {
+                sliding_window: Some(10),
+                ..config()
+            },
+            GgmlDType::F32,
+        ),
+        &ids,
+        40,
+    );
+    assert!(max_diff(&full[..10], &windowed[..10]) < 1e-5);
+    assert!(max_diff(&full[20..], &windowed[20..]) > 1e-3);
+}
+
+#[test]
+fn kv_cache_grows_with_use_and_stops_at_the_context() {
+    let cfg = config();
+    let per_token = cfg.kv_bytes_per_token();
+    let mut m = model(cfg.clone(), GgmlDType::Q8_0);
+    assert_eq!(m.kv_cache_bytes(), 0);
+    m.forward(&tokens(10, cfg.vocab_size)).unwrap();
+    assert_eq!(m.kv_cache_bytes(), 64 * per_token);
+    m.forward(&tokens(100, cfg.vocab_size)).unwrap();
+    assert_eq!(m.kv_cache_bytes(), 128 * per_token); // 110 tokens: doubled from 64
+    m.forward(&tokens(190, cfg.vocab_size)).unwrap();
+    assert_eq!(m.kv_cache_bytes(), cfg.context_length * per_token);
+    let err = m.forward(&[1]).unwrap_err().to_string();
+    assert!(err.contains("context length"), "{err}");
+}
+
+#[test]
+fn out_of_vocabulary_token_is_an_error_not_a_panic() {
+    let mut m = model(config(), GgmlDType::F32);
+    let err = m.forward(&[1, 96]).unwrap_err().to_string();
+    assert!(err.contains("vocabulary"), "{err}");
+    assert!(m.forward(&[]).is_err());
+}

@@ -1,0 +1,252 @@
+"""Loading from local paths and from the Hugging Face cache, and every loading failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import phi3_fixtures as fx
+import pytest
+from candle_phi import ModelLoadError, Phi3Generator, TokenizerError
+from conftest import CHAT_PROMPT
+
+MODEL_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"
+MODEL_FILE = "Phi-3-mini-4k-instruct-q4.gguf"
+TOKENIZER_REPO = "microsoft/Phi-3-mini-4k-instruct"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def populate_cache(cache: Path, repo: str, filename: str, source: Path, ref: str = "main") -> Path:
+    """Lays a file out as huggingface_hub does: blobs/, snapshots/<commit>/ links, refs/."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    blob = folder / "blobs" / f"blob-{filename}"
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, blob)
+    link = folder / "snapshots" / COMMIT / filename
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / ref).write_text(COMMIT)
+    return link
+
+
+def first_text(gen: Phi3Generator) -> str:
+    return "".join(gen.generate(CHAT_PROMPT, max_tokens=8, seed=3))
+
+
+def test_local_paths(generator: Phi3Generator, model_path: Path, tokenizer_path: Path) -> None:
+    assert generator.model_path == model_path
+    assert generator.tokenizer_path == tokenizer_path
+    assert generator.context_length == 1024
+    assert generator.vocab_size == 32064
+    assert {32000, 32007} <= set(generator.end_token_ids)
+    assert generator.load_time > 0
+    assert "Phi3Generator(" in repr(generator)
+    # str paths work as well as Path objects
+    assert first_text(Phi3Generator(str(model_path), tokenizer=str(tokenizer_path))) == first_text(
+        generator
+    )
+
+
+def test_tokenizer_beside_the_model_is_found(
+    tmp_path: Path, model_path: Path, tokenizer_path: Path
+) -> None:
+    shutil.copyfile(model_path, tmp_path / "m.gguf")
+    shutil.copyfile(tokenizer_path, tmp_path / "tokenizer.json")
+    gen = Phi3Generator(tmp_path / "m.gguf")
+    assert gen.tokenizer_path == tmp_path / "tokenizer.json"
+
+
+def test_hub_cache_offline(
+    clean_hub_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    model_path: Path,
+    tokenizer_path: Path,
+    generator: Phi3Generator,
+) -> None:
+    model_link = populate_cache(clean_hub_env, MODEL_REPO, MODEL_FILE, model_path)
+    populate_cache(clean_hub_env, TOKENIZER_REPO, "tokenizer.json", tokenizer_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    gen = Phi3Generator()
+    assert gen.model_path == model_link
+    assert first_text(gen) == first_text(generator)
+
+
+def test_hub_cache_hit_needs_no_network(
+    clean_hub_env: Path, model_path: Path, tokenizer_path: Path
+) -> None:
+    # HF_ENDPOINT points at a closed local port: any network use would fail.
+    populate_cache(clean_hub_env, MODEL_REPO, MODEL_FILE, model_path)
+    populate_cache(clean_hub_env, TOKENIZER_REPO, "tokenizer.json", tokenizer_path)
+    assert Phi3Generator().vocab_size == 32064
+
+
+def test_hub_overrides_and_commit_revision(
+    clean_hub_env: Path, monkeypatch: pytest.MonkeyPatch, model_path: Path, tokenizer_path: Path
+) -> None:
+    populate_cache(clean_hub_env, "me/tiny", "tiny.gguf", model_path, ref="v1")
+    populate_cache(clean_hub_env, "me/tok", "tokenizer.json", tokenizer_path, ref="v1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    gen = Phi3Generator(
+        repo_id="me/tiny",
+        filename="tiny.gguf",
+        revision="v1",
+        tokenizer_repo_id="me/tok",
+        tokenizer_revision="v1",
+    )
+    assert gen.model_path.name == "tiny.gguf"
+    by_commit = Phi3Generator(
+        repo_id="me/tiny",
+        filename="tiny.gguf",
+        revision=COMMIT,
+        tokenizer_repo_id="me/tok",
+        tokenizer_revision=COMMIT,
+    )
+    assert by_commit.model_path == gen.model_path
+
+
+def test_hf_home_layout(
+    clean_hub_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    model_path: Path,
+    tokenizer_path: Path,
+) -> None:
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    populate_cache(tmp_path / "home" / "hub", MODEL_REPO, MODEL_FILE, model_path)
+    populate_cache(tmp_path / "home" / "hub", TOKENIZER_REPO, "tokenizer.json", tokenizer_path)
+    assert Phi3Generator().vocab_size == 32064
+
+
+def test_offline_and_not_cached(clean_hub_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE") as info:
+        Phi3Generator()
+    assert MODEL_FILE in str(info.value)
+
+
+def test_download_failure_is_a_model_load_error(clean_hub_env: Path) -> None:
+    with pytest.raises(ModelLoadError, match=MODEL_REPO):
+        Phi3Generator()
+
+
+def test_missing_model_file(tmp_path: Path, tokenizer_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="not found") as info:
+        Phi3Generator(tmp_path / "nope.gguf", tokenizer=tokenizer_path)
+    assert "nope.gguf" in str(info.value)
+
+
+def test_not_a_gguf(tmp_path: Path, tokenizer_path: Path) -> None:
+    path = tmp_path / "model.gguf"
+    path.write_text("<html>Not found</html>")
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        Phi3Generator(path, tokenizer=tokenizer_path)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="empty"):
+        Phi3Generator(empty, tokenizer=tokenizer_path)
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.9, 0.9999])
+def test_truncated(keep: float, tmp_path: Path, model_path: Path, tokenizer_path: Path) -> None:
+    data = model_path.read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ModelLoadError, match="truncated") as info:
+        Phi3Generator(path, tokenizer=tokenizer_path)
+    assert "cut.gguf" in str(info.value)
+
+
+def test_header_cut_off(tmp_path: Path, model_path: Path, tokenizer_path: Path) -> None:
+    path = tmp_path / "header.gguf"
+    path.write_bytes(model_path.read_bytes()[:200])
+    with pytest.raises(ModelLoadError, match="header.gguf"):
+        Phi3Generator(path, tokenizer=tokenizer_path)
+
+
+def test_wrong_architecture(tmp_path: Path, tokenizer_path: Path) -> None:
+    path = tmp_path / "llama.gguf"
+    fx.write_phi3_gguf(path, architecture="llama")
+    with pytest.raises(ModelLoadError, match="'llama'.*phi3"):
+        Phi3Generator(path, tokenizer=tokenizer_path)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "phi3.block_count",
+        "phi3.embedding_length",
+        "phi3.attention.head_count",
+        "phi3.context_length",
+        "phi3.attention.layer_norm_rms_epsilon",
+        "general.architecture",
+    ],
+)
+def test_missing_key(key: str, tmp_path: Path, tokenizer_path: Path) -> None:
+    path = tmp_path / "nokey.gguf"
+    fx.write_phi3_gguf(path, omit_keys=(key,))
+    with pytest.raises(ModelLoadError, match=key.replace(".", r"\.")):
+        Phi3Generator(path, tokenizer=tokenizer_path)
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    ["token_embd.weight", "blk.1.attn_qkv.weight", "blk.0.ffn_down.weight", "output_norm.weight"],
+)
+def test_missing_tensor(tensor: str, tmp_path: Path, tokenizer_path: Path) -> None:
+    path = tmp_path / "notensor.gguf"
+    fx.write_phi3_gguf(path, omit_tensors=(tensor,))
+    with pytest.raises(ModelLoadError, match=tensor.replace(".", r"\.")):
+        Phi3Generator(path, tokenizer=tokenizer_path)
+
+
+def test_unsupported_tensor_type(tmp_path: Path, tokenizer_path: Path) -> None:
+    path = tmp_path / "iq.gguf"
+    fx.write_phi3_gguf(path, tensor_types={"blk.0.ffn_down.weight": "IQ4_NL"})
+    with pytest.raises(ModelLoadError, match=r"blk\.0\.ffn_down\.weight.*IQ4_NL"):
+        Phi3Generator(path, tokenizer=tokenizer_path)
+
+
+def test_missing_tokenizer(model_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(TokenizerError, match="tok.json"):
+        Phi3Generator(model_path, tokenizer=tmp_path / "tok.json")
+
+
+def test_invalid_tokenizer(model_path: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"model": 42}')
+    with pytest.raises(TokenizerError, match="not a valid tokenizer.json"):
+        Phi3Generator(model_path, tokenizer=bad)
+
+
+def test_tokenizer_of_another_model(model_path: Path, tokenizer_path: Path, tmp_path: Path) -> None:
+    data = json.loads(tokenizer_path.read_text())
+    data["added_tokens"].append(
+        {
+            "id": 40000,
+            "content": "<|im_end|>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    )
+    other = tmp_path / "tokenizer.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(TokenizerError, match="does not match the model"):
+        Phi3Generator(model_path, tokenizer=other)
+    data = json.loads(tokenizer_path.read_text())
+    for token in data["added_tokens"]:
+        if token["id"] == 32007:
+            token["content"] = "<|im_end|>"
+    vocab = data["model"]["vocab"]
+    vocab["<|im_end|>"] = vocab.pop("<|end|>")
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text(json.dumps(data))
+    with pytest.raises(TokenizerError, match="32007"):
+        Phi3Generator(model_path, tokenizer=renamed)
