@@ -10,6 +10,7 @@ use candle_core::Tensor;
 use crate::error::{Error, Result};
 use crate::model::Phi3Model;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::stop::{StopOutcome, StopStrings};
 use crate::tokenizer::{Phi3Tokenizer, TextStream};
 
 /// Prompt tokens per forward pass: large enough for batched matmuls, small enough that
@@ -23,6 +24,8 @@ pub struct GenerationParams {
     pub sampling: SamplingParams,
     /// Extra token ids that end generation, besides the model's end tokens.
     pub stop_token_ids: Vec<u32>,
+    /// Strings that end generation; the text ends just before the first one.
+    pub stop: Vec<String>,
 }
 
 impl Default for GenerationParams {
@@ -31,13 +34,14 @@ impl Default for GenerationParams {
             max_tokens: Some(256),
             sampling: SamplingParams::default(),
             stop_token_ids: Vec::new(),
+            stop: Vec::new(),
         }
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// An end token or a stop token was generated.
+    /// An end token, a stop token or a stop string was generated.
     Stop,
     /// `max_tokens` was reached.
     Length,
@@ -73,14 +77,31 @@ pub struct Stats {
     pub prompt_time: Duration,
     /// From the first step to the first generated token.
     pub time_to_first_token: Option<Duration>,
-    /// From the first generated token to the last one.
+    /// From the first sampled token to the last one.
     pub generation_time: Duration,
+    /// Tokens sampled, an end or stop token included (each cost a forward pass).
+    pub sampled_tokens: usize,
+}
+
+impl Stats {
+    /// Prompt tokens per second of prompt processing.
+    pub fn prompt_tokens_per_second(&self) -> Option<f64> {
+        let secs = self.prompt_time.as_secs_f64();
+        (secs > 0.0).then(|| self.prompt_tokens as f64 / secs)
+    }
+
+    /// Tokens per second after the first one (which comes from the prompt's forward pass).
+    pub fn generation_tokens_per_second(&self) -> Option<f64> {
+        let secs = self.generation_time.as_secs_f64();
+        (self.sampled_tokens > 1 && secs > 0.0).then(|| (self.sampled_tokens - 1) as f64 / secs)
+    }
 }
 
 pub struct Generation {
     model: Phi3Model,
     sampler: Sampler,
     text: TextStream,
+    stop: StopStrings,
     prompt: Vec<u32>,
     prefilled: usize,
     max_tokens: usize,
@@ -128,6 +149,7 @@ impl Generation {
             ));
         }
         let sampler = Sampler::new(&params.sampling)?;
+        let stop = StopStrings::new(params.stop.clone())?;
         let context_length = config.context_length;
         let room = context_length.saturating_sub(prompt.len());
         let max_tokens = params.max_tokens.unwrap_or(room);
@@ -149,6 +171,7 @@ impl Generation {
             model,
             sampler,
             text: TextStream::new(tokenizer),
+            stop,
             prompt,
             prefilled: 0,
             max_tokens,
@@ -165,6 +188,10 @@ impl Generation {
 
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    pub fn prompt_ids(&self) -> &[u32] {
+        &self.prompt
     }
 
     /// The tokens generated so far (end tokens excluded).
@@ -214,6 +241,7 @@ impl Generation {
         let first = *self.first_token_at.get_or_insert(now);
         self.stats.time_to_first_token = Some(first - started);
         self.stats.generation_time = now - first;
+        self.stats.sampled_tokens += 1;
         if self.stop_token_ids.contains(&token) {
             return self.flush(FinishReason::Stop);
         }
@@ -221,18 +249,48 @@ impl Generation {
         self.stats.generated_tokens = self.generated.len();
         self.unfed = Some(token);
         Ok(match self.text.push(token)? {
-            Some(text) => Step::Text(text),
+            Some(text) => self.release(text),
             None => Step::Working,
         })
     }
 
-    /// Ends the generation, releasing any text the decoder still holds.
+    /// Passes decoded text through the stop strings.
+    fn release(&mut self, text: String) -> Step {
+        match self.stop.push(&text) {
+            StopOutcome::Continue(text) if text.is_empty() => Step::Working,
+            StopOutcome::Continue(text) => Step::Text(text),
+            StopOutcome::Stopped(text) => {
+                self.stats.finish_reason = Some(FinishReason::Stop);
+                self.done = true;
+                if text.is_empty() {
+                    Step::Finished
+                } else {
+                    Step::Text(text)
+                }
+            }
+        }
+    }
+
+    /// Ends the generation, releasing the text the decoder and the stop strings still hold.
     fn flush(&mut self, reason: FinishReason) -> Result<Step> {
         self.stats.finish_reason = Some(reason);
         self.done = true;
-        Ok(match self.text.finish()? {
-            Some(text) => Step::Text(text),
-            None => Step::Finished,
+        let mut out = String::new();
+        if let Some(rest) = self.text.finish()? {
+            match self.stop.push(&rest) {
+                StopOutcome::Continue(text) => out.push_str(&text),
+                StopOutcome::Stopped(text) => {
+                    self.stats.finish_reason = Some(FinishReason::Stop);
+                    out.push_str(&text);
+                    self.stop = StopStrings::default();
+                }
+            }
+        }
+        out.push_str(&self.stop.finish());
+        Ok(if out.is_empty() {
+            Step::Finished
+        } else {
+            Step::Text(out)
         })
     }
 }
