@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{Error, Result};
 use crate::generation::{Generation, GenerationParams};
 use crate::model::{self, ModelMetadata, Phi3Config, Phi3Model, Phi3Weights};
@@ -30,6 +31,9 @@ impl ModelSource {
 pub struct Engine {
     weights: Arc<Phi3Weights>,
     tokenizer: Arc<Phi3Tokenizer>,
+    /// The GGUF's template, or why it cannot be used (reported when chat is used, so that a
+    /// template minijinja cannot compile does not stop raw-prompt generation).
+    chat_template: std::result::Result<ChatTemplate, String>,
     metadata: ModelMetadata,
     model_path: PathBuf,
     load_time: Duration,
@@ -61,9 +65,12 @@ impl Engine {
             &loaded.metadata,
             loaded.weights.config.vocab_size,
         )?;
+        let chat_template =
+            ChatTemplate::new(loaded.metadata.chat_template.as_deref()).map_err(|e| e.to_string());
         Ok(Self {
             weights: loaded.weights,
             tokenizer: Arc::new(tokenizer),
+            chat_template,
             metadata: loaded.metadata,
             model_path,
             load_time: start.elapsed(),
@@ -98,6 +105,30 @@ impl Engine {
     /// Prepares a generation for `prompt` (raw text; special-token text is honoured).
     pub fn generate(&self, prompt: &str, params: &GenerationParams) -> Result<Generation> {
         let ids = self.tokenizer.encode(prompt, true)?;
+        self.generate_ids(ids, params)
+    }
+
+    fn template(&self) -> Result<&ChatTemplate> {
+        self.chat_template
+            .as_ref()
+            .map_err(|detail| Error::Tokenization {
+                detail: detail.clone(),
+            })
+    }
+
+    /// The prompt text the chat template makes of `messages`.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.template()?
+            .render(messages, add_generation_prompt, &self.tokenizer)
+    }
+
+    /// Prepares the assistant's reply to `messages`.
+    pub fn chat(&self, messages: &[ChatMessage], params: &GenerationParams) -> Result<Generation> {
+        let ids = self.template()?.encode(messages, true, &self.tokenizer)?;
         self.generate_ids(ids, params)
     }
 

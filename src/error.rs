@@ -95,7 +95,7 @@ pub enum Error {
     // -- arguments --------------------------------------------------------------------------
     #[error("invalid {name}: {value}. {expected}")]
     InvalidArgument {
-        name: &'static str,
+        name: String,
         value: String,
         expected: String,
     },
@@ -114,12 +114,12 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn invalid_argument(
-        name: &'static str,
+        name: impl Into<String>,
         value: impl std::fmt::Display,
         expected: impl Into<String>,
     ) -> Self {
         Error::InvalidArgument {
-            name,
+            name: name.into(),
             value: value.to_string(),
             expected: expected.into(),
         }

@@ -12,9 +12,25 @@ use crate::model::ModelMetadata;
 /// Tokens that end a turn or a document in the Phi family and its relatives.
 const END_TOKEN_NAMES: &[&str] = &["<|end|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>"];
 
+/// A special (control) token and how it absorbs neighbouring whitespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecialToken {
+    pub content: String,
+    pub id: u32,
+    pub lstrip: bool,
+    pub rstrip: bool,
+}
+
 #[derive(Debug)]
 pub struct Phi3Tokenizer {
     tokenizer: Tokenizer,
+    /// The same tokenizer with special-token matching off, for text that must stay text.
+    plain: Tokenizer,
+    special_tokens: Vec<SpecialToken>,
+    /// Tokens the post-processor puts before any prompt (BOS for Phi-3).
+    prompt_prefix: Vec<u32>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
     end_token_ids: Vec<u32>,
     path: PathBuf,
 }
@@ -42,11 +58,78 @@ impl Phi3Tokenizer {
             .collect();
         end_token_ids.sort_unstable();
         end_token_ids.dedup();
+
+        let mut plain = tokenizer.clone();
+        plain.set_encode_special_tokens(true);
+        let special_tokens = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| SpecialToken {
+                content: t.content,
+                id,
+                lstrip: t.lstrip,
+                rstrip: t.rstrip,
+            })
+            .collect();
+        let encode_err = |e: tokenizers::Error| Error::TokenizerInvalid {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        };
+        let probe = tokenizer.encode("a", true).map_err(encode_err)?;
+        let prompt_prefix = probe
+            .get_ids()
+            .iter()
+            .zip(probe.get_special_tokens_mask())
+            .take_while(|(_, &special)| special == 1)
+            .map(|(&id, _)| id)
+            .collect();
+        let token_text = |id: Option<u32>, fallback: &str| {
+            id.and_then(|id| tokenizer.id_to_token(id)).or_else(|| {
+                tokenizer
+                    .token_to_id(fallback)
+                    .map(|_| fallback.to_string())
+            })
+        };
+        let bos_token = token_text(model.bos_token_id, "<s>");
+        let eos_token = token_text(model.eos_token_id, "<|endoftext|>");
         Ok(Self {
             tokenizer,
+            plain,
+            special_tokens,
+            prompt_prefix,
+            bos_token,
+            eos_token,
             end_token_ids,
             path: path.to_path_buf(),
         })
+    }
+
+    pub fn special_tokens(&self) -> &[SpecialToken] {
+        &self.special_tokens
+    }
+
+    /// Tokens the tokenizer puts before every prompt (e.g. BOS).
+    pub fn prompt_prefix(&self) -> &[u32] {
+        &self.prompt_prefix
+    }
+
+    pub fn bos_token(&self) -> Option<String> {
+        self.bos_token.clone()
+    }
+
+    pub fn eos_token(&self) -> Option<String> {
+        self.eos_token.clone()
+    }
+
+    /// Encodes text in which special-token text is plain text, without BOS.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        self.plain
+            .encode(text, false)
+            .map(|enc| enc.get_ids().to_vec())
+            .map_err(|e| Error::Tokenization {
+                detail: e.to_string(),
+            })
     }
 
     pub fn path(&self) -> &Path {

@@ -32,6 +32,7 @@ pub struct LoadedModel {
 #[derive(Debug, Clone, Default)]
 pub struct ModelMetadata {
     pub chat_template: Option<String>,
+    pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub eot_token_id: Option<u32>,
     /// The GGUF's own token list, to check a separately supplied tokenizer against.
@@ -75,6 +76,7 @@ fn read_metadata(file: &GgufFile) -> ModelMetadata {
             Some(Value::String(s)) => Some(s.clone()),
             _ => None,
         },
+        bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_id: id("tokenizer.ggml.eos_token_id"),
         eot_token_id: id("tokenizer.ggml.eot_token_id"),
         tokens: match file.metadata("tokenizer.ggml.tokens") {
