@@ -7,6 +7,10 @@ from typing import final
 
 from typing_extensions import Self
 
+from candle_phi.types import ChatMessage, FinishReason
+
+__all__ = ["Phi3Generator", "TokenStream", "__version__"]
+
 __version__: str
 
 @final
@@ -57,6 +61,7 @@ class Phi3Generator:
         seed: int | None = None,
         repeat_penalty: float = 1.1,
         repeat_last_n: int = 64,
+        stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
     ) -> TokenStream:
         """Start generating from ``prompt``; iterate the stream for the text.
@@ -72,12 +77,44 @@ class Phi3Generator:
             seed: The same seed always gives the same text; None draws a fresh seed.
             repeat_penalty: Penalty (> 0, 1 is off) on the last ``repeat_last_n`` generated
                 tokens.
+            stop: Strings that end generation. The text ends just before the first one,
+                which is never yielded, not even in part.
             stop_token_ids: Token ids that end generation besides the model's end tokens.
 
         Raises:
             InvalidArgumentError: An argument is out of range or of the wrong type.
             ContextLengthError: Prompt tokens plus ``max_tokens`` exceed the context length.
         """
+
+    def chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        max_tokens: int | None = 256,
+        temperature: float = 0.8,
+        top_p: float | None = 0.95,
+        top_k: int | None = 40,
+        seed: int | None = None,
+        repeat_penalty: float = 1.1,
+        repeat_last_n: int = 64,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> TokenStream:
+        """Start the assistant's reply to a conversation.
+
+        ``messages`` are ``{"role": "system" | "user" | "assistant", "content": str}``
+        dicts, rendered with the GGUF's ``tokenizer.chat_template`` when it has one, else in
+        the Phi-3 format ``<|user|>\\n...<|end|>\\n<|assistant|>\\n``. Text inside a message
+        never becomes a control token. The other arguments are those of :meth:`generate`.
+
+        Raises:
+            InvalidArgumentError: A message is malformed or has an unknown role.
+        """
+
+    def apply_chat_template(
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True
+    ) -> str:
+        """The prompt text the model's chat template makes of ``messages``."""
 
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` adds the tokenizer's BOS."""
@@ -132,8 +169,11 @@ class TokenStream:
 
     def __iter__(self) -> Self: ...
     def __next__(self) -> str: ...
+    def read(self) -> str:
+        """The rest of the text at once: exactly what iterating would have yielded."""
+
     @property
-    def finish_reason(self) -> str | None:
+    def finish_reason(self) -> FinishReason | None:
         """``"stop"`` (end or stop token), ``"length"`` (``max_tokens``), None while running."""
 
     @property
@@ -147,6 +187,22 @@ class TokenStream:
     @property
     def token_ids(self) -> list[int]:
         """The generated token ids so far."""
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        """The prompt as token ids, as the model sees it (chat template applied)."""
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        """Seconds from the first step to the first generated token, prompt included."""
+
+    @property
+    def prompt_tokens_per_second(self) -> float | None:
+        """Prompt processing speed, once the prompt is in."""
+
+    @property
+    def generation_tokens_per_second(self) -> float | None:
+        """Generation speed after the first token (needs two or more tokens)."""
 
     @property
     def seed(self) -> int:

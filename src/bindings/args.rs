@@ -4,8 +4,13 @@
 use pyo3::conversion::FromPyObjectOwned;
 use pyo3::prelude::*;
 
+use pyo3::types::{PyMapping, PyString};
+
 use super::errors::to_py_err;
+use crate::chat::{ChatMessage, Role};
 use crate::error::Error;
+use crate::generation::GenerationParams;
+use crate::sampling::SamplingParams;
 
 pub(crate) fn extract<'py, T: FromPyObjectOwned<'py>>(
     obj: &Bound<'py, PyAny>,
@@ -63,6 +68,7 @@ converters! {
     token: String = "token", "a str";
     skip_special_tokens: bool = "skip_special_tokens", "a bool";
     add_special_tokens: bool = "add_special_tokens", "a bool";
+    add_generation_prompt: bool = "add_generation_prompt", "a bool";
     chunk_size: Option<i64> = "chunk_size", "an int >= 1 or None";
     model: Option<std::path::PathBuf> = "model", "a path (str or os.PathLike) or None";
     tokenizer: Option<std::path::PathBuf> = "tokenizer", "a path (str or os.PathLike) or None";
@@ -101,4 +107,154 @@ pub(crate) fn token_id_list(
             })
         })
         .collect()
+}
+
+/// `stop`: None, one string, or a sequence of strings.
+pub(crate) fn stop(obj: &Bound<'_, PyAny>) -> PyResult<Option<Vec<String>>> {
+    if let Ok(one) = obj.cast::<PyString>() {
+        return Ok(Some(vec![one.to_str()?.to_string()]));
+    }
+    extract(obj, "stop", "a str, a list of str, or None")
+}
+
+/// `messages`: a sequence of mappings with a known `role` and a str `content`.
+pub(crate) fn messages(obj: &Bound<'_, PyAny>) -> PyResult<Vec<ChatMessage>> {
+    let py = obj.py();
+    let bad = |name: String, value: String, expected: String| {
+        to_py_err(py, Error::invalid_argument(name, value, expected))
+    };
+    if obj.is_instance_of::<PyString>() || obj.is_instance_of::<PyMapping>() {
+        return Err(bad(
+            "messages".into(),
+            repr(obj),
+            "It must be a list of {'role': ..., 'content': ...} dicts".into(),
+        ));
+    }
+    let items: Vec<Bound<'_, PyAny>> = extract(obj, "messages", "a list of message dicts")?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let field = |key: &str| -> PyResult<String> {
+                let value = item.get_item(key).map_err(|_| {
+                    bad(
+                        format!("messages[{i}]"),
+                        repr(item),
+                        format!("messages[{i}] needs a '{key}' key"),
+                    )
+                })?;
+                value.extract::<String>().map_err(|_| {
+                    bad(
+                        format!("messages[{i}]['{key}']"),
+                        repr(&value),
+                        format!("messages[{i}]['{key}'] must be a str"),
+                    )
+                })
+            };
+            if !item.is_instance_of::<PyMapping>() {
+                return Err(bad(
+                    format!("messages[{i}]"),
+                    repr(item),
+                    format!("messages[{i}] must be a dict with 'role' and 'content'"),
+                ));
+            }
+            let role = field("role")?;
+            let role = Role::parse(&role).ok_or_else(|| {
+                bad(
+                    format!("messages[{i}]['role']"),
+                    format!("'{role}'"),
+                    "It must be 'system', 'user' or 'assistant'".into(),
+                )
+            })?;
+            Ok(ChatMessage {
+                role,
+                content: field("content")?,
+            })
+        })
+        .collect()
+}
+
+fn repr(obj: &Bound<'_, PyAny>) -> String {
+    obj.repr()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| "<unprintable>".into())
+}
+
+/// The generation arguments shared by `generate` and `chat`, as Python passed them.
+pub(crate) struct GenerationArgs {
+    pub max_tokens: Option<i64>,
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub repeat_penalty: f64,
+    pub repeat_last_n: i64,
+    pub stop: Option<Vec<String>>,
+    pub stop_token_ids: Option<Vec<i64>>,
+}
+
+impl GenerationArgs {
+    /// Range checks that need the Python integers; the engine checks the rest.
+    pub(crate) fn into_params(self, py: Python<'_>) -> PyResult<GenerationParams> {
+        let max_tokens = self
+            .max_tokens
+            .map(|n| {
+                non_negative(
+                    py,
+                    n,
+                    "max_tokens",
+                    "It must be >= 0, or None to fill the context",
+                )
+            })
+            .transpose()?;
+        let top_k = self
+            .top_k
+            .map(|k| {
+                non_negative(
+                    py,
+                    k,
+                    "top_k",
+                    "It must be at least 1, or None to keep every token",
+                )
+            })
+            .transpose()?;
+        let seed = self
+            .seed
+            .map(|s| {
+                u64::try_from(s).map_err(|_| {
+                    to_py_err(
+                        py,
+                        Error::invalid_argument(
+                            "seed",
+                            s,
+                            "It must be an int >= 0, or None for a random seed",
+                        ),
+                    )
+                })
+            })
+            .transpose()?;
+        let repeat_last_n = non_negative(
+            py,
+            self.repeat_last_n,
+            "repeat_last_n",
+            "It must be >= 0 (0 turns the penalty off)",
+        )?;
+        Ok(GenerationParams {
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k,
+                seed,
+                repeat_penalty: self.repeat_penalty as f32,
+                repeat_last_n,
+            },
+            stop_token_ids: token_id_list(
+                py,
+                self.stop_token_ids.unwrap_or_default(),
+                "stop_token_ids",
+            )?,
+            stop: self.stop.unwrap_or_default(),
+        })
+    }
 }

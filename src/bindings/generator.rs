@@ -9,10 +9,9 @@ use pyo3::prelude::*;
 use super::args;
 use super::errors::IntoPyResult;
 use super::stream::PyTokenStream;
+use crate::chat::ChatMessage;
 use crate::engine::{Engine, ModelSource};
 use crate::error::Error;
-use crate::generation::GenerationParams;
-use crate::sampling::SamplingParams;
 use crate::source::{
     HubFile, DEFAULT_MODEL_FILE, DEFAULT_MODEL_REPO, DEFAULT_REVISION, DEFAULT_TOKENIZER_FILE,
 };
@@ -25,6 +24,10 @@ pub struct PyPhi3Generator {
 #[pymethods]
 impl PyPhi3Generator {
     #[new]
+    #[pyo3(text_signature = "(model=None, *, tokenizer=None, \
+        repo_id='microsoft/Phi-3-mini-4k-instruct-gguf', \
+        filename='Phi-3-mini-4k-instruct-q4.gguf', revision='main', tokenizer_repo_id=None, \
+        tokenizer_revision='main', progress=False)")]
     #[pyo3(signature = (
         model = None,
         *,
@@ -71,6 +74,10 @@ impl PyPhi3Generator {
 
     /// Starts generating from `prompt` (raw text: special-token text such as `<|user|>`
     /// becomes the control token). Nothing is computed until the stream is iterated.
+    #[pyo3(
+        text_signature = "(self, /, prompt, *, max_tokens=256, temperature=0.8, top_p=0.95, \
+        top_k=40, seed=None, repeat_penalty=1.1, repeat_last_n=64, stop=None, stop_token_ids=None)"
+    )]
     #[pyo3(signature = (
         prompt,
         *,
@@ -81,6 +88,7 @@ impl PyPhi3Generator {
         seed = None,
         repeat_penalty = 1.1,
         repeat_last_n = 64,
+        stop = None,
         stop_token_ids = None,
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -95,64 +103,90 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::seed)] seed: Option<i64>,
         #[pyo3(from_py_with = args::repeat_penalty)] repeat_penalty: f64,
         #[pyo3(from_py_with = args::repeat_last_n)] repeat_last_n: i64,
+        #[pyo3(from_py_with = args::stop)] stop: Option<Vec<String>>,
         #[pyo3(from_py_with = args::stop_token_ids)] stop_token_ids: Option<Vec<i64>>,
     ) -> PyResult<PyTokenStream> {
-        let params = GenerationParams {
-            max_tokens: max_tokens
-                .map(|n| {
-                    args::non_negative(
-                        py,
-                        n,
-                        "max_tokens",
-                        "It must be >= 0, or None to fill the context",
-                    )
-                })
-                .transpose()?,
-            sampling: SamplingParams {
-                temperature,
-                top_p,
-                top_k: top_k
-                    .map(|k| {
-                        args::non_negative(
-                            py,
-                            k,
-                            "top_k",
-                            "It must be at least 1, or None to keep every token",
-                        )
-                    })
-                    .transpose()?,
-                seed: seed
-                    .map(|s| {
-                        u64::try_from(s).map_err(|_| {
-                            super::errors::to_py_err(
-                                py,
-                                Error::invalid_argument(
-                                    "seed",
-                                    s,
-                                    "It must be an int >= 0, or None for a random seed",
-                                ),
-                            )
-                        })
-                    })
-                    .transpose()?,
-                repeat_penalty: repeat_penalty as f32,
-                repeat_last_n: args::non_negative(
-                    py,
-                    repeat_last_n,
-                    "repeat_last_n",
-                    "It must be >= 0 (0 turns the penalty off)",
-                )?,
-            },
-            stop_token_ids: args::token_id_list(
-                py,
-                stop_token_ids.unwrap_or_default(),
-                "stop_token_ids",
-            )?,
-        };
+        let params = args::GenerationArgs {
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            repeat_penalty,
+            repeat_last_n,
+            stop,
+            stop_token_ids,
+        }
+        .into_params(py)?;
         let generation = py
             .detach(|| self.engine.generate(&prompt, &params))
             .py_err(py)?;
         Ok(PyTokenStream::new(generation))
+    }
+
+    /// Starts the assistant's reply to `messages` (dicts with `role` and `content`), in the
+    /// model's chat format. Message text never becomes a control token.
+    #[pyo3(
+        text_signature = "(self, /, messages, *, max_tokens=256, temperature=0.8, top_p=0.95, \
+        top_k=40, seed=None, repeat_penalty=1.1, repeat_last_n=64, stop=None, stop_token_ids=None)"
+    )]
+    #[pyo3(signature = (
+        messages,
+        *,
+        max_tokens = Some(256),
+        temperature = 0.8,
+        top_p = Some(0.95),
+        top_k = Some(40),
+        seed = None,
+        repeat_penalty = 1.1,
+        repeat_last_n = 64,
+        stop = None,
+        stop_token_ids = None,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn chat(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::messages)] messages: Vec<ChatMessage>,
+        #[pyo3(from_py_with = args::max_tokens)] max_tokens: Option<i64>,
+        #[pyo3(from_py_with = args::temperature)] temperature: f64,
+        #[pyo3(from_py_with = args::top_p)] top_p: Option<f64>,
+        #[pyo3(from_py_with = args::top_k)] top_k: Option<i64>,
+        #[pyo3(from_py_with = args::seed)] seed: Option<i64>,
+        #[pyo3(from_py_with = args::repeat_penalty)] repeat_penalty: f64,
+        #[pyo3(from_py_with = args::repeat_last_n)] repeat_last_n: i64,
+        #[pyo3(from_py_with = args::stop)] stop: Option<Vec<String>>,
+        #[pyo3(from_py_with = args::stop_token_ids)] stop_token_ids: Option<Vec<i64>>,
+    ) -> PyResult<PyTokenStream> {
+        let params = args::GenerationArgs {
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            repeat_penalty,
+            repeat_last_n,
+            stop,
+            stop_token_ids,
+        }
+        .into_params(py)?;
+        let generation = py
+            .detach(|| self.engine.chat(&messages, &params))
+            .py_err(py)?;
+        Ok(PyTokenStream::new(generation))
+    }
+
+    /// The prompt text the model's chat template makes of `messages`.
+    #[pyo3(signature = (messages, *, add_generation_prompt = true))]
+    fn apply_chat_template(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::messages)] messages: Vec<ChatMessage>,
+        #[pyo3(from_py_with = args::add_generation_prompt)] add_generation_prompt: bool,
+    ) -> PyResult<String> {
+        self.engine
+            .apply_chat_template(&messages, add_generation_prompt)
+            .py_err(py)
     }
 
     /// Token ids of `text`; with `add_special_tokens` the tokenizer's BOS is prepended.

@@ -49,6 +49,16 @@ impl PyTokenStream {
         }
     }
 
+    /// The rest of the text, at once: the same text the iteration would give.
+    fn read(&self, py: Python<'_>) -> PyResult<String> {
+        let mut text = String::new();
+        while let Some(piece) = self.__next__(py)? {
+            text.push_str(&piece);
+            py.check_signals()?;
+        }
+        Ok(text)
+    }
+
     /// "stop" (an end or stop token), "length" (max_tokens reached), or None while running.
     #[getter]
     fn finish_reason(&self, py: Python<'_>) -> PyResult<Option<&'static str>> {
@@ -69,6 +79,30 @@ impl PyTokenStream {
     #[getter]
     fn token_ids(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
         self.lock().map(|g| g.generated_ids().to_vec()).py_err(py)
+    }
+
+    /// Seconds from the first step to the first generated token (prompt processing included).
+    #[getter]
+    fn time_to_first_token(&self, py: Python<'_>) -> PyResult<Option<f64>> {
+        Ok(self.stats(py)?.time_to_first_token.map(|d| d.as_secs_f64()))
+    }
+
+    /// Prompt tokens processed per second, once the prompt is in.
+    #[getter]
+    fn prompt_tokens_per_second(&self, py: Python<'_>) -> PyResult<Option<f64>> {
+        Ok(self.stats(py)?.prompt_tokens_per_second())
+    }
+
+    /// Tokens generated per second after the first one.
+    #[getter]
+    fn generation_tokens_per_second(&self, py: Python<'_>) -> PyResult<Option<f64>> {
+        Ok(self.stats(py)?.generation_tokens_per_second())
+    }
+
+    /// The prompt as token ids, as the model sees it (chat template applied).
+    #[getter]
+    fn prompt_token_ids(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        self.lock().map(|g| g.prompt_ids().to_vec()).py_err(py)
     }
 
     /// The seed in use (drawn at random when none was given).
