@@ -17,6 +17,7 @@ from candle_phi import Phi3Generator
 END = fx.SPECIAL_TOKENS["<|end|>"]
 ENDOFTEXT = fx.SPECIAL_TOKENS["<|endoftext|>"]
 ASSISTANT = fx.SPECIAL_TOKENS["<|assistant|>"]
+NEWLINE = 3 + ord("\n")  # the byte-fallback token <0x0A>: chat prompts end "<|assistant|>\n"
 
 # A prompt in the Phi-3 chat format; it ends in <|assistant|>, the trigger of scripted models.
 CHAT_PROMPT = "<|user|>\nWrite a haiku about ice hockey<|end|>\n<|assistant|>"
@@ -86,15 +87,16 @@ def slow_generator(fixture_dir: Path, tokenizer_path: Path) -> Phi3Generator:
 
 
 @pytest.fixture(scope="session")
-def scripted(fixture_dir: Path, tokenizer_path: Path) -> Callable[[list[int]], Phi3Generator]:
-    """A generator whose greedy output after `<|assistant|>` is exactly the given token ids."""
+def scripted(fixture_dir: Path, tokenizer_path: Path) -> Callable[..., Phi3Generator]:
+    """A generator whose greedy output after the trigger token (by default `<|assistant|>`,
+    the end of CHAT_PROMPT) is exactly the given token ids."""
     cache: dict[tuple[int, ...], Phi3Generator] = {}
 
-    def make(script: list[int]) -> Phi3Generator:
-        key = tuple(script)
+    def make(script: list[int], trigger: int = ASSISTANT) -> Phi3Generator:
+        key = (trigger, *script)
         if key not in cache:
             path = fixture_dir / f"scripted-{len(cache)}.gguf"
-            fx.write_phi3_gguf(path, TINY_CONFIG, script=script, trigger_token=ASSISTANT)
+            fx.write_phi3_gguf(path, TINY_CONFIG, script=script, trigger_token=trigger)
             cache[key] = Phi3Generator(path, tokenizer=tokenizer_path)
         return cache[key]
 

@@ -1,0 +1,159 @@
+"""`python -m candle_phi` in subprocesses: one-shot, piped stdin, the chat REPL, exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import phi3_fixtures as fx
+import pytest
+from candle_phi import Phi3Generator
+from conftest import END, NEWLINE, SLOW_CONFIG
+
+Scripted = Callable[..., Phi3Generator]
+
+
+def cli(
+    *args: str | Path, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "candle_phi", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture()
+def hello(scripted: Scripted, token_id: Callable[[str], int]) -> list[str]:
+    """Model flags for a model whose chat reply is "Hello world"."""
+    gen = scripted([token_id("▁Hello"), token_id("▁world"), END], trigger=NEWLINE)
+    return ["--model", str(gen.model_path), "--tokenizer", str(gen.tokenizer_path)]
+
+
+def test_prompt_argument(hello: list[str]) -> None:
+    result = cli(*hello, "Write a haiku", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello world\n"
+    assert result.stderr == ""
+
+
+def test_piped_stdin_and_flags(hello: list[str]) -> None:
+    result = cli(*hello, "--max-tokens", "1", "--seed", "3", "--top-k", "none", stdin="Hi\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello\n"
+
+
+def test_stop_flag_and_verbose(hello: list[str]) -> None:
+    result = cli(*hello, "Hi", "--stop", " w", "--verbose", "--temperature", "0")
+    assert result.returncode == 0
+    assert result.stdout == "Hello\n"
+    assert "tokens/s" in result.stderr and "stop" in result.stderr
+
+
+def test_raw_prompt(generator: Phi3Generator) -> None:
+    raw = "<|user|>\nHi<|end|>\n<|assistant|>"
+    result = cli(
+        "--model",
+        generator.model_path,
+        "--tokenizer",
+        generator.tokenizer_path,
+        "--raw",
+        raw,
+        "--max-tokens",
+        "5",
+        "--seed",
+        "1",
+    )
+    expected = "".join(generator.generate(raw, max_tokens=5, seed=1))
+    assert result.returncode == 0
+    assert result.stdout == expected + "\n"
+
+
+def test_chat_repl(hello: list[str]) -> None:
+    session = (
+        "\n".join(
+            [
+                "Hi there",
+                "/set temperature 0",
+                "/set top_k none",
+                "/system Be brief.",
+                '"""first line',
+                'second line"""',
+                "/set nonsense 1",
+                "/set temperature hot",
+                "/clear",
+                "Again",
+                "/exit",
+                "never read",
+            ]
+        )
+        + "\n"
+    )
+    result = cli(*hello, "--chat", stdin=session)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello world\n" * 3
+    assert "unknown parameter 'nonsense'" in result.stderr
+    assert "hot" in result.stderr
+
+
+def test_repl_ends_at_eof(hello: list[str]) -> None:
+    result = cli(*hello, "--chat", stdin="Hi\n")
+    assert result.returncode == 0
+    assert result.stdout == "Hello world\n"
+
+
+def test_errors_exit_1_with_one_line(tmp_path: Path, hello: list[str]) -> None:
+    missing = cli("--model", tmp_path / "nope.gguf", "Hi", env={"HF_HUB_OFFLINE": "1"})
+    assert missing.returncode == 1
+    assert missing.stdout == ""
+    assert missing.stderr.count("\n") == 1 and "nope.gguf" in missing.stderr
+    bad = cli(*hello, "Hi", "--temperature", "-1")
+    assert bad.returncode == 1 and "temperature" in bad.stderr and bad.stdout == ""
+
+
+def test_usage_errors_exit_2(hello: list[str]) -> None:
+    assert cli(*hello, "Hi", "--temperature", "warm").returncode == 2
+    assert cli("--no-such-flag").returncode == 2
+
+
+def test_version() -> None:
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("candle-phi ")
+
+
+def test_ctrl_c_exits_130(fixture_dir: Path, tokenizer_path: Path) -> None:
+    path = fixture_dir / "slow-cli.gguf"
+    fx.write_phi3_gguf(path, SLOW_CONFIG, seed=3)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "candle_phi",
+            "--model",
+            str(path),
+            "--tokenizer",
+            str(tokenizer_path),
+            "--raw",
+            "the " * 3000,
+            "--max-tokens",
+            "500",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.0)  # loaded and inside the prompt
+    proc.send_signal(signal.SIGINT)
+    start = time.perf_counter()
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert time.perf_counter() - start < 3.0
+    assert "Traceback" not in stderr
