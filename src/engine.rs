@@ -97,9 +97,10 @@ impl Engine {
         self.load_time
     }
 
-    /// A fresh sequence: the shared weights with an empty KV cache of its own.
-    pub fn new_sequence(&self) -> Phi3Model {
-        Phi3Model::new(Arc::clone(&self.weights))
+    /// A fresh sequence of at most `span` tokens: the shared weights with an empty KV cache
+    /// of its own.
+    pub fn new_sequence(&self, span: usize) -> Result<Phi3Model> {
+        Phi3Model::new(Arc::clone(&self.weights), span).map_err(Error::generation)
     }
 
     /// Prepares a generation for `prompt` (raw text; special-token text is honoured).
@@ -134,7 +135,7 @@ impl Engine {
 
     pub fn generate_ids(&self, prompt: Vec<u32>, params: &GenerationParams) -> Result<Generation> {
         Generation::new(
-            self.new_sequence(),
+            Arc::clone(&self.weights),
             Arc::clone(&self.tokenizer),
             prompt,
             params,
@@ -174,7 +175,7 @@ impl Engine {
                 context_length,
             });
         }
-        let mut sequence = self.new_sequence();
+        let mut sequence = self.new_sequence(ids.len())?;
         let mut rows = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(chunk_size.max(1)) {
             let logits = sequence

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::model::Phi3Model;
+use crate::model::{Phi3Model, Phi3Weights};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::{StopOutcome, StopStrings};
 use crate::tokenizer::{Phi3Tokenizer, TextStream};
@@ -121,7 +121,7 @@ pub struct Generation {
 impl Generation {
     /// Checks the request against the model before any compute.
     pub fn new(
-        model: Phi3Model,
+        weights: Arc<Phi3Weights>,
         tokenizer: Arc<Phi3Tokenizer>,
         prompt: Vec<u32>,
         params: &GenerationParams,
@@ -133,7 +133,7 @@ impl Generation {
                 "It encodes to no tokens; pass some text",
             ));
         }
-        let config = model.config();
+        let config = &weights.config;
         if let Some(&bad) = params
             .stop_token_ids
             .iter()
@@ -160,6 +160,8 @@ impl Generation {
                 context_length,
             });
         }
+        let model =
+            Phi3Model::new(weights, prompt.len() + max_tokens).map_err(Error::generation)?;
         let mut stop_token_ids = tokenizer.end_token_ids().to_vec();
         stop_token_ids.extend(&params.stop_token_ids);
         let stats = Stats {

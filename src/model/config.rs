@@ -18,6 +18,10 @@ pub struct Phi3Config {
     /// How many leading dimensions of each head are rotated (partial rotary when < head_dim).
     pub rope_dim: usize,
     pub rope_freq_base: f32,
+    /// The context the model was trained with before LongRoPE extended it.
+    pub rope_original_context: usize,
+    /// LongRoPE's scaling of cos and sin, when the file states it.
+    pub rope_attn_factor: Option<f32>,
     pub rms_eps: f64,
     pub context_length: usize,
     /// Each query sees at most this many keys, itself included, when set.
@@ -53,6 +57,7 @@ impl Phi3Config {
             Some(d) => d,
             None => hidden_size / num_heads,
         };
+        let context_length = required(file, "phi3.context_length")?;
         let config = Phi3Config {
             vocab_size: embedding_rows(file)?,
             hidden_size,
@@ -64,7 +69,11 @@ impl Phi3Config {
             rope_dim: optional(file, "phi3.rope.dimension_count")?.unwrap_or(head_dim),
             rope_freq_base: optional_f32(file, "phi3.rope.freq_base")?.unwrap_or(10_000.0),
             rms_eps: f64::from(required_f32(file, "phi3.attention.layer_norm_rms_epsilon")?),
-            context_length: required(file, "phi3.context_length")?,
+            context_length,
+            rope_original_context: optional(file, "phi3.rope.scaling.original_context_length")?
+                .filter(|&n| n > 0)
+                .unwrap_or(context_length),
+            rope_attn_factor: optional_f32(file, "phi3.rope.scaling.attn_factor")?,
             sliding_window: optional(file, "phi3.attention.sliding_window")?.filter(|&w| w > 0),
             tied_embeddings: !file.content.tensor_infos.contains_key("output.weight"),
         };
@@ -106,6 +115,15 @@ impl Phi3Config {
                 "phi3.rope.freq_base",
                 &format!("{} is not a positive number", self.rope_freq_base),
             ));
+        }
+        if let Some(f) = self.rope_attn_factor {
+            if !(f.is_finite() && f > 0.0) {
+                return Err(invalid(
+                    file,
+                    "phi3.rope.scaling.attn_factor",
+                    &format!("{f} is not a positive number"),
+                ));
+            }
         }
         if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
             return Err(invalid(

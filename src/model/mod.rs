@@ -11,13 +11,18 @@ use std::sync::Arc;
 
 pub use config::Phi3Config;
 pub use gguf::GgufFile;
-pub use phi3::{Phi3Model, Phi3Weights, TensorSource};
+pub use phi3::{Phi3Model, Phi3Weights, TensorSource, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT};
+pub use rope::RopeFactors;
 
 use crate::error::{Error, Result};
 
 impl TensorSource for GgufFile {
     fn tensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
         GgufFile::tensor(self, name)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
     }
 }
 
@@ -43,7 +48,16 @@ pub struct ModelMetadata {
 pub fn load(path: &Path) -> Result<LoadedModel> {
     let mut file = GgufFile::open(path)?;
     let config = Phi3Config::from_gguf(&file)?;
-    for (name, expected) in config.expected_tensors() {
+    let has_long = file.content.tensor_infos.contains_key(ROPE_FACTORS_LONG);
+    let has_short = file.content.tensor_infos.contains_key(ROPE_FACTORS_SHORT);
+    let mut expected_tensors = config.expected_tensors();
+    if has_long || has_short {
+        // LongRoPE needs both sets of factors, one per rotated dimension pair.
+        for name in [ROPE_FACTORS_SHORT, ROPE_FACTORS_LONG] {
+            expected_tensors.push((name.to_string(), vec![config.rope_dim / 2]));
+        }
+    }
+    for (name, expected) in expected_tensors {
         let Some(info) = file.content.tensor_infos.get(&name) else {
             return Err(Error::MissingTensor {
                 path: file.path.clone(),

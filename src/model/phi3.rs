@@ -12,7 +12,7 @@ use candle_nn::RmsNorm;
 
 use super::config::Phi3Config;
 use super::kv_cache::KvCache;
-use super::rope::RotaryEmbedding;
+use super::rope::{RopeFactors, RotaryEmbedding};
 
 #[derive(Debug)]
 struct Layer {
@@ -33,13 +33,17 @@ pub struct Phi3Weights {
     layers: Vec<Layer>,
     output_norm: RmsNorm,
     output: QMatMul,
-    rope: RotaryEmbedding,
+    rope_factors: Option<RopeFactors>,
 }
 
 /// A source of named quantized tensors (the GGUF reader, or a test's in-memory map).
 pub trait TensorSource {
     fn tensor(&mut self, name: &str) -> crate::Result<QTensor>;
+    fn contains(&self, name: &str) -> bool;
 }
+
+pub const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
+pub const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
 
 impl Phi3Weights {
     pub fn load(config: Phi3Config, source: &mut impl TensorSource) -> crate::Result<Self> {
@@ -65,14 +69,21 @@ impl Phi3Weights {
                 ffn_down: matmul(source, &format!("{p}.ffn_down.weight"))?,
             });
         }
-        let rope = RotaryEmbedding::new(&config, &device).map_err(build_error)?;
+        let rope_factors = if source.contains(ROPE_FACTORS_LONG) {
+            Some(RopeFactors {
+                short: vector(source, ROPE_FACTORS_SHORT)?,
+                long: vector(source, ROPE_FACTORS_LONG)?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             config,
             embeddings,
             layers,
             output_norm,
             output,
-            rope,
+            rope_factors,
         })
     }
 }
@@ -90,6 +101,14 @@ fn matmul(source: &mut impl TensorSource, name: &str) -> crate::Result<QMatMul> 
     QMatMul::from_qtensor(source.tensor(name)?).map_err(build_error)
 }
 
+fn vector(source: &mut impl TensorSource, name: &str) -> crate::Result<Vec<f32>> {
+    source
+        .tensor(name)?
+        .dequantize(&Device::Cpu)
+        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+        .map_err(build_error)
+}
+
 fn norm(source: &mut impl TensorSource, name: &str, eps: f64) -> crate::Result<RmsNorm> {
     let weight = source
         .tensor(name)?
@@ -102,15 +121,24 @@ fn norm(source: &mut impl TensorSource, name: &str, eps: f64) -> crate::Result<R
 #[derive(Debug, Clone)]
 pub struct Phi3Model {
     weights: Arc<Phi3Weights>,
+    rope: RotaryEmbedding,
     caches: Vec<KvCache>,
 }
 
 impl Phi3Model {
-    pub fn new(weights: Arc<Phi3Weights>) -> Self {
-        let caches = (0..weights.config.num_layers)
-            .map(|_| KvCache::new(weights.config.context_length))
+    /// A sequence that will span at most `span` positions; LongRoPE models pick their
+    /// short or long frequency factors from it, once, so all chunkings agree.
+    pub fn new(weights: Arc<Phi3Weights>, span: usize) -> Result<Self> {
+        let config = &weights.config;
+        let rope = RotaryEmbedding::new(config, weights.rope_factors.as_ref(), span, &Device::Cpu)?;
+        let caches = (0..config.num_layers)
+            .map(|_| KvCache::new(config.context_length))
             .collect();
-        Self { weights, caches }
+        Ok(Self {
+            weights,
+            rope,
+            caches,
+        })
     }
 
     pub fn config(&self) -> &Phi3Config {
@@ -166,16 +194,14 @@ impl Phi3Model {
         let ids = Tensor::new(tokens, device)?;
         let mut xs = weights.embeddings.index_select(&ids, 0)?.unsqueeze(0)?;
         let mask = attention_mask(tokens.len(), offset, config.sliding_window, device)?;
+        let (cos, sin) = self.rope.tables(offset, tokens.len())?;
+        let rope = Rope {
+            embedding: &self.rope,
+            cos: &cos,
+            sin: &sin,
+        };
         for (layer, cache) in weights.layers.iter().zip(self.caches.iter_mut()) {
-            let attn = attention(
-                layer,
-                cache,
-                config,
-                &weights.rope,
-                &xs,
-                mask.as_ref(),
-                offset,
-            )?;
+            let attn = attention(layer, cache, config, &rope, &xs, mask.as_ref())?;
             xs = (xs + attn)?;
             let ffn = feed_forward(layer, config, &xs)?;
             xs = (xs + ffn)?;
@@ -184,14 +210,26 @@ impl Phi3Model {
     }
 }
 
+/// The rotation of the positions in one forward pass, shared by all layers.
+struct Rope<'a> {
+    embedding: &'a RotaryEmbedding,
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+}
+
+impl Rope<'_> {
+    fn apply(&self, xs: &Tensor) -> Result<Tensor> {
+        self.embedding.apply(xs, self.cos, self.sin)
+    }
+}
+
 fn attention(
     layer: &Layer,
     cache: &mut KvCache,
     config: &Phi3Config,
-    rope: &RotaryEmbedding,
+    rope: &Rope<'_>,
     xs: &Tensor,
     mask: Option<&Tensor>,
-    offset: usize,
 ) -> Result<Tensor> {
     let (b, seq_len, _) = xs.dims3()?;
     let (n_head, n_kv, hd) = (config.num_heads, config.num_kv_heads, config.head_dim);
@@ -201,8 +239,8 @@ fn attention(
             .reshape((b, seq_len, n, hd))?
             .transpose(1, 2)
     };
-    let q = rope.apply(&heads(0, n_head)?, offset)?;
-    let k = rope.apply(&heads(n_head, n_kv)?, offset)?;
+    let q = rope.apply(&heads(0, n_head)?)?;
+    let k = rope.apply(&heads(n_head, n_kv)?)?;
     let v = heads(n_head + n_kv, n_kv)?;
     let (k, v) = cache.append(&k, &v)?;
     let kv_len = k.dim(2)?;

@@ -19,6 +19,8 @@ pub fn config() -> Phi3Config {
         head_dim: 16,
         rope_dim: 16,
         rope_freq_base: 10_000.0,
+        rope_original_context: 300,
+        rope_attn_factor: None,
         rms_eps: 1e-5,
         context_length: 300,
         sliding_window: None,
@@ -46,6 +48,10 @@ impl TensorSource for Weights {
         let t = self.0.get(name).expect("test weights have every tensor");
         let data = t.dequantize(&Device::Cpu).expect("dequantize");
         Ok(QTensor::quantize(&data, t.dtype()).expect("requantize"))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
     }
 }
 

@@ -1,13 +1,21 @@
 use std::sync::Arc;
 
-use candle_core::quantized::GgmlDType;
-use candle_phi::model::{Phi3Config, Phi3Model, Phi3Weights};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use candle_phi::model::{
+    Phi3Config, Phi3Model, Phi3Weights, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT,
+};
 
 use crate::common::{config, weights};
 
 fn model(config: Phi3Config, dtype: GgmlDType) -> Phi3Model {
+    let span = config.context_length;
     let mut source = weights(&config, 42, dtype);
-    Phi3Model::new(Arc::new(Phi3Weights::load(config, &mut source).unwrap()))
+    Phi3Model::new(
+        Arc::new(Phi3Weights::load(config, &mut source).unwrap()),
+        span,
+    )
+    .unwrap()
 }
 
 fn tokens(n: usize, vocab: usize) -> Vec<u32> {
@@ -148,4 +156,55 @@ fn out_of_vocabulary_token_is_an_error_not_a_panic() {
     let err = m.forward(&[1, 96]).unwrap_err().to_string();
     assert!(err.contains("vocabulary"), "{err}");
     assert!(m.forward(&[]).is_err());
+}
+
+fn long_rope_config() -> Phi3Config {
+    Phi3Config {
+        context_length: 96,
+        rope_original_context: 32,
+        rope_dim: 12,
+        ..config()
+    }
+}
+
+/// A LongRoPE model whose sequences span `span` positions.
+fn long_rope_model(span: usize, attn_factor: Option<f32>) -> Phi3Model {
+    let cfg = Phi3Config {
+        rope_attn_factor: attn_factor,
+        ..long_rope_config()
+    };
+    let mut source = weights(&cfg, 42, GgmlDType::F32);
+    let half = cfg.rope_dim / 2;
+    let short: Vec<f32> = (0..half).map(|i| 1.0 + 0.05 * i as f32).collect();
+    let long: Vec<f32> = (0..half).map(|i| 1.0 + 3.0 * i as f32).collect();
+    for (name, values) in [(ROPE_FACTORS_SHORT, short), (ROPE_FACTORS_LONG, long)] {
+        let t = Tensor::from_vec(values, half, &Device::Cpu).unwrap();
+        source.0.insert(
+            name.to_string(),
+            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+        );
+    }
+    Phi3Model::new(Arc::new(Phi3Weights::load(cfg, &mut source).unwrap()), span).unwrap()
+}
+
+#[test]
+fn long_rope_picks_factors_by_span_and_is_chunking_invariant() {
+    let ids = tokens(80, config().vocab_size);
+    for span in [32, 96] {
+        let all = logits(long_rope_model(span, None), &ids[..32], 32);
+        let one = logits(long_rope_model(span, None), &ids[..32], 1);
+        assert!(max_diff(&all, &one) < 1e-4);
+    }
+    // Past the original context, batched and incremental agree too.
+    let all = logits(long_rope_model(96, None), &ids, 80);
+    let chunked = logits(long_rope_model(96, None), &ids, 7);
+    assert!(max_diff(&all, &chunked) < 1e-4);
+    // Short and long factors give different positions (position 0 does not rotate).
+    let short = logits(long_rope_model(32, None), &ids[..20], 20);
+    let long = logits(long_rope_model(96, None), &ids[..20], 20);
+    assert!(max_diff(&short[..1], &long[..1]) < 1e-4);
+    assert!(max_diff(&short[1..], &long[1..]) > 1e-3);
+    // The attention factor of the file, when stated, is what scales cos and sin.
+    let stated = logits(long_rope_model(96, Some(1.0)), &ids[..20], 20);
+    assert!(max_diff(&long[1..], &stated[1..]) > 1e-3);
 }
