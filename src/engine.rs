@@ -28,6 +28,36 @@ impl ModelSource {
     }
 }
 
+/// The worker threads of Candle's CPU kernels: one pool per process, sized once.
+static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Sets the thread count of Candle's matmul pool and of rayon (used by the other ops), or
+/// checks it against the one already in force: both pools are process-wide and sized once.
+pub fn set_threads(requested: Option<usize>) -> Result<usize> {
+    if requested == Some(0) {
+        return Err(Error::invalid_argument(
+            "n_threads",
+            0,
+            "It must be at least 1, or None for one per physical core",
+        ));
+    }
+    let threads = *THREADS.get_or_init(|| {
+        let n = requested.unwrap_or_else(candle_core::utils::get_num_threads);
+        // Read by Candle when its pools start; nothing has computed yet in this process.
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        n
+    });
+    match requested {
+        Some(n) if n != threads => Err(Error::invalid_argument(
+            "n_threads",
+            n,
+            format!("This process already runs its models on {threads} threads (the pools are sized once); start another process for another count"),
+        )),
+        _ => Ok(threads),
+    }
+}
+
 pub struct Engine {
     weights: Arc<Phi3Weights>,
     tokenizer: Arc<Phi3Tokenizer>,
@@ -37,6 +67,7 @@ pub struct Engine {
     metadata: ModelMetadata,
     model_path: PathBuf,
     load_time: Duration,
+    threads: usize,
 }
 
 impl Engine {
@@ -46,7 +77,9 @@ impl Engine {
         model: &ModelSource,
         tokenizer: Option<&ModelSource>,
         progress: bool,
+        threads: Option<usize>,
     ) -> Result<Self> {
+        let threads = set_threads(threads)?;
         let start = Instant::now();
         if let Some(ModelSource::Local(path)) = tokenizer {
             if !path.is_file() {
@@ -74,6 +107,7 @@ impl Engine {
             metadata: loaded.metadata,
             model_path,
             load_time: start.elapsed(),
+            threads,
         })
     }
 
@@ -95,6 +129,11 @@ impl Engine {
 
     pub fn load_time(&self) -> Duration {
         self.load_time
+    }
+
+    /// Threads the CPU kernels run on.
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// A fresh sequence of at most `span` tokens: the shared weights with an empty KV cache

@@ -26,6 +26,8 @@ pub struct GenerationParams {
     pub stop_token_ids: Vec<u32>,
     /// Strings that end generation; the text ends just before the first one.
     pub stop: Vec<String>,
+    /// Keep going past the model's end tokens (benchmarks); caller stop tokens still apply.
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerationParams {
@@ -35,6 +37,7 @@ impl Default for GenerationParams {
             sampling: SamplingParams::default(),
             stop_token_ids: Vec::new(),
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -162,7 +165,11 @@ impl Generation {
         }
         let model =
             Phi3Model::new(weights, prompt.len() + max_tokens).map_err(Error::generation)?;
-        let mut stop_token_ids = tokenizer.end_token_ids().to_vec();
+        let mut stop_token_ids = if params.ignore_eos {
+            Vec::new()
+        } else {
+            tokenizer.end_token_ids().to_vec()
+        };
         stop_token_ids.extend(&params.stop_token_ids);
         let stats = Stats {
             prompt_tokens: prompt.len(),

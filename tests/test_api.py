@@ -55,6 +55,7 @@ def test_signatures_show_real_defaults() -> None:
         "repeat_last_n": 64,
         "stop": None,
         "stop_token_ids": None,
+        "ignore_eos": False,
     }
     assert all(
         p.kind is p.KEYWORD_ONLY for n, p in sig.parameters.items() if n not in ("self", "prompt")

@@ -106,3 +106,22 @@ def test_empty_prompt_still_has_bos(generator: Phi3Generator) -> None:
     stream = generator.generate("", max_tokens=2, seed=1)
     list(stream)
     assert stream.prompt_tokens == 1
+
+
+def test_n_threads_is_process_wide(model_path: Any, tokenizer_path: Any) -> None:
+    first = Phi3Generator(model_path, tokenizer=tokenizer_path)
+    assert first.n_threads >= 1
+    same = Phi3Generator(model_path, tokenizer=tokenizer_path, n_threads=first.n_threads)
+    assert same.n_threads == first.n_threads
+    with pytest.raises(InvalidArgumentError, match=f"already runs its models on {first.n_threads}"):
+        Phi3Generator(model_path, tokenizer=tokenizer_path, n_threads=first.n_threads + 1)
+    for bad in (0, -2, 1.5):
+        with pytest.raises(InvalidArgumentError, match="n_threads"):
+            Phi3Generator(model_path, tokenizer=tokenizer_path, n_threads=bad)  # type: ignore[arg-type]
+
+
+def test_bad_prompt_token_ids(generator: Phi3Generator) -> None:
+    with pytest.raises(InvalidArgumentError, match="prompt.*-5"):
+        generator.generate([1, -5])
+    with pytest.raises(InvalidArgumentError, match="prompt"):
+        generator.generate([])

@@ -164,3 +164,25 @@ def test_scripted_fixture_is_what_the_model_computes(
     assert ids[-1] == ASSISTANT
     row = gen.logits(ids)[-1]
     assert max(range(len(row)), key=row.__getitem__) == token_id("▁Hello")
+
+
+def test_prompt_as_token_ids(generator: Phi3Generator) -> None:
+    ids = generator.tokenize(CHAT_PROMPT)
+    from_ids = generator.generate(ids, max_tokens=10, seed=4)
+    from_text = generator.generate(CHAT_PROMPT, max_tokens=10, seed=4)
+    assert from_ids.read() == from_text.read()
+    assert from_ids.prompt_token_ids == ids
+
+
+def test_ignore_eos_generates_past_end_tokens(
+    scripted: Callable[[list[int]], Phi3Generator], token_id: Callable[[str], int]
+) -> None:
+    hello, world, the = token_id("▁Hello"), token_id("▁world"), token_id("▁the")
+    gen = scripted([hello, world, END, the])
+    stream = gen.generate(CHAT_PROMPT, temperature=0, max_tokens=4, ignore_eos=True)
+    assert stream.read() == "Hello world the"  # the end token itself has no text
+    assert stream.token_ids == [hello, world, END, the]
+    assert stream.finish_reason == "length"
+    # Caller stop tokens still apply.
+    stream = gen.generate(CHAT_PROMPT, temperature=0, ignore_eos=True, stop_token_ids=[the])
+    assert stream.read() == "Hello world" and stream.finish_reason == "stop"

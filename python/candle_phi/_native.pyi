@@ -30,6 +30,9 @@ class Phi3Generator:
             ``tokenizer_repo_id`` if given, else the one beside a local model, else the
             tokenizer of ``microsoft/Phi-3-mini-4k-instruct``.
         progress: Show a download progress bar on stderr when a file is fetched.
+        n_threads: Threads for the CPU kernels; None means one per physical core. Candle's
+            thread pools are process-wide and sized once: the first generator sets the count,
+            and a later one asking for another raises InvalidArgumentError.
 
     Raises:
         ModelLoadError: The model file is missing, not a valid ``phi3`` GGUF, or cannot be
@@ -49,10 +52,11 @@ class Phi3Generator:
         tokenizer_repo_id: str | None = None,
         tokenizer_revision: str = "main",
         progress: bool = False,
+        n_threads: int | None = None,
     ) -> Self: ...
     def generate(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
         max_tokens: int | None = 256,
         temperature: float = 0.8,
@@ -63,11 +67,13 @@ class Phi3Generator:
         repeat_last_n: int = 64,
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
     ) -> TokenStream:
         """Start generating from ``prompt``; iterate the stream for the text.
 
-        The prompt is raw text: special-token text such as ``<|user|>`` becomes its control
-        token. Nothing is computed until the stream is iterated.
+        The prompt is raw text, in which special-token text such as ``<|user|>`` becomes its
+        control token, or a list of token ids taken as they are. Nothing is computed until
+        the stream is iterated.
 
         Args:
             max_tokens: Most tokens to generate; None fills the rest of the context.
@@ -80,6 +86,7 @@ class Phi3Generator:
             stop: Strings that end generation. The text ends just before the first one,
                 which is never yielded, not even in part.
             stop_token_ids: Token ids that end generation besides the model's end tokens.
+            ignore_eos: Generate past the model's end tokens (for benchmarks).
 
         Raises:
             InvalidArgumentError: An argument is out of range or of the wrong type.
@@ -99,6 +106,7 @@ class Phi3Generator:
         repeat_last_n: int = 64,
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
     ) -> TokenStream:
         """Start the assistant's reply to a conversation.
 
@@ -153,6 +161,10 @@ class Phi3Generator:
     @property
     def tokenizer_path(self) -> Path:
         """Local path of the tokenizer.json in use."""
+
+    @property
+    def n_threads(self) -> int:
+        """Threads the CPU kernels run on."""
 
     @property
     def load_time(self) -> float:

@@ -63,7 +63,7 @@ converters! {
     repeat_last_n: i64 = "repeat_last_n", "an int >= 0";
     stop_token_ids: Option<Vec<i64>> = "stop_token_ids", "a list of token ids (ints) or None";
     token_ids: Vec<i64> = "token_ids", "a list of token ids (ints)";
-    prompt: String = "prompt", "a str";
+
     text: String = "text", "a str";
     token: String = "token", "a str";
     skip_special_tokens: bool = "skip_special_tokens", "a bool";
@@ -78,6 +78,8 @@ converters! {
     tokenizer_repo_id: Option<String> = "tokenizer_repo_id", "a str or None";
     tokenizer_revision: String = "tokenizer_revision", "a str";
     progress: bool = "progress", "a bool";
+    n_threads: Option<i64> = "n_threads", "an int >= 1 or None";
+    ignore_eos: bool = "ignore_eos", "a bool";
 }
 
 /// A non-negative integer as `usize`, or the named `InvalidArgumentError`.
@@ -191,6 +193,21 @@ pub(crate) struct GenerationArgs {
     pub repeat_last_n: i64,
     pub stop: Option<Vec<String>>,
     pub stop_token_ids: Option<Vec<i64>>,
+    pub ignore_eos: bool,
+}
+
+/// A prompt: text, or token ids taken as they are.
+pub(crate) enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+pub(crate) fn prompt(obj: &Bound<'_, PyAny>) -> PyResult<Prompt> {
+    if let Ok(text) = obj.cast::<PyString>() {
+        return Ok(Prompt::Text(text.to_str()?.to_string()));
+    }
+    let ids: Vec<i64> = extract(obj, "prompt", "a str, or a list of token ids")?;
+    token_id_list(obj.py(), ids, "prompt").map(Prompt::Ids)
 }
 
 impl GenerationArgs {
@@ -255,6 +272,7 @@ impl GenerationArgs {
                 "stop_token_ids",
             )?,
             stop: self.stop.unwrap_or_default(),
+            ignore_eos: self.ignore_eos,
         })
     }
 }

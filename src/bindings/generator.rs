@@ -27,7 +27,7 @@ impl PyPhi3Generator {
     #[pyo3(text_signature = "(model=None, *, tokenizer=None, \
         repo_id='microsoft/Phi-3-mini-4k-instruct-gguf', \
         filename='Phi-3-mini-4k-instruct-q4.gguf', revision='main', tokenizer_repo_id=None, \
-        tokenizer_revision='main', progress=False)")]
+        tokenizer_revision='main', progress=False, n_threads=None)")]
     #[pyo3(signature = (
         model = None,
         *,
@@ -38,6 +38,7 @@ impl PyPhi3Generator {
         tokenizer_repo_id = None,
         tokenizer_revision = DEFAULT_REVISION.to_string(),
         progress = false,
+        n_threads = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -50,7 +51,11 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::tokenizer_repo_id)] tokenizer_repo_id: Option<String>,
         #[pyo3(from_py_with = args::tokenizer_revision)] tokenizer_revision: String,
         #[pyo3(from_py_with = args::progress)] progress: bool,
+        #[pyo3(from_py_with = args::n_threads)] n_threads: Option<i64>,
     ) -> PyResult<Self> {
+        let n_threads = n_threads
+            .map(|n| args::non_negative(py, n, "n_threads", "It must be at least 1, or None"))
+            .transpose()?;
         let model = match model {
             Some(path) => ModelSource::Local(path),
             None => ModelSource::Hub(HubFile::new(&repo_id, &filename, &revision)),
@@ -65,18 +70,19 @@ impl PyPhi3Generator {
             (None, None) => None,
         };
         let engine = py
-            .detach(|| Engine::load(&model, tokenizer.as_ref(), progress))
+            .detach(|| Engine::load(&model, tokenizer.as_ref(), progress, n_threads))
             .py_err(py)?;
         Ok(Self {
             engine: Arc::new(engine),
         })
     }
 
-    /// Starts generating from `prompt` (raw text: special-token text such as `<|user|>`
-    /// becomes the control token). Nothing is computed until the stream is iterated.
+    /// Starts generating from `prompt`: raw text (special-token text such as `<|user|>`
+    /// becomes the control token), or token ids. Nothing is computed until iterated.
     #[pyo3(
         text_signature = "(self, /, prompt, *, max_tokens=256, temperature=0.8, top_p=0.95, \
-        top_k=40, seed=None, repeat_penalty=1.1, repeat_last_n=64, stop=None, stop_token_ids=None)"
+        top_k=40, seed=None, repeat_penalty=1.1, repeat_last_n=64, stop=None, stop_token_ids=None, \
+        ignore_eos=False)"
     )]
     #[pyo3(signature = (
         prompt,
@@ -90,12 +96,13 @@ impl PyPhi3Generator {
         repeat_last_n = 64,
         stop = None,
         stop_token_ids = None,
+        ignore_eos = false,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
         py: Python<'_>,
-        #[pyo3(from_py_with = args::prompt)] prompt: String,
+        #[pyo3(from_py_with = args::prompt)] prompt: args::Prompt,
         #[pyo3(from_py_with = args::max_tokens)] max_tokens: Option<i64>,
         #[pyo3(from_py_with = args::temperature)] temperature: f64,
         #[pyo3(from_py_with = args::top_p)] top_p: Option<f64>,
@@ -105,6 +112,7 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::repeat_last_n)] repeat_last_n: i64,
         #[pyo3(from_py_with = args::stop)] stop: Option<Vec<String>>,
         #[pyo3(from_py_with = args::stop_token_ids)] stop_token_ids: Option<Vec<i64>>,
+        #[pyo3(from_py_with = args::ignore_eos)] ignore_eos: bool,
     ) -> PyResult<PyTokenStream> {
         let params = args::GenerationArgs {
             max_tokens,
@@ -116,10 +124,14 @@ impl PyPhi3Generator {
             repeat_last_n,
             stop,
             stop_token_ids,
+            ignore_eos,
         }
         .into_params(py)?;
         let generation = py
-            .detach(|| self.engine.generate(&prompt, &params))
+            .detach(|| match prompt {
+                args::Prompt::Text(text) => self.engine.generate(&text, &params),
+                args::Prompt::Ids(ids) => self.engine.generate_ids(ids, &params),
+            })
             .py_err(py)?;
         Ok(PyTokenStream::new(generation))
     }
@@ -128,7 +140,8 @@ impl PyPhi3Generator {
     /// model's chat format. Message text never becomes a control token.
     #[pyo3(
         text_signature = "(self, /, messages, *, max_tokens=256, temperature=0.8, top_p=0.95, \
-        top_k=40, seed=None, repeat_penalty=1.1, repeat_last_n=64, stop=None, stop_token_ids=None)"
+        top_k=40, seed=None, repeat_penalty=1.1, repeat_last_n=64, stop=None, stop_token_ids=None, \
+        ignore_eos=False)"
     )]
     #[pyo3(signature = (
         messages,
@@ -142,6 +155,7 @@ impl PyPhi3Generator {
         repeat_last_n = 64,
         stop = None,
         stop_token_ids = None,
+        ignore_eos = false,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn chat(
@@ -157,6 +171,7 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::repeat_last_n)] repeat_last_n: i64,
         #[pyo3(from_py_with = args::stop)] stop: Option<Vec<String>>,
         #[pyo3(from_py_with = args::stop_token_ids)] stop_token_ids: Option<Vec<i64>>,
+        #[pyo3(from_py_with = args::ignore_eos)] ignore_eos: bool,
     ) -> PyResult<PyTokenStream> {
         let params = args::GenerationArgs {
             max_tokens,
@@ -168,6 +183,7 @@ impl PyPhi3Generator {
             repeat_last_n,
             stop,
             stop_token_ids,
+            ignore_eos,
         }
         .into_params(py)?;
         let generation = py
@@ -270,6 +286,12 @@ impl PyPhi3Generator {
     #[getter]
     fn tokenizer_path(&self) -> PathBuf {
         self.engine.tokenizer().path().to_path_buf()
+    }
+
+    /// Threads the CPU kernels run on (process-wide; one per physical core by default).
+    #[getter]
+    fn n_threads(&self) -> usize {
+        self.engine.threads()
     }
 
     /// Seconds spent resolving and loading the model and tokenizer.
