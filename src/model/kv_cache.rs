@@ -3,8 +3,9 @@
 
 use candle_core::{Result, Tensor};
 
-/// Smallest allocation, in tokens; growth then doubles, capped at the context length.
-const MIN_CAPACITY: usize = 64;
+/// First allocation, in tokens (or the whole span if shorter); growth then doubles, capped
+/// at the span, so a typical request allocates once and a long one copies O(log n) times.
+const FIRST_CAPACITY: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct KvCache {
@@ -61,7 +62,7 @@ impl KvCache {
     fn grow(&mut self, k: &Tensor, v: &Tensor, needed: usize) -> Result<()> {
         let capacity = needed
             .max(2 * self.capacity())
-            .max(MIN_CAPACITY)
+            .max(FIRST_CAPACITY)
             .min(self.max_len);
         let (b, h, _, d) = k.dims4()?;
         let new_k = Tensor::zeros((b, h, capacity, d), k.dtype(), k.device())?;

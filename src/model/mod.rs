@@ -1,6 +1,7 @@
 //! Loading a `phi3` GGUF: header checks, hyperparameters, weights, and the forward pass.
 
 mod config;
+mod embedding;
 mod gguf;
 mod kv_cache;
 mod phi3;

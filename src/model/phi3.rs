@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::RmsNorm;
 
 use super::config::Phi3Config;
+use super::embedding::Embedding;
 use super::kv_cache::KvCache;
 use super::rope::{RopeFactors, RotaryEmbedding};
 
@@ -29,7 +30,7 @@ struct Layer {
 #[derive(Debug)]
 pub struct Phi3Weights {
     pub config: Phi3Config,
-    embeddings: Tensor,
+    embeddings: Embedding,
     layers: Vec<Layer>,
     output_norm: RmsNorm,
     output: QMatMul,
@@ -47,11 +48,10 @@ pub const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
 
 impl Phi3Weights {
     pub fn load(config: Phi3Config, source: &mut impl TensorSource) -> crate::Result<Self> {
-        let device = Device::Cpu;
-        let token_embd = source.tensor("token_embd.weight")?;
-        let embeddings = token_embd.dequantize(&device).map_err(build_error)?;
+        let token_embd = Arc::new(source.tensor("token_embd.weight")?);
+        let embeddings = Embedding::new(Arc::clone(&token_embd)).map_err(build_error)?;
         let output = if config.tied_embeddings {
-            QMatMul::from_qtensor(token_embd).map_err(build_error)?
+            QMatMul::from_arc(token_embd).map_err(build_error)?
         } else {
             drop(token_embd);
             matmul(source, "output.weight")?
@@ -131,8 +131,9 @@ impl Phi3Model {
     pub fn new(weights: Arc<Phi3Weights>, span: usize) -> Result<Self> {
         let config = &weights.config;
         let rope = RotaryEmbedding::new(config, weights.rope_factors.as_ref(), span, &Device::Cpu)?;
+        // The cache never needs more than the sequence's span.
         let caches = (0..config.num_layers)
-            .map(|_| KvCache::new(config.context_length))
+            .map(|_| KvCache::new(span.min(config.context_length)))
             .collect();
         Ok(Self {
             weights,
@@ -190,9 +191,8 @@ impl Phi3Model {
                 config.vocab_size
             )
         }
-        let device = weights.embeddings.device();
-        let ids = Tensor::new(tokens, device)?;
-        let mut xs = weights.embeddings.index_select(&ids, 0)?.unsqueeze(0)?;
+        let device = &Device::Cpu;
+        let mut xs = weights.embeddings.lookup(tokens)?.unsqueeze(0)?;
         let mask = attention_mask(tokens.len(), offset, config.sliding_window, device)?;
         let (cos, sin) = self.rope.tables(offset, tokens.len())?;
         let rope = Rope {

@@ -135,17 +135,26 @@ fn sliding_window_changes_only_far_positions() {
 }
 
 #[test]
-fn kv_cache_grows_with_use_and_stops_at_the_context() {
-    let cfg = config();
-    let per_token = cfg.kv_bytes_per_token();
-    let mut m = model(cfg.clone(), GgmlDType::Q8_0);
+fn kv_cache_is_bounded_by_the_span_and_grows_with_use() {
+    let short = config();
+    let per_token = short.kv_bytes_per_token();
+    let mut m = model(short.clone(), GgmlDType::Q8_0);
     assert_eq!(m.kv_cache_bytes(), 0);
-    m.forward(&tokens(10, cfg.vocab_size)).unwrap();
-    assert_eq!(m.kv_cache_bytes(), 64 * per_token);
-    m.forward(&tokens(100, cfg.vocab_size)).unwrap();
-    assert_eq!(m.kv_cache_bytes(), 128 * per_token); // 110 tokens: doubled from 64
-    m.forward(&tokens(190, cfg.vocab_size)).unwrap();
-    assert_eq!(m.kv_cache_bytes(), cfg.context_length * per_token);
+    m.forward(&tokens(10, short.vocab_size)).unwrap();
+    assert_eq!(m.kv_cache_bytes(), short.context_length * per_token); // the whole (short) span
+
+    let long = Phi3Config {
+        context_length: 3000,
+        ..config()
+    };
+    let mut m = model(long.clone(), GgmlDType::Q8_0);
+    m.forward(&tokens(10, long.vocab_size)).unwrap();
+    assert_eq!(m.kv_cache_bytes(), 1024 * per_token);
+    m.forward(&tokens(1100, long.vocab_size)).unwrap();
+    assert_eq!(m.kv_cache_bytes(), 2048 * per_token);
+    m.forward(&tokens(1000, long.vocab_size)).unwrap();
+    assert_eq!(m.kv_cache_bytes(), 3000 * per_token); // doubling stops at the span
+    m.forward(&tokens(890, long.vocab_size)).unwrap(); // 3000 tokens: the span is full
     let err = m.forward(&[1]).unwrap_err().to_string();
     assert!(err.contains("context length"), "{err}");
 }
