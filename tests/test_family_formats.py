@@ -60,17 +60,7 @@ def chatml_tokenizer(tokenizer_path: Path, tmp_path: Path) -> Path:
     ):
         old = next(k for k, v in vocab.items() if v == token_id)
         vocab[content] = vocab.pop(old)
-        data["added_tokens"].append(
-            {
-                "id": token_id,
-                "content": content,
-                "single_word": False,
-                "lstrip": False,
-                "rstrip": False,
-                "normalized": False,
-                "special": True,
-            }
-        )
+        data["added_tokens"].append(fx.added_token(token_id, content))
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(data))
     return path

@@ -225,17 +225,7 @@ def test_invalid_tokenizer(model_path: Path, tmp_path: Path) -> None:
 
 def test_tokenizer_of_another_model(model_path: Path, tokenizer_path: Path, tmp_path: Path) -> None:
     data = json.loads(tokenizer_path.read_text())
-    data["added_tokens"].append(
-        {
-            "id": 40000,
-            "content": "<|im_end|>",
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": True,
-        }
-    )
+    data["added_tokens"].append(fx.added_token(40000, "<|im_end|>"))
     other = tmp_path / "tokenizer.json"
     other.write_text(json.dumps(data))
     with pytest.raises(TokenizerError, match="does not match the model"):

@@ -12,6 +12,7 @@ use super::stream::PyTokenStream;
 use crate::chat::ChatMessage;
 use crate::engine::{Engine, ModelSource};
 use crate::error::Error;
+use crate::generation::Generation;
 use crate::source::{
     HubFile, DEFAULT_MODEL_FILE, DEFAULT_MODEL_REPO, DEFAULT_REVISION, DEFAULT_TOKENIZER_FILE,
 };
@@ -19,6 +20,18 @@ use crate::source::{
 #[pyclass(module = "candle_phi", name = "Phi3Generator", frozen)]
 pub struct PyPhi3Generator {
     engine: Arc<Engine>,
+}
+
+impl PyPhi3Generator {
+    /// Prepares a generation with the GIL released (tokenizing and checks included).
+    fn start(
+        &self,
+        py: Python<'_>,
+        prepare: impl FnOnce(&Engine) -> crate::Result<Generation> + Send,
+    ) -> PyResult<PyTokenStream> {
+        let generation = py.detach(|| prepare(&self.engine)).py_err(py)?;
+        Ok(PyTokenStream::new(generation))
+    }
 }
 
 #[pymethods]
@@ -127,13 +140,10 @@ impl PyPhi3Generator {
             ignore_eos,
         }
         .into_params(py)?;
-        let generation = py
-            .detach(|| match prompt {
-                args::Prompt::Text(text) => self.engine.generate(&text, &params),
-                args::Prompt::Ids(ids) => self.engine.generate_ids(ids, &params),
-            })
-            .py_err(py)?;
-        Ok(PyTokenStream::new(generation))
+        self.start(py, |engine| match prompt {
+            args::Prompt::Text(text) => engine.generate(&text, &params),
+            args::Prompt::Ids(ids) => engine.generate_ids(ids, &params),
+        })
     }
 
     /// Starts the assistant's reply to `messages` (dicts with `role` and `content`), in the
@@ -186,10 +196,7 @@ impl PyPhi3Generator {
             ignore_eos,
         }
         .into_params(py)?;
-        let generation = py
-            .detach(|| self.engine.chat(&messages, &params))
-            .py_err(py)?;
-        Ok(PyTokenStream::new(generation))
+        self.start(py, |engine| engine.chat(&messages, &params))
     }
 
     /// The prompt text the model's chat template makes of `messages`.
