@@ -1,0 +1,314 @@
+"""candle-phi against llama.cpp (llama-cpp-python) on the same GGUF, in the same run.
+
+    pip install llama-cpp-python          # from source: native CPU flags
+    python bench/bench.py                 # 5 runs, 2 threads; writes bench/.out/
+    python bench/bench.py --runs 7 --threads 2 --rust-loop
+
+The model has Phi-3-mini-4k-instruct's exact shapes (vocab 32064, hidden 3072, 32 layers, 32
+heads, feed-forward 8192, context 4096) and the tensor-type mix of llama.cpp's Q4_K_M, as in
+the published q4 file, with random weights (built once, deterministically, ~2.2 GB). Each
+engine runs in a fresh subprocess per run (cold load, its own peak RSS); runs alternate
+between the engines. Figures: median (min-max) over the runs, and candle-phi / llama.cpp.
+Decode ignores end tokens. This is not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / ".out"
+sys.path.insert(0, str(HERE.parent / "tests" / "fixtures"))
+
+PHI3_MINI = {
+    "hidden_size": 3072,
+    "num_layers": 32,
+    "num_heads": 32,
+    "num_kv_heads": 32,
+    "intermediate_size": 8192,
+    "context_length": 4096,
+}
+PROMPT_SIZES = (128, 512)
+DECODE_TOKENS = 64
+
+
+def q4_k_m_types(num_layers: int) -> dict[str, str]:
+    """llama.cpp's Q4_K_M choices for a phi3 model (fused QKV, fused gate/up)."""
+    types = {"output.weight": "Q6_K"}
+
+    def more_bits(i: int) -> bool:  # llama.cpp's use_more_bits()
+        n = num_layers
+        return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+    for i in range(num_layers):
+        types[f"blk.{i}.attn_qkv.weight"] = "Q5_K"
+        types[f"blk.{i}.ffn_down.weight"] = "Q6_K" if more_bits(i) else "Q4_K"
+    return types  # everything else: Q4_K
+
+
+def make_model() -> tuple[Path, Path]:
+    import phi3_fixtures as fx
+
+    OUT.mkdir(exist_ok=True)
+    model, tokenizer = OUT / "phi3-mini-shapes-q4_k_m.gguf", OUT / "tokenizer.json"
+    if not tokenizer.exists():
+        fx.write_tokenizer_json(tokenizer)
+    if not model.exists():
+        print(f"writing {model.name} (once) ...", file=sys.stderr)
+        config = fx.TinyPhi3Config(**PHI3_MINI)  # type: ignore[arg-type]
+        partial = model.with_suffix(".partial")
+        fx.write_phi3_gguf(
+            partial,
+            config,
+            seed=0,
+            weight_type="Q4_K",
+            tensor_types=q4_k_m_types(config.num_layers),
+        )
+        partial.rename(model)
+    return model, tokenizer
+
+
+def weight_bytes_per_token(model: Path) -> int:
+    """Bytes of weights a decode step reads: every matrix but the embedding (a row lookup)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(model)
+    return sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+
+
+def memory_bandwidth(threads: int) -> float:
+    """Read bandwidth in bytes/s with `threads` threads (NumPy releases the GIL in sums):
+    the best of several passes over a 1 GiB buffer split between them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = np.ones(1 << 27, dtype=np.float64)
+    parts = np.array_split(data, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(7):
+            start = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
+
+
+def prompt_ids(n: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(1).integers(300, 32000, n)]
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def work_candle(model: Path, tokenizer: Path, threads: int) -> dict[str, float]:
+    from candle_phi import Phi3Generator
+
+    start = time.perf_counter()
+    gen = Phi3Generator(model, tokenizer=tokenizer, n_threads=threads)
+    result = {"load_s": time.perf_counter() - start}
+    greedy: dict[str, Any] = {"temperature": 0.0, "ignore_eos": True, "repeat_penalty": 1.0}
+    for n in PROMPT_SIZES:
+        stream = gen.generate(prompt_ids(n), max_tokens=1, **greedy)
+        start = time.perf_counter()
+        next(stream)
+        result[f"ttft{n}_s"] = time.perf_counter() - start
+        result[f"pp{n}_tps"] = n / result[f"ttft{n}_s"]
+    stream = gen.generate(prompt_ids(16), max_tokens=DECODE_TOKENS + 1, **greedy)
+    next(stream)  # the first token comes with the prompt
+    start = time.perf_counter()
+    for _ in stream:
+        pass
+    result["decode_tps"] = DECODE_TOKENS / (time.perf_counter() - start)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def work_llama(model: Path, tokenizer: Path, threads: int) -> dict[str, float]:
+    from llama_cpp import Llama
+
+    start = time.perf_counter()
+    llm = Llama(
+        str(model),
+        n_ctx=1024,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    result = {"load_s": time.perf_counter() - start}
+    for n in PROMPT_SIZES:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt_ids(n))
+        int(np.argmax(llm.scores[llm.n_tokens - 1]))  # the first token, as TTFT counts it
+        result[f"ttft{n}_s"] = time.perf_counter() - start
+        result[f"pp{n}_tps"] = n / result[f"ttft{n}_s"]
+    llm.reset()
+    llm.eval(prompt_ids(16))
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    start = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    result["decode_tps"] = DECODE_TOKENS / (time.perf_counter() - start)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+WORKERS = {"candle-phi": work_candle, "llama.cpp": work_llama}
+
+
+def run_worker(engine: str, model: Path, tokenizer: Path, threads: int) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            engine,
+            "--model",
+            str(model),
+            "--tokenizer",
+            str(tokenizer),
+            "--threads",
+            str(threads),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1800,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def run_rust_loop(model: Path, tokenizer: Path, threads: int) -> float:
+    """Decode tokens/s of the engine driven from Rust, with no Python per token."""
+    out = subprocess.run(
+        [
+            "cargo",
+            "run",
+            "--quiet",
+            "--release",
+            "--example",
+            "decode",
+            "--",
+            str(model),
+            str(tokenizer),
+            str(DECODE_TOKENS),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=HERE.parent,
+        timeout=3600,
+        env={**os.environ, "CANDLE_NUM_THREADS": str(threads), "RAYON_NUM_THREADS": str(threads)},
+    )
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["decode_tps"])
+
+
+# --------------------------------------------------------------------------- report
+
+METRICS = [
+    ("load_s", "load time (s)", False),
+    ("pp128_tps", "prompt 128 tokens (tokens/s)", True),
+    ("pp512_tps", "prompt 512 tokens (tokens/s)", True),
+    ("ttft128_s", "time to first token, 128-token prompt (s)", False),
+    ("decode_tps", f"decode, {DECODE_TOKENS} tokens (tokens/s)", True),
+    ("peak_rss_mb", "peak RSS (MiB)", False),
+]
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    flags: set[str] = set()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown CPU":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    simd = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags)
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.machine()} [{simd}]"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-llama", action="store_true")
+    parser.add_argument("--rust-loop", action="store_true", help="also time a pure-Rust decode")
+    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args.model, args.tokenizer, args.threads)))
+        return 0
+
+    model, tokenizer = make_model()
+    engines = ["candle-phi"] if args.skip_llama else ["candle-phi", "llama.cpp"]
+    results: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
+    for run in range(args.runs):
+        for engine in engines if run % 2 == 0 else engines[::-1]:
+            results[engine].append(run_worker(engine, model, tokenizer, args.threads))
+            print(f"run {run + 1}/{args.runs} {engine}: {results[engine][-1]}", file=sys.stderr)
+
+    size = model.stat().st_size
+    per_token = weight_bytes_per_token(model)
+    bandwidth = memory_bandwidth(args.threads)
+    lines = [
+        f"Machine: {machine()}; {args.threads} threads; {args.runs} runs; "
+        f"model {size / 2**30:.2f} GiB (Phi-3-mini shapes, Q4_K_M mix, random weights).",
+        "",
+        "| metric | candle-phi | llama.cpp | candle-phi / llama.cpp |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, label, _ in METRICS:
+        ours = [r[key] for r in results["candle-phi"]]
+        theirs = [r[key] for r in results.get("llama.cpp", [])]
+        ratio = f"{statistics.median(ours) / statistics.median(theirs):.2f}" if theirs else "-"
+        lines.append(
+            f"| {label} | {summary(ours)} | {summary(theirs) if theirs else '-'} | {ratio} |"
+        )
+    kv_mb = 2 * 32 * 32 * 96 * 4 * (512 + 1) / 2**20
+    lines += [
+        "",
+        f"Decode bound from memory bandwidth: {per_token / 2**20:.0f} MiB of weights read per "
+        f"token / {bandwidth / 2**30:.1f} GiB/s ({args.threads}-thread read of a 1 GiB buffer) = "
+        f"{bandwidth / per_token:.2f} tokens/s. RSS budget (issue target): GGUF "
+        f"{size / 2**20:.0f} MiB x 1.15 + KV cache of the 513-token prompt {kv_mb:.0f} MiB = "
+        f"{size / 2**20 * 1.15 + kv_mb:.0f} MiB.",
+    ]
+    if args.rust_loop:
+        # Interleaved with Python runs of the same decode, so both see the same conditions.
+        rust, python = [], []
+        for _ in range(args.runs):
+            rust.append(run_rust_loop(model, tokenizer, args.threads))
+            python.append(run_worker("candle-phi", model, tokenizer, args.threads)["decode_tps"])
+        r, p = statistics.median(rust), statistics.median(python)
+        lines.append(
+            f"Python iterator vs pure-Rust loop (decode, {args.runs} interleaved runs each): "
+            f"{summary(python)} vs {summary(rust)} tokens/s, {(1 - p / r) * 100:+.1f}% cost."
+        )
+    report = "\n".join(lines)
+    print(report)
+    (OUT / "latest.md").write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
