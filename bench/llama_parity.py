@@ -42,6 +42,10 @@ CONFIGS = {
         tied_embeddings=True,
         original_context_length=64,
         rope_factors=True,
+        # Written by llama.cpp's converter for every LongRoPE model. Without the key llama.cpp
+        # applies no attention factor, while candle-phi derives it as Hugging Face does
+        # (sqrt(1 + ln(256/64) / ln(64)) here): logits then differ by up to ~10.
+        rope_attn_factor=1.1547,
     ),
 }
 
