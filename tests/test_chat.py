@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,3 +112,25 @@ def test_malformed_messages(generator: Phi3Generator, messages: Any, match: str)
         generator.chat(messages)
     with pytest.raises(InvalidArgumentError, match=match):
         generator.apply_chat_template(messages)
+
+
+def test_rstrip_special_tokens_as_in_the_real_phi3_tokenizer(
+    tokenizer_path: Path, model_path: Path, tmp_path: Path
+) -> None:
+    # Phi-3's own tokenizer.json marks its chat tokens rstrip=true: they swallow the
+    # whitespace after them. The injection-safe encoding must agree with a plain encode.
+    data = json.loads(tokenizer_path.read_text())
+    for token in data["added_tokens"]:
+        if token["id"] >= ASSISTANT:
+            token["rstrip"] = True
+    rstrip = tmp_path / "tokenizer.json"
+    rstrip.write_text(json.dumps(data))
+    gen = Phi3Generator(model_path, tokenizer=rstrip)
+    messages: list[ChatMessage] = [
+        {"role": "system", "content": " You are a poet. "},
+        {"role": "user", "content": "\n Hi there \n"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "  again"},
+    ]
+    ids = gen.chat(messages, max_tokens=0).prompt_token_ids
+    assert ids == gen.tokenize(gen.apply_chat_template(messages))
