@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{Error, Result};
 use crate::generation::{Generation, GenerationParams};
-use crate::model::{self, ModelMetadata, Phi3Config, Phi3Model, Phi3Weights};
+use crate::model::{self, Phi3Config, Phi3Model, Phi3Weights};
 use crate::source::{HubFile, DEFAULT_REVISION, DEFAULT_TOKENIZER_FILE, DEFAULT_TOKENIZER_REPO};
 use crate::tokenizer::Phi3Tokenizer;
 
@@ -64,7 +64,6 @@ pub struct Engine {
     /// The GGUF's template, or why it cannot be used (reported when chat is used, so that a
     /// template minijinja cannot compile does not stop raw-prompt generation).
     chat_template: std::result::Result<ChatTemplate, String>,
-    metadata: ModelMetadata,
     model_path: PathBuf,
     load_time: Duration,
     threads: usize,
@@ -104,7 +103,6 @@ impl Engine {
             weights: loaded.weights,
             tokenizer: Arc::new(tokenizer),
             chat_template,
-            metadata: loaded.metadata,
             model_path,
             load_time: start.elapsed(),
             threads,
@@ -117,10 +115,6 @@ impl Engine {
 
     pub fn tokenizer(&self) -> &Arc<Phi3Tokenizer> {
         &self.tokenizer
-    }
-
-    pub fn metadata(&self) -> &ModelMetadata {
-        &self.metadata
     }
 
     pub fn model_path(&self) -> &Path {

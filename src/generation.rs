@@ -266,7 +266,7 @@ impl Generation {
 
     /// Passes decoded text through the stop strings.
     fn release(&mut self, text: String) -> Step {
-        match self.stop.push(&text) {
+        match self.stop.push(text) {
             StopOutcome::Continue(text) if text.is_empty() => Step::Working,
             StopOutcome::Continue(text) => Step::Text(text),
             StopOutcome::Stopped(text) => {
@@ -287,7 +287,7 @@ impl Generation {
         self.done = true;
         let mut out = String::new();
         if let Some(rest) = self.text.finish()? {
-            match self.stop.push(&rest) {
+            match self.stop.push(rest) {
                 StopOutcome::Continue(text) => out.push_str(&text),
                 StopOutcome::Stopped(text) => {
                     self.stats.finish_reason = Some(FinishReason::Stop);

@@ -32,15 +32,12 @@ impl StopStrings {
         })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.stops.is_empty()
-    }
-
-    pub fn push(&mut self, text: &str) -> StopOutcome {
+    pub fn push(&mut self, text: String) -> StopOutcome {
+        // Without stop strings the text passes through untouched: no copy per token.
         if self.stops.is_empty() {
-            return StopOutcome::Continue(text.to_string());
+            return StopOutcome::Continue(text);
         }
-        self.held.push_str(text);
+        self.held.push_str(&text);
         // Any stop string lies wholly inside `held`: text is released only once no suffix
         // of it can begin a stop string.
         let first_match = self
@@ -86,7 +83,7 @@ mod tests {
         let mut s = StopStrings::new(stops.iter().map(|s| s.to_string()).collect()).unwrap();
         let mut out = Vec::new();
         for piece in pieces {
-            match s.push(piece) {
+            match s.push(piece.to_string()) {
                 StopOutcome::Continue(t) => out.push(t),
                 StopOutcome::Stopped(t) => {
                     out.push(t);

@@ -142,10 +142,6 @@ impl Phi3Model {
         })
     }
 
-    pub fn config(&self) -> &Phi3Config {
-        &self.weights.config
-    }
-
     /// How many tokens the model has seen: the position of the next token.
     pub fn position(&self) -> usize {
         self.caches.first().map_or(0, KvCache::len)
