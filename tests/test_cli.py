@@ -104,6 +104,15 @@ def test_chat_repl(hello: list[str]) -> None:
     assert "hot" in result.stderr
 
 
+def test_failed_turn_writes_nothing_to_stdout(hello: list[str]) -> None:
+    # max_tokens past the context: ContextLengthError for that turn only.
+    session = "/set max_tokens 100000\nHi\n/set max_tokens 20\nHi\n"
+    result = cli(*hello, "--chat", "--temperature", "0", stdin=session)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello world\n"
+    assert "context length" in result.stderr
+
+
 def test_repl_ends_at_eof(hello: list[str]) -> None:
     result = cli(*hello, "--chat", stdin="Hi\n")
     assert result.returncode == 0

@@ -208,23 +208,27 @@ def chat(generator: Phi3Generator, args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": text})
         reply: list[str] = []
+        error: CandlePhiError | None = None
+        stream: TokenStream | None = None
         try:
             stream = generator.chat([*system_messages(system), *history], stop=stops, **params)
             for piece in stream:
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-            if args.verbose:
-                report(stream, generator)
         except KeyboardInterrupt:
             pass  # stops this reply only; what was shown stays in the conversation
         except CandlePhiError as err:
-            history.pop()
-            print(f"candle-phi: error: {err}", file=sys.stderr)
-            continue
-        finally:
-            sys.stdout.write("\n")
+            error = err
+        if reply or error is None:
+            sys.stdout.write("\n")  # ends the reply's line; stdout holds replies only
             sys.stdout.flush()
+        if error is not None:
+            history.pop()
+            print(f"candle-phi: error: {error}", file=sys.stderr)
+            continue
+        if args.verbose and stream is not None:
+            report(stream, generator)
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
