@@ -169,7 +169,12 @@ def work_llama(model: Path, tokenizer: Path, threads: int) -> dict[str, float]:
 WORKERS = {"candle-phi": work_candle, "llama.cpp": work_llama}
 
 
-def run_worker(engine: str, model: Path, tokenizer: Path, threads: int) -> dict[str, float]:
+def run_worker(
+    engine: str, model: Path, tokenizer: Path, threads: int, kernels: str | None = None
+) -> dict[str, float]:
+    env = dict(os.environ)
+    if kernels:
+        env["CANDLE_PHI_KERNELS"] = kernels
     out = subprocess.run(
         [
             sys.executable,
@@ -187,6 +192,7 @@ def run_worker(engine: str, model: Path, tokenizer: Path, threads: int) -> dict[
         text=True,
         check=True,
         timeout=1800,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -245,12 +251,44 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.machine()} [{simd}]"
 
 
+def kernel_table(
+    variants: list[str], model: Path, tokenizer: Path, threads: int, runs: int
+) -> list[str]:
+    """candle-phi with each matmul kernel variant, runs interleaved, ratios to the first."""
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for run in range(runs):
+        for variant in variants if run % 2 == 0 else variants[::-1]:
+            results[variant].append(run_worker("candle-phi", model, tokenizer, threads, variant))
+            print(f"run {run + 1}/{runs} kernels={variant}: {results[variant][-1]}", file=sys.stderr)
+    first = variants[0]
+    lines = [
+        "",
+        f"Kernel variants (CANDLE_PHI_KERNELS), median of {runs} runs, ratio to {first}:",
+        "",
+        "| metric | " + " | ".join(variants) + " |",
+        "| --- |" + " --- |" * len(variants),
+    ]
+    for key, label, _ in METRICS:
+        base = statistics.median(r[key] for r in results[first])
+        cells = []
+        for v in variants:
+            med = statistics.median(r[key] for r in results[v])
+            cells.append(f"{med:.2f}" + ("" if v == first else f" ({med / base:.2f}x)"))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-llama", action="store_true")
     parser.add_argument("--rust-loop", action="store_true", help="also time a pure-Rust decode")
+    parser.add_argument(
+        "--kernels",
+        help="also compare candle-phi's matmul kernels, e.g. avx-vnni,avx2,candle "
+        "(CANDLE_PHI_KERNELS; 'candle' is Candle's own QMatMul)",
+    )
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
@@ -304,6 +342,8 @@ def main() -> int:
             f"Python iterator vs pure-Rust loop (decode, {args.runs} interleaved runs each): "
             f"{summary(python)} vs {summary(rust)} tokens/s, {(1 - p / r) * 100:+.1f}% cost."
         )
+    if args.kernels:
+        lines += kernel_table(args.kernels.split(","), model, tokenizer, args.threads, args.runs)
     report = "\n".join(lines)
     print(report)
     (OUT / "latest.md").write_text(report + "\n")

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod generation;
 pub mod model;
+pub mod quant;
 pub mod sampling;
 pub mod source;
 pub mod stop;

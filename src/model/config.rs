@@ -82,7 +82,7 @@ impl Phi3Config {
     }
 
     fn check(&self, file: &GgufFile) -> Result<()> {
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(invalid(
                 file,
                 "phi3.attention.head_count_kv",
@@ -92,14 +92,14 @@ impl Phi3Config {
                 ),
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(invalid(
                 file,
                 "phi3.attention.head_count",
                 &format!("the head size {} must be even and positive", self.head_dim),
             ));
         }
-        if self.rope_dim == 0 || self.rope_dim % 2 != 0 || self.rope_dim > self.head_dim {
+        if self.rope_dim == 0 || !self.rope_dim.is_multiple_of(2) || self.rope_dim > self.head_dim {
             return Err(invalid(
                 file,
                 "phi3.rope.dimension_count",

@@ -1,20 +1,21 @@
 //! Token embeddings kept quantized: a lookup dequantizes just the rows it needs, instead of
 //! holding the whole table in f32 (394 MB for Phi-3-mini, 1.2 GB for Phi-4-mini's vocabulary).
 
-use std::sync::Arc;
-
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
     BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType,
 };
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Result, Tensor};
+
+use crate::quant::{RawTensor, WeightBytes};
 
 #[derive(Debug)]
 pub enum Embedding {
     /// Rows dequantized on lookup.
     Quantized {
-        table: Arc<QTensor>,
+        table: WeightBytes,
+        dtype: GgmlDType,
         row_bytes: usize,
         width: usize,
     },
@@ -23,21 +24,27 @@ pub enum Embedding {
 }
 
 impl Embedding {
-    pub fn new(table: Arc<QTensor>) -> Result<Self> {
-        let (rows, width) = table.shape().dims2()?;
-        let dtype = table.dtype();
+    pub fn new(table: &RawTensor) -> Result<Self> {
+        let &[rows, width] = table.dims.as_slice() else {
+            candle_core::bail!(
+                "token_embd.weight has shape {:?}, not two dimensions",
+                table.dims
+            )
+        };
+        let dtype = table.dtype;
         if matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-            return Ok(Embedding::Dense(table.dequantize(&Device::Cpu)?));
+            return Ok(Embedding::Dense(
+                table.to_qtensor()?.dequantize(&Device::Cpu)?,
+            ));
         }
         let row_bytes = width / dtype.block_size() * dtype.type_size();
-        if table.storage_size_in_bytes() != rows * row_bytes {
-            candle_core::bail!(
-                "token_embd.weight: {} bytes for {rows} rows",
-                table.storage_size_in_bytes()
-            )
+        let bytes = table.bytes.as_bytes().len();
+        if bytes != rows * row_bytes {
+            candle_core::bail!("token_embd.weight: {bytes} bytes for {rows} rows")
         }
         Ok(Embedding::Quantized {
-            table,
+            table: table.bytes.clone(),
+            dtype,
             row_bytes,
             width,
         })
@@ -45,22 +52,23 @@ impl Embedding {
 
     /// The rows of `ids`, shape (ids, width).
     pub fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
-        let (table, row_bytes, width) = match self {
+        let (table, dtype, row_bytes, width) = match self {
             Embedding::Dense(t) => return t.index_select(&Tensor::new(ids, t.device())?, 0),
             Embedding::Quantized {
                 table,
+                dtype,
                 row_bytes,
                 width,
-            } => (table, *row_bytes, *width),
+            } => (table, *dtype, *row_bytes, *width),
         };
-        let data = table.data()?;
+        let data = table.as_bytes();
         let mut out = vec![0f32; ids.len() * width];
         for (&id, row) in ids.iter().zip(out.chunks_exact_mut(width)) {
             let start = id as usize * row_bytes;
             let Some(bytes) = data.get(start..start + row_bytes) else {
                 candle_core::bail!("token id {id} is outside the embedding table")
             };
-            dequantize_row(table.dtype(), bytes, row)?;
+            dequantize_row(dtype, bytes, row)?;
         }
         Tensor::from_vec(out, (ids.len(), width), &Device::Cpu)
     }

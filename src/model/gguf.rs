@@ -4,16 +4,19 @@
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use memmap2::{Mmap, MmapOptions};
 
 use crate::error::{candle_message, Error, Result};
+use crate::quant::{RawTensor, WeightBytes};
 
-/// A parsed GGUF header plus the open file its tensors are read from.
+/// A parsed GGUF header plus the memory-mapped file its tensors are read from in place.
 pub struct GgufFile {
     pub path: PathBuf,
     pub content: Content,
-    pub reader: BufReader<File>,
+    map: Arc<Mmap>,
 }
 
 impl GgufFile {
@@ -48,10 +51,14 @@ impl GgufFile {
         reader.seek(SeekFrom::Start(0)).map_err(io_err)?;
 
         let content = Content::read(&mut reader).map_err(|e| classify_read_error(path, e))?;
+        // Weights are used where they lie in the page cache, not copied. `populate` faults
+        // the pages in now, so loading (not the first token) pays for reading the file.
+        // SAFETY: the usual caveat of mapping: the file must not be truncated while in use.
+        let map = unsafe { MmapOptions::new().populate().map(reader.get_ref()) }.map_err(io_err)?;
         let file = GgufFile {
             path: path.to_path_buf(),
             content,
-            reader,
+            map: Arc::new(map),
         };
         file.check_tensor_extents(file_size)?;
         Ok(file)
@@ -93,20 +100,23 @@ impl GgufFile {
         self.content.metadata.get(key)
     }
 
-    /// Reads one tensor; Candle failures are reported with the file and tensor name.
-    pub fn tensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
-        if !self.content.tensor_infos.contains_key(name) {
+    /// One tensor's type, shape and bytes (a view of the mapping; nothing is copied).
+    pub fn tensor(&self, name: &str) -> Result<RawTensor> {
+        let Some(info) = self.content.tensor_infos.get(name) else {
             return Err(Error::MissingTensor {
                 path: self.path.clone(),
                 name: name.to_string(),
             });
-        }
-        self.content
-            .tensor(&mut self.reader, name, &candle_core::Device::Cpu)
-            .map_err(|e| Error::InvalidGguf {
-                path: self.path.clone(),
-                detail: format!("cannot read tensor '{name}': {}", candle_message(&e)),
-            })
+        };
+        // In bounds: `check_tensor_extents` has seen every tensor end inside the file.
+        let start = self.content.tensor_data_offset as usize + info.offset as usize;
+        let len =
+            info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        Ok(RawTensor {
+            dtype: info.ggml_dtype,
+            dims: info.shape.dims().to_vec(),
+            bytes: WeightBytes::mapped(Arc::clone(&self.map), start..start + len),
+        })
     }
 }
 

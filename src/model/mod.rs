@@ -18,7 +18,7 @@ pub use rope::RopeFactors;
 use crate::error::{Error, Result};
 
 impl TensorSource for GgufFile {
-    fn tensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor> {
+    fn tensor(&mut self, name: &str) -> Result<crate::quant::RawTensor> {
         GgufFile::tensor(self, name)
     }
 

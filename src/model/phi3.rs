@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::RmsNorm;
 
@@ -14,16 +13,17 @@ use super::config::Phi3Config;
 use super::embedding::Embedding;
 use super::kv_cache::KvCache;
 use super::rope::{RopeFactors, RotaryEmbedding};
+use crate::quant::{Linear, RawTensor};
 
 #[derive(Debug)]
 struct Layer {
     attn_norm: RmsNorm,
-    attn_qkv: QMatMul,
-    attn_output: QMatMul,
+    attn_qkv: Linear,
+    attn_output: Linear,
     ffn_norm: RmsNorm,
     /// Gate and up projections fused: the first `intermediate_size` rows are the gate.
-    ffn_up: QMatMul,
-    ffn_down: QMatMul,
+    ffn_up: Linear,
+    ffn_down: Linear,
 }
 
 /// The immutable weights of one model, shared (`Arc`) by every stream of a generator.
@@ -33,13 +33,13 @@ pub struct Phi3Weights {
     embeddings: Embedding,
     layers: Vec<Layer>,
     output_norm: RmsNorm,
-    output: QMatMul,
+    output: Linear,
     rope_factors: Option<RopeFactors>,
 }
 
-/// A source of named quantized tensors (the GGUF reader, or a test's in-memory map).
+/// A source of named tensors (the mapped GGUF, or a test's in-memory map).
 pub trait TensorSource {
-    fn tensor(&mut self, name: &str) -> crate::Result<QTensor>;
+    fn tensor(&mut self, name: &str) -> crate::Result<RawTensor>;
     fn contains(&self, name: &str) -> bool;
 }
 
@@ -48,10 +48,10 @@ pub const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
 
 impl Phi3Weights {
     pub fn load(config: Phi3Config, source: &mut impl TensorSource) -> crate::Result<Self> {
-        let token_embd = Arc::new(source.tensor("token_embd.weight")?);
-        let embeddings = Embedding::new(Arc::clone(&token_embd)).map_err(build_error)?;
+        let token_embd = source.tensor("token_embd.weight")?;
+        let embeddings = Embedding::new(&token_embd).map_err(build_error)?;
         let output = if config.tied_embeddings {
-            QMatMul::from_arc(token_embd).map_err(build_error)?
+            Linear::new(&token_embd).map_err(build_error)?
         } else {
             drop(token_embd);
             matmul(source, "output.weight")?
@@ -97,14 +97,15 @@ fn build_error(e: candle_core::Error) -> crate::Error {
     }
 }
 
-fn matmul(source: &mut impl TensorSource, name: &str) -> crate::Result<QMatMul> {
-    QMatMul::from_qtensor(source.tensor(name)?).map_err(build_error)
+fn matmul(source: &mut impl TensorSource, name: &str) -> crate::Result<Linear> {
+    Linear::new(&source.tensor(name)?).map_err(build_error)
 }
 
 fn vector(source: &mut impl TensorSource, name: &str) -> crate::Result<Vec<f32>> {
     source
         .tensor(name)?
-        .dequantize(&Device::Cpu)
+        .to_qtensor()
+        .and_then(|t| t.dequantize(&Device::Cpu))
         .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
         .map_err(build_error)
 }
@@ -112,7 +113,8 @@ fn vector(source: &mut impl TensorSource, name: &str) -> crate::Result<Vec<f32>>
 fn norm(source: &mut impl TensorSource, name: &str, eps: f64) -> crate::Result<RmsNorm> {
     let weight = source
         .tensor(name)?
-        .dequantize(&Device::Cpu)
+        .to_qtensor()
+        .and_then(|t| t.dequantize(&Device::Cpu))
         .map_err(build_error)?;
     Ok(RmsNorm::new(weight, eps))
 }

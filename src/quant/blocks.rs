@@ -1,0 +1,124 @@
+//! The ggml K-quant block layouts, as they lie in a GGUF file, and the Q8_K blocks that
+//! activations are quantized to before a product.
+//!
+//! Candle has the same structs, but their fields are private to it; these are `repr(C)` with
+//! the identical layout so that a mapped file can be read as a slice of them.
+
+use half::f16;
+
+/// Values per super-block.
+pub const QK_K: usize = 256;
+
+/// 4.5 bits per weight: 8 sub-blocks of 32, each with a 6-bit scale and a 6-bit minimum.
+#[repr(C)]
+pub struct BlockQ4K {
+    pub d: f16,
+    pub dmin: f16,
+    pub scales: [u8; 12],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// 5.5 bits per weight: Q4_K plus one high bit per value in `qh`.
+#[repr(C)]
+pub struct BlockQ5K {
+    pub d: f16,
+    pub dmin: f16,
+    pub scales: [u8; 12],
+    pub qh: [u8; QK_K / 8],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// 6.5625 bits per weight: 16 sub-blocks of 16 with signed 8-bit scales, values offset by 32.
+#[repr(C)]
+pub struct BlockQ6K {
+    pub ql: [u8; QK_K / 2],
+    pub qh: [u8; QK_K / 4],
+    pub scales: [i8; QK_K / 16],
+    pub d: f16,
+}
+
+/// An activation super-block: 8-bit values, their scale, and sums of each 16 values (which
+/// carry the weights' minimums and offsets without touching the values again).
+#[repr(C)]
+#[derive(Clone)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+const _: () = assert!(std::mem::size_of::<BlockQ5K>() == 176);
+const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
+const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292);
+
+/// A weight block type that our kernels multiply.
+pub trait WeightBlock: Sized {
+    const BYTES: usize = std::mem::size_of::<Self>();
+}
+impl WeightBlock for BlockQ4K {}
+impl WeightBlock for BlockQ5K {}
+impl WeightBlock for BlockQ6K {}
+
+/// Views `bytes` as blocks, or `None` when the length or the alignment does not fit.
+pub fn as_blocks<T: WeightBlock>(bytes: &[u8]) -> Option<&[T]> {
+    // SAFETY: the block types are plain integers and f16s, valid for any bit pattern;
+    // `align_to` only hands out a correctly aligned middle part, and we demand it be all.
+    let (head, blocks, tail) = unsafe { bytes.align_to::<T>() };
+    (head.is_empty() && tail.is_empty()).then_some(blocks)
+}
+
+/// The 6-bit scales and minimums of the 8 sub-blocks of a Q4_K or Q5_K block.
+#[inline(always)]
+pub fn scales_and_mins(packed: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+    let mut scales = [0u8; 8];
+    let mut mins = [0u8; 8];
+    for j in 0..4 {
+        scales[j] = packed[j] & 63;
+        mins[j] = packed[j + 4] & 63;
+        // Sub-blocks 4..8 keep their low 4 bits in bytes 8..12 and their top 2 bits in the
+        // spare top bits of the first eight bytes.
+        scales[j + 4] = (packed[j + 8] & 0x0F) | ((packed[j] >> 6) << 4);
+        mins[j + 4] = (packed[j + 8] >> 4) | ((packed[j + 4] >> 6) << 4);
+    }
+    (scales, mins)
+}
+
+/// Quantizes `xs` (a multiple of 256 long) to Q8_K the way Candle does (scale from the
+/// value of largest magnitude, rounded half away from zero), so that products agree with
+/// Candle's kernels up to the order of float additions.
+pub fn quantize_q8k(xs: &[f32], out: &mut [BlockQ8K]) {
+    debug_assert_eq!(xs.len(), out.len() * QK_K);
+    for (x, block) in xs.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let mut max = 0f32;
+        let mut amax = 0f32;
+        for &v in x {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            block.d = 0.0;
+            block.qs.fill(0);
+            block.bsums.fill(0);
+            continue;
+        }
+        let iscale = -127f32 / max;
+        for (q, &v) in block.qs.iter_mut().zip(x) {
+            *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+        }
+        for (sum, qs) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
+            *sum = qs.iter().map(|&q| i16::from(q)).sum();
+        }
+        block.d = 1.0 / iscale;
+    }
+}
+
+impl BlockQ8K {
+    pub const ZERO: Self = Self {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
+}

@@ -1,0 +1,309 @@
+//! Quantized matrix products on the GGUF's own K-quant blocks, read in place from the
+//! memory-mapped file: no second copy of the weights, no repacking at first use.
+//!
+//! Candle's kernels remain the path for the other tensor types and for CPUs (or builds)
+//! without ours; `CANDLE_PHI_KERNELS=candle` selects them everywhere, for comparison.
+
+mod blocks;
+mod scalar;
+mod storage;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use blocks::{as_blocks, BlockQ4K, BlockQ5K, BlockQ6K, WeightBlock};
+pub use blocks::{quantize_q8k, BlockQ8K, QK_K};
+pub use storage::{RawTensor, WeightBytes};
+
+/// Which dot-product kernels the K-quant matrices use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Ours, AVX2 with AVX-VNNI (chosen at run time, so one portable build runs the best
+    /// a CPU has).
+    AvxVnni,
+    /// Ours, AVX2.
+    Avx2,
+    /// Ours, portable Rust.
+    Scalar,
+    /// Candle's `QMatMul` for every weight.
+    Candle,
+}
+
+impl Kernels {
+    /// The best available, unless `CANDLE_PHI_KERNELS` (`avx-vnni`, `avx2`, `scalar`,
+    /// `candle`) asks for another that this CPU can run, or `CANDLE_DEQUANTIZE_ALL` asks
+    /// Candle to multiply in f32.
+    pub fn selected() -> Kernels {
+        static SELECTED: OnceLock<Kernels> = OnceLock::new();
+        *SELECTED.get_or_init(|| {
+            let available = Kernels::available();
+            // Candle's switch to multiply with dequantized f32 weights applies to all.
+            if std::env::var_os("CANDLE_DEQUANTIZE_ALL").is_some() {
+                return Kernels::Candle;
+            }
+            let requested = match std::env::var("CANDLE_PHI_KERNELS").as_deref() {
+                Ok("avx-vnni") => Some(Kernels::AvxVnni),
+                Ok("avx2") => Some(Kernels::Avx2),
+                Ok("scalar") => Some(Kernels::Scalar),
+                Ok("candle") => Some(Kernels::Candle),
+                _ => None,
+            };
+            requested
+                .filter(|k| available.contains(k))
+                .unwrap_or(available[0])
+        })
+    }
+
+    /// What this CPU runs, best first. Where our SIMD kernels do not apply, Candle's own
+    /// (NEON, ...) beat our portable ones, so those come before `Scalar`.
+    pub fn available() -> Vec<Kernels> {
+        let mut kernels = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86::has_avx_vnni() {
+                kernels.push(Kernels::AvxVnni);
+            }
+            if x86::has_avx2() {
+                kernels.push(Kernels::Avx2);
+            }
+        }
+        kernels.extend([Kernels::Candle, Kernels::Scalar]);
+        kernels
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockType {
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl BlockType {
+    fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4K => Some(BlockType::Q4K),
+            GgmlDType::Q5K => Some(BlockType::Q5K),
+            GgmlDType::Q6K => Some(BlockType::Q6K),
+            _ => None,
+        }
+    }
+
+    fn block_bytes(self) -> usize {
+        match self {
+            BlockType::Q4K => BlockQ4K::BYTES,
+            BlockType::Q5K => BlockQ5K::BYTES,
+            BlockType::Q6K => BlockQ6K::BYTES,
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use x86::{TILE_ACTS, TILE_ROWS};
+#[cfg(not(target_arch = "x86_64"))]
+const TILE_ROWS: usize = 8;
+#[cfg(not(target_arch = "x86_64"))]
+const TILE_ACTS: usize = 32;
+
+/// A block type every kernel of this build handles.
+#[cfg(target_arch = "x86_64")]
+trait KernelBlock: WeightBlock + scalar::ScalarBlock + x86::Avx2Block {}
+#[cfg(target_arch = "x86_64")]
+impl<T: WeightBlock + scalar::ScalarBlock + x86::Avx2Block> KernelBlock for T {}
+#[cfg(not(target_arch = "x86_64"))]
+trait KernelBlock: WeightBlock + scalar::ScalarBlock {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: WeightBlock + scalar::ScalarBlock> KernelBlock for T {}
+
+/// The output buffer, written by several tasks at disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements, and the buffer outlives the parallel loop.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// A method (not field access) so closures capture the whole Send + Sync wrapper.
+    fn at(self, index: usize) -> *mut f32 {
+        self.0.wrapping_add(index)
+    }
+}
+
+/// A (rows, cols) K-quant weight matrix, multiplied as `x · Wᵀ`.
+#[derive(Debug)]
+pub struct QMatrix {
+    bytes: WeightBytes,
+    block_type: BlockType,
+    rows: usize,
+    cols: usize,
+    kernels: Kernels,
+}
+
+impl QMatrix {
+    /// `None` when our kernels do not handle this tensor (type, shape or alignment).
+    pub fn new(tensor: &RawTensor, kernels: Kernels) -> Option<Self> {
+        let block_type = BlockType::of(tensor.dtype)?;
+        let &[rows, cols] = tensor.dims.as_slice() else {
+            return None;
+        };
+        let aligned = (tensor.bytes.as_bytes().as_ptr() as usize).is_multiple_of(8);
+        let sized = cols % QK_K == 0
+            && tensor.bytes.as_bytes().len() == rows * cols / QK_K * block_type.block_bytes();
+        (kernels != Kernels::Candle && aligned && sized).then(|| Self {
+            bytes: tensor.bytes.clone(),
+            block_type,
+            rows,
+            cols,
+            kernels,
+        })
+    }
+
+    /// `x` is (m, cols) row-major; returns (m, rows).
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let blocks_per_row = self.cols / QK_K;
+        let mut acts = vec![BlockQ8K::ZERO; m * blocks_per_row];
+        acts.par_chunks_mut(blocks_per_row)
+            .zip(x.par_chunks(self.cols))
+            .for_each(|(a, x)| quantize_q8k(x, a));
+        let acts: Vec<&[BlockQ8K]> = acts.chunks_exact(blocks_per_row).collect();
+
+        // Tasks take runs of weight-row groups, so the weights stream from memory once.
+        let groups = self.rows.div_ceil(TILE_ROWS);
+        let groups_per_task = groups.div_ceil(rayon::current_num_threads() * 4).max(1);
+        let tasks = groups.div_ceil(groups_per_task);
+        let mut out = vec![0f32; m * self.rows];
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        (0..tasks).into_par_iter().for_each(|task| {
+            let task_rows = task * groups_per_task * TILE_ROWS
+                ..((task + 1) * groups_per_task * TILE_ROWS).min(self.rows);
+            // Results land in a task-local (m, task rows) buffer first: scattering
+            // them straight into the (m, rows) output would touch a page per element.
+            let width = task_rows.len();
+            let mut local = vec![0f32; m * width];
+            let mut tile_out = [0f32; TILE_ROWS * TILE_ACTS];
+            for first_row in task_rows.clone().step_by(TILE_ROWS) {
+                let rows = first_row..(first_row + TILE_ROWS).min(task_rows.end);
+                for first_act in (0..m).step_by(TILE_ACTS) {
+                    let tile_acts = &acts[first_act..(first_act + TILE_ACTS).min(m)];
+                    let n = tile_acts.len();
+                    let tile_out = &mut tile_out[..rows.len() * n];
+                    self.tile(rows.clone(), tile_acts, tile_out);
+                    let column = first_row - task_rows.start;
+                    for (j, values) in tile_out.chunks_exact(n).enumerate() {
+                        for (i, &v) in values.iter().enumerate() {
+                            local[(first_act + i) * width + column + j] = v;
+                        }
+                    }
+                }
+            }
+            for (i, values) in local.chunks_exact(width).enumerate() {
+                // SAFETY: in bounds, and each task writes only its own rows' columns,
+                // so no two tasks touch one element.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        values.as_ptr(),
+                        out_ptr.at(i * self.rows + task_rows.start),
+                        width,
+                    )
+                };
+            }
+        });
+        out
+    }
+
+    /// `out[j * acts.len() + i]` = weight row `rows.start + j` · `acts[i]`.
+    fn tile(&self, rows: Range<usize>, acts: &[&[BlockQ8K]], out: &mut [f32]) {
+        match self.block_type {
+            BlockType::Q4K => self.tile_of::<BlockQ4K>(rows, acts, out),
+            BlockType::Q5K => self.tile_of::<BlockQ5K>(rows, acts, out),
+            BlockType::Q6K => self.tile_of::<BlockQ6K>(rows, acts, out),
+        }
+    }
+
+    fn tile_of<B: KernelBlock>(&self, rows: Range<usize>, acts: &[&[BlockQ8K]], out: &mut [f32]) {
+        let row_bytes = self.cols / QK_K * B::BYTES;
+        let weights = &self.bytes.as_bytes()[rows.start * row_bytes..rows.end * row_bytes];
+        let weights: &[B] =
+            as_blocks(weights).expect("whole, aligned blocks (checked in QMatrix::new)");
+        let mut w: [&[B]; TILE_ROWS] = [&[]; TILE_ROWS];
+        for (slot, row) in w.iter_mut().zip(weights.chunks_exact(self.cols / QK_K)) {
+            *slot = row;
+        }
+        let w = &w[..rows.len()];
+        match self.kernels {
+            // SAFETY: these kernels are only selected where the CPU has them; all rows have
+            // the same number of blocks; the tile is within TILE_ROWS × TILE_ACTS.
+            #[cfg(target_arch = "x86_64")]
+            Kernels::AvxVnni => unsafe { x86::tile_avx_vnni(w, acts, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2 => unsafe { x86::tile_avx2(w, acts, out) },
+            _ => {
+                for (j, row) in w.iter().enumerate() {
+                    for (i, act) in acts.iter().enumerate() {
+                        out[j * acts.len() + i] = scalar::dot(row, act);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp1 for QMatrix {
+    fn name(&self) -> &'static str {
+        "kquant-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("kquant-matmul takes f32 activations")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("kquant-matmul takes contiguous activations")
+        };
+        let mut dims = layout.shape().dims().to_vec();
+        if dims.last() != Some(&self.cols) {
+            candle_core::bail!(
+                "kquant-matmul: activations {dims:?} against {} columns",
+                self.cols
+            )
+        }
+        let x = &data[start..end];
+        let out = self.matmul(x, x.len() / self.cols);
+        *dims.last_mut().expect("checked above") = self.rows;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// A weight matrix of the model: ours where our kernels apply, Candle's otherwise.
+#[derive(Debug)]
+pub enum Linear {
+    KQuant(QMatrix),
+    Candle(QMatMul),
+}
+
+impl Linear {
+    pub fn new(tensor: &RawTensor) -> Result<Self> {
+        match QMatrix::new(tensor, Kernels::selected()) {
+            Some(matrix) => Ok(Linear::KQuant(matrix)),
+            None => Ok(Linear::Candle(QMatMul::from_qtensor(tensor.to_qtensor()?)?)),
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::KQuant(matrix) => xs.contiguous()?.apply_op1_no_bwd(matrix),
+            Linear::Candle(matmul) => matmul.forward(xs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

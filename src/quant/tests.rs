@@ -1,0 +1,140 @@
+//! Our kernels against Candle's on the same blocks and activations.
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+use super::{Kernels, QMatrix, RawTensor, WeightBytes, QK_K};
+
+/// Deterministic pseudo-random numbers in [-1, 1).
+fn noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Blocks of random bits (every scale and value pattern), with small finite f16 factors.
+fn random_blocks(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> RawTensor {
+    let block_bytes = dtype.type_size();
+    let n_blocks = rows * cols / QK_K;
+    let bits = noise(seed, n_blocks * block_bytes);
+    let mut bytes: Vec<u8> = bits.iter().map(|v| ((v + 1.0) * 128.0) as u8).collect();
+    let factors = noise(seed + 1, n_blocks * 2);
+    for (b, block) in bytes.chunks_exact_mut(block_bytes).enumerate() {
+        let d = half::f16::from_f32(factors[2 * b] * 0.01).to_le_bytes();
+        let dmin = half::f16::from_f32(factors[2 * b + 1] * 0.01).to_le_bytes();
+        match dtype {
+            // d, dmin lead the Q4_K and Q5_K blocks; Q6_K ends with d.
+            GgmlDType::Q6K => block[block_bytes - 2..].copy_from_slice(&d),
+            _ => {
+                block[..2].copy_from_slice(&d);
+                block[2..4].copy_from_slice(&dmin);
+            }
+        }
+    }
+    RawTensor {
+        dtype,
+        dims: vec![rows, cols],
+        bytes: WeightBytes::copied(&bytes),
+    }
+}
+
+fn candle_product(weights: &RawTensor, x: &Tensor) -> Vec<f32> {
+    let matmul = QMatMul::from_qtensor(weights.to_qtensor().unwrap()).unwrap();
+    matmul
+        .forward(x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn ours(weights: &RawTensor, kernels: Kernels, x: &[f32], m: usize) -> Vec<f32> {
+    QMatrix::new(weights, kernels)
+        .expect("a K-quant matrix")
+        .matmul(x, m)
+}
+
+fn assert_close(ours: &[f32], theirs: &[f32], what: &str) {
+    assert_eq!(ours.len(), theirs.len());
+    let scale = theirs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    assert!(scale > 0.0, "{what}: all-zero products prove nothing");
+    for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * scale,
+            "{what}: element {i}: ours {a}, Candle's {b} (scale {scale})"
+        );
+    }
+}
+
+/// Every kernel of ours this CPU runs.
+fn kernels_to_test() -> Vec<Kernels> {
+    let mut kernels = Kernels::available();
+    kernels.retain(|k| *k != Kernels::Candle);
+    kernels
+}
+
+#[test]
+fn k_quant_products_match_candle() {
+    let (rows, cols) = (44, 3 * QK_K);
+    for (t, dtype) in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K]
+        .into_iter()
+        .enumerate()
+    {
+        // Both random bit patterns and blocks Candle quantized from smooth values.
+        let random = random_blocks(dtype, rows, cols, 7 + t as u64);
+        let dense = Tensor::from_vec(
+            noise(99 + t as u64, rows * cols),
+            (rows, cols),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let quantized =
+            RawTensor::from_qtensor(&QTensor::quantize(&dense, dtype).unwrap()).unwrap();
+        for (source, weights) in [("random bits", &random), ("quantized", &quantized)] {
+            // The decode case, groups of 4 and every remainder, and more than one tile of rows
+            // (44 weight rows: five full tiles and a partial one).
+            for m in [1, 2, 3, 4, 5, 6, 7, 9, 37] {
+                let x = noise(1000 + m as u64, m * cols);
+                let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
+                let theirs = candle_product(weights, &xt);
+                for kernels in kernels_to_test() {
+                    let what = format!("{dtype:?} {source} m={m} {kernels:?}");
+                    assert_close(&ours(weights, kernels, &x, m), &theirs, &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn zero_activations_give_zero() {
+    let weights = random_blocks(GgmlDType::Q4K, 16, QK_K, 3);
+    for kernels in kernels_to_test() {
+        let out = ours(&weights, kernels, &vec![0.0; 2 * QK_K], 2);
+        assert!(out.iter().all(|&v| v == 0.0), "{kernels:?}: {out:?}");
+    }
+}
+
+#[test]
+fn other_types_and_shapes_are_left_to_candle() {
+    let q8 = RawTensor {
+        dtype: GgmlDType::Q8_0,
+        dims: vec![4, 64],
+        bytes: WeightBytes::copied(&vec![0u8; 4 * 2 * 34]),
+    };
+    assert!(QMatrix::new(&q8, Kernels::Scalar).is_none());
+    let q4k = random_blocks(GgmlDType::Q4K, 4, QK_K, 5);
+    assert!(QMatrix::new(&q4k, Kernels::Candle).is_none());
+    let wrong_length = RawTensor {
+        dims: vec![5, QK_K],
+        ..q4k
+    };
+    assert!(QMatrix::new(&wrong_length, Kernels::Scalar).is_none());
+}
