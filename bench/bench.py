@@ -259,7 +259,9 @@ def kernel_table(
     for run in range(runs):
         for variant in variants if run % 2 == 0 else variants[::-1]:
             results[variant].append(run_worker("candle-phi", model, tokenizer, threads, variant))
-            print(f"run {run + 1}/{runs} kernels={variant}: {results[variant][-1]}", file=sys.stderr)
+            print(
+                f"run {run + 1}/{runs} kernels={variant}: {results[variant][-1]}", file=sys.stderr
+            )
     first = variants[0]
     lines = [
         "",
