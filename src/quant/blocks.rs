@@ -122,3 +122,41 @@ impl BlockQ8K {
         bsums: [0; QK_K / 16],
     };
 }
+
+/// Eight activation rows' Q8_K blocks of one block column, interleaved for `vpdpbusd`:
+/// `qs[k]` holds values 4k..4k+4 of row 0, then of row 1, ..., so one instruction multiplies
+/// four weights with the same four positions of all eight rows.
+#[repr(C, align(32))]
+#[derive(Clone)]
+pub struct BlockQ8Kx8 {
+    pub qs: [[i8; 32]; QK_K / 4],
+    pub d: [f32; 8],
+    /// `sums[q]`: per row r, the sums of its 32-value sub-blocks 2q and 2q+1, as the i16
+    /// pair at 2r, 2r+1 (what the weights' minimums multiply).
+    pub sums: [[i16; 16]; 4],
+}
+
+impl BlockQ8Kx8 {
+    /// Block column `b` of eight activation rows.
+    pub fn interleave(rows: &[&[BlockQ8K]; 8], b: usize) -> Self {
+        let mut out = BlockQ8Kx8 {
+            qs: [[0; 32]; QK_K / 4],
+            d: [0.0; 8],
+            sums: [[0; 16]; 4],
+        };
+        for (r, row) in rows.iter().enumerate() {
+            let y = &row[b];
+            out.d[r] = y.d;
+            for (k, group) in out.qs.iter_mut().enumerate() {
+                group[4 * r..4 * r + 4].copy_from_slice(&y.qs[4 * k..4 * k + 4]);
+            }
+            for (q, sums) in out.sums.iter_mut().enumerate() {
+                for half in 0..2 {
+                    let s = 2 * q + half;
+                    sums[2 * r + half] = y.bsums[2 * s] + y.bsums[2 * s + 1];
+                }
+            }
+        }
+        out
+    }
+}

@@ -17,7 +17,7 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use blocks::{as_blocks, BlockQ4K, BlockQ5K, BlockQ6K, WeightBlock};
+use blocks::{as_blocks, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8Kx8, WeightBlock};
 pub use blocks::{quantize_q8k, BlockQ8K, QK_K};
 pub use storage::{RawTensor, WeightBytes};
 
@@ -168,10 +168,18 @@ impl QMatrix {
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let blocks_per_row = self.cols / QK_K;
         let mut acts = vec![BlockQ8K::ZERO; m * blocks_per_row];
+        let kernels = self.kernels;
         acts.par_chunks_mut(blocks_per_row)
             .zip(x.par_chunks(self.cols))
-            .for_each(|(a, x)| quantize_q8k(x, a));
+            .for_each(|(a, x)| match kernels {
+                // SAFETY: these kernels are only selected where the CPU has AVX2.
+                #[cfg(target_arch = "x86_64")]
+                Kernels::Avx2 | Kernels::AvxVnni => unsafe { x86::quantize_q8k(x, a) },
+                _ => quantize_q8k(x, a),
+            });
         let acts: Vec<&[BlockQ8K]> = acts.chunks_exact(blocks_per_row).collect();
+        let interleaved = self.interleave(&acts, blocks_per_row);
+        let act_groups: Vec<&[BlockQ8Kx8]> = interleaved.chunks_exact(blocks_per_row).collect();
 
         // Tasks take runs of weight-row groups, so the weights stream from memory once.
         let groups = self.rows.div_ceil(TILE_ROWS);
@@ -192,8 +200,12 @@ impl QMatrix {
                 for first_act in (0..m).step_by(TILE_ACTS) {
                     let tile_acts = &acts[first_act..(first_act + TILE_ACTS).min(m)];
                     let n = tile_acts.len();
+                    // The whole groups of eight among these rows (TILE_ACTS is a multiple).
+                    let first_group = (first_act / 8).min(act_groups.len());
+                    let last_group = (first_group + n / 8).min(act_groups.len());
+                    let tile_groups = &act_groups[first_group..last_group];
                     let tile_out = &mut tile_out[..rows.len() * n];
-                    self.tile(rows.clone(), tile_acts, tile_out);
+                    self.tile(rows.clone(), tile_acts, tile_groups, tile_out);
                     let column = first_row - task_rows.start;
                     for (j, values) in tile_out.chunks_exact(n).enumerate() {
                         for (i, &v) in values.iter().enumerate() {
@@ -217,16 +229,45 @@ impl QMatrix {
         out
     }
 
-    /// `out[j * acts.len() + i]` = weight row `rows.start + j` · `acts[i]`.
-    fn tile(&self, rows: Range<usize>, acts: &[&[BlockQ8K]], out: &mut [f32]) {
+    /// The activations in groups of eight rows, interleaved, where the VNNI kernels take
+    /// them (Q4_K and Q5_K; whole groups only, the rest go row by row).
+    fn interleave(&self, acts: &[&[BlockQ8K]], blocks_per_row: usize) -> Vec<BlockQ8Kx8> {
+        let takes_groups = self.kernels == Kernels::AvxVnni
+            && matches!(self.block_type, BlockType::Q4K | BlockType::Q5K);
+        if !takes_groups {
+            return Vec::new();
+        }
+        acts.chunks_exact(8)
+            .flat_map(|rows| {
+                let rows: &[&[BlockQ8K]; 8] = rows.try_into().expect("chunks of eight");
+                (0..blocks_per_row).map(move |b| BlockQ8Kx8::interleave(rows, b))
+            })
+            .collect()
+    }
+
+    /// `out[j * acts.len() + i]` = weight row `rows.start + j` · `acts[i]`; `groups` holds
+    /// the first whole groups of eight of `acts` interleaved, if the kernel takes them.
+    fn tile(
+        &self,
+        rows: Range<usize>,
+        acts: &[&[BlockQ8K]],
+        groups: &[&[BlockQ8Kx8]],
+        out: &mut [f32],
+    ) {
         match self.block_type {
-            BlockType::Q4K => self.tile_of::<BlockQ4K>(rows, acts, out),
-            BlockType::Q5K => self.tile_of::<BlockQ5K>(rows, acts, out),
-            BlockType::Q6K => self.tile_of::<BlockQ6K>(rows, acts, out),
+            BlockType::Q4K => self.tile_of::<BlockQ4K>(rows, acts, groups, out),
+            BlockType::Q5K => self.tile_of::<BlockQ5K>(rows, acts, groups, out),
+            BlockType::Q6K => self.tile_of::<BlockQ6K>(rows, acts, groups, out),
         }
     }
 
-    fn tile_of<B: KernelBlock>(&self, rows: Range<usize>, acts: &[&[BlockQ8K]], out: &mut [f32]) {
+    fn tile_of<B: KernelBlock>(
+        &self,
+        rows: Range<usize>,
+        acts: &[&[BlockQ8K]],
+        groups: &[&[BlockQ8Kx8]],
+        out: &mut [f32],
+    ) {
         let row_bytes = self.cols / QK_K * B::BYTES;
         let weights = &self.bytes.as_bytes()[rows.start * row_bytes..rows.end * row_bytes];
         let weights: &[B] =
@@ -240,7 +281,7 @@ impl QMatrix {
             // SAFETY: these kernels are only selected where the CPU has them; all rows have
             // the same number of blocks; the tile is within TILE_ROWS × TILE_ACTS.
             #[cfg(target_arch = "x86_64")]
-            Kernels::AvxVnni => unsafe { x86::tile_avx_vnni(w, acts, out) },
+            Kernels::AvxVnni => unsafe { x86::tile_avx_vnni(w, acts, groups, out) },
             #[cfg(target_arch = "x86_64")]
             Kernels::Avx2 => unsafe { x86::tile_avx2(w, acts, out) },
             _ => {

@@ -98,9 +98,9 @@ fn k_quant_products_match_candle() {
         let quantized =
             RawTensor::from_qtensor(&QTensor::quantize(&dense, dtype).unwrap()).unwrap();
         for (source, weights) in [("random bits", &random), ("quantized", &quantized)] {
-            // The decode case, groups of 4 and every remainder, and more than one tile of rows
-            // (44 weight rows: five full tiles and a partial one).
-            for m in [1, 2, 3, 4, 5, 6, 7, 9, 37] {
+            // The decode case, groups of 4 and of 8 (VNNI) with every remainder, and more
+            // than one tile of activations and of weights (44 rows: five tiles and a part).
+            for m in [1, 2, 3, 4, 5, 7, 8, 9, 16, 20, 37] {
                 let x = noise(1000 + m as u64, m * cols);
                 let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
                 let theirs = candle_product(weights, &xt);
@@ -137,4 +137,46 @@ fn other_types_and_shapes_are_left_to_candle() {
         ..q4k
     };
     assert!(QMatrix::new(&wrong_length, Kernels::Scalar).is_none());
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn simd_quantization_is_candles() {
+    if !super::x86::has_avx2() {
+        return;
+    }
+    // Smooth values, exact halves after scaling (127 · k/254), zeros, and ties of magnitude.
+    let mut xs = noise(11, 4 * QK_K);
+    for (i, v) in xs[QK_K..2 * QK_K].iter_mut().enumerate() {
+        *v = (i as f32 - 128.0) / 254.0;
+    }
+    xs[2 * QK_K..3 * QK_K].fill(0.0);
+    xs[3 * QK_K + 5] = -2.0;
+    xs[3 * QK_K + 9] = 2.0;
+    let mut scalar = vec![super::BlockQ8K::ZERO; 4];
+    let mut simd = vec![super::BlockQ8K::ZERO; 4];
+    super::quantize_q8k(&xs, &mut scalar);
+    // SAFETY: AVX2 checked above.
+    unsafe { super::x86::quantize_q8k(&xs, &mut simd) };
+    for (a, b) in scalar.iter().zip(&simd) {
+        assert_eq!(a.d, b.d);
+        assert_eq!(a.qs, b.qs);
+        assert_eq!(a.bsums, b.bsums);
+    }
+    // And the scalar one is Candle's.
+    let theirs = QTensor::quantize(
+        &Tensor::from_vec(xs.clone(), (4, QK_K), &Device::Cpu).unwrap(),
+        GgmlDType::Q8K,
+    )
+    .unwrap();
+    let ours: Vec<u8> = scalar
+        .iter()
+        .flat_map(|b| {
+            let mut bytes = b.d.to_le_bytes().to_vec();
+            bytes.extend(b.qs.iter().map(|&q| q as u8));
+            bytes.extend(b.bsums.iter().flat_map(|s| s.to_le_bytes()));
+            bytes
+        })
+        .collect();
+    assert_eq!(ours, theirs.data().unwrap().to_vec());
 }

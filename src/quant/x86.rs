@@ -1,16 +1,22 @@
 //! x86 products of K-quant weight rows with Q8_K activation rows, in two builds chosen at
-//! run time: AVX2, and AVX2 with AVX-VNNI (`vpdpwssd` fuses the scale multiply and the add).
+//! run time: AVX2, and AVX2 with AVX-VNNI.
 //!
-//! The weights are read in the file's own block layout (no repacked copy). Each 32 values
-//! take one `maddubs` (unsigned weight × signed activation, pairs summed to i16) and one
-//! multiply-add by the sub-block scale (to i32). A tile of weight rows meets a tile of
-//! activation rows one 256-value block column at a time: that column's activations stay in
-//! L1 for all the tile's weight rows; four activation rows share each unpacking of a weight
-//! block, and their four sums are reduced and scaled together.
+//! The weights are read in the file's own block layout (no repacked copy). A tile of weight
+//! rows meets a tile of activation rows one 256-value block column at a time, so that
+//! column's activations stay in L1 for all the tile's weight rows.
+//!
+//! AVX2: each 32 values of a row take one `maddubs` (unsigned weight × signed activation,
+//! pairs summed to i16) and one `madd` by the sub-block scale (to i32); four activation
+//! rows share each unpacking of a weight block, and their sums are reduced together.
+//!
+//! AVX-VNNI (Q4_K, Q5_K, in groups of eight activation rows): the activations are
+//! interleaved (`BlockQ8Kx8`) so that one `vpdpbusd` multiplies four broadcast weights with
+//! the same four positions of eight rows, summing into one i32 lane per row. A sub-block's
+//! scale then applies once per eight rows: half the multiplies of the AVX2 path.
 
 use std::arch::x86_64::*;
 
-use super::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
+use super::blocks::{scales_and_mins, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8Kx8};
 
 /// Weight rows in a tile.
 pub const TILE_ROWS: usize = 8;
@@ -29,38 +35,37 @@ pub fn has_avx_vnni() -> bool {
 
 /// `out[j * ys.len() + i] = w[j] · ys[i]`, with AVX2.
 ///
-/// Safety: the CPU must have AVX2, FMA and F16C (`has_avx2`); every row of `w` and `ys` has the
-/// same number of blocks; at most `TILE_ROWS` × `TILE_ACTS`; `out` is `w.len() * ys.len()`.
+/// Safety: the CPU must have AVX2, FMA and F16C (`has_avx2`); every row of `w` and `ys` has
+/// the same number of blocks; at most `TILE_ROWS` × `TILE_ACTS`; `out` is `w.len() * ys.len()`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn tile_avx2<B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mut [f32]) {
-    tile::<Avx2, B>(w, ys, out)
+    tile(w, ys, out)
 }
 
-/// As `tile_avx2`, with AVX-VNNI (`has_avx_vnni`).
+/// As `tile_avx2`, with AVX-VNNI (`has_avx_vnni`) for the first `8 * groups.len()`
+/// activation rows, given interleaved in `groups` too, where the block type supports it.
+///
+/// Safety: as for `tile_avx2`, and `groups[g]` interleaves rows `8g..8g+8` of `ys`.
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-pub unsafe fn tile_avx_vnni<B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mut [f32]) {
-    tile::<AvxVnni, B>(w, ys, out)
-}
-
-/// The i16 multiply-add into i32 lanes: `acc + madd(a, b)`.
-pub trait MulAdd {
-    unsafe fn mul_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
-}
-
-pub struct Avx2;
-pub struct AvxVnni;
-
-impl MulAdd for Avx2 {
-    #[inline(always)]
-    unsafe fn mul_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
-        _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+pub unsafe fn tile_avx_vnni<B: Avx2Block>(
+    w: &[&[B]],
+    ys: &[&[BlockQ8K]],
+    groups: &[&[BlockQ8Kx8]],
+    out: &mut [f32],
+) {
+    let m = ys.len();
+    let covered = if B::INTERLEAVED { 8 * groups.len() } else { 0 };
+    if covered > 0 {
+        tile_interleaved(w, groups, m, out);
     }
-}
-
-impl MulAdd for AvxVnni {
-    #[inline(always)]
-    unsafe fn mul_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
-        _mm256_dpwssd_avx_epi32(acc, a, b)
+    if covered < m {
+        let rest = &ys[covered..];
+        let n = rest.len();
+        let mut part = [0f32; TILE_ROWS * TILE_ACTS];
+        tile(w, rest, &mut part[..w.len() * n]);
+        for (j, values) in part[..w.len() * n].chunks_exact(n).enumerate() {
+            out[j * m + covered..(j + 1) * m].copy_from_slice(values);
+        }
     }
 }
 
@@ -75,13 +80,27 @@ pub struct Prepared {
 
 /// A K-quant block that can be multiplied with Q8_K activation blocks.
 pub trait Avx2Block {
+    /// Whether `interleaved_dots` is implemented.
+    const INTERLEAVED: bool = false;
+
     unsafe fn prepare(&self) -> Prepared;
     /// Σ scale·q·y over the block for each activation block, as 8 i32 partial sums.
-    unsafe fn dots<M: MulAdd, const R: usize>(
+    unsafe fn dots<const R: usize>(&self, p: &Prepared, ys: [&BlockQ8K; R]) -> [__m256i; R];
+
+    /// `acc[g]` (lane r: row r of group g) += this block · the group's block, with VNNI.
+    unsafe fn interleaved_dots<const G: usize>(
         &self,
-        p: &Prepared,
-        ys: [&BlockQ8K; R],
-    ) -> [__m256i; R];
+        _ys: [&BlockQ8Kx8; G],
+        _acc: &mut [__m256; G],
+    ) {
+        unreachable!("only called where INTERLEAVED")
+    }
+}
+
+/// `acc + madd(a, b)`.
+#[inline(always)]
+unsafe fn mul_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 }
 
 #[inline(always)]
@@ -117,7 +136,7 @@ unsafe fn offsets(p: &Prepared, y: &BlockQ8K) -> __m256i {
 }
 
 #[inline(always)]
-unsafe fn tile<M: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mut [f32]) {
+unsafe fn tile<B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mut [f32]) {
     let m = ys.len();
     let groups = m / 4;
     let rest = m - 4 * groups;
@@ -133,7 +152,7 @@ unsafe fn tile<M: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
             let y = |i: usize| ys.get_unchecked(i).get_unchecked(b);
             for g in 0..groups {
                 let yg = [y(4 * g), y(4 * g + 1), y(4 * g + 2), y(4 * g + 3)];
-                let dots = hsum4(x.dots::<M, 4>(&p, yg));
+                let dots = hsum4(x.dots::<4>(&p, yg));
                 let offs = hsum4([
                     offsets(&p, yg[0]),
                     offsets(&p, yg[1]),
@@ -147,7 +166,7 @@ unsafe fn tile<M: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
             }
             for k in 0..rest {
                 let yi = y(4 * groups + k);
-                let [dots] = x.dots::<M, 1>(&p, [yi]);
+                let [dots] = x.dots::<1>(&p, [yi]);
                 let a = acc1.get_unchecked_mut(j * 3 + k);
                 *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(p.d * yi.d), *a);
                 let offs = _mm256_cvtepi32_ps(offsets(&p, yi));
@@ -164,6 +183,100 @@ unsafe fn tile<M: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
             out[4 * groups + k] = hsum(acc1[j * 3 + k]);
         }
     }
+}
+
+/// `out[j * m + 8g + r]` for the rows of the interleaved groups, two groups at a time so
+/// that each broadcast weight serves sixteen rows.
+#[inline(always)]
+unsafe fn tile_interleaved<B: Avx2Block>(
+    w: &[&[B]],
+    groups: &[&[BlockQ8Kx8]],
+    m: usize,
+    out: &mut [f32],
+) {
+    const GROUPS: usize = TILE_ACTS / 8;
+    let n = groups.len();
+    let mut acc = [_mm256_setzero_ps(); TILE_ROWS * GROUPS];
+    let blocks = w.first().map_or(0, |row| row.len());
+    for b in 0..blocks {
+        for (j, row) in w.iter().enumerate() {
+            let x = row.get_unchecked(b);
+            let acc = acc.as_mut_ptr().add(j * GROUPS);
+            let y = |g: usize| groups.get_unchecked(g).get_unchecked(b);
+            let mut g = 0;
+            while g + 2 <= n {
+                x.interleaved_dots([y(g), y(g + 1)], &mut *(acc.add(g) as *mut [__m256; 2]));
+                g += 2;
+            }
+            if g < n {
+                x.interleaved_dots([y(g)], &mut *(acc.add(g) as *mut [__m256; 1]));
+            }
+        }
+    }
+    for j in 0..w.len() {
+        for g in 0..n {
+            _mm256_storeu_ps(out[j * m + 8 * g..].as_mut_ptr(), acc[j * GROUPS + g]);
+        }
+    }
+}
+
+/// Q4_K/Q5_K with VNNI: `weights(c, k)` gives the four u8 values at 4k.. of chunk c's
+/// low-nibble and high-nibble sub-blocks, broadcast to all eight lanes.
+#[inline(always)]
+unsafe fn k_quant_interleaved<const G: usize>(
+    packed: &[u8; 12],
+    (d, dmin): (f32, f32),
+    ys: [&BlockQ8Kx8; G],
+    acc: &mut [__m256; G],
+    weights: impl Fn(usize, usize) -> (__m256i, __m256i),
+) {
+    let (scales, mins) = scales_and_mins(packed);
+    let mut total = [_mm256_setzero_si256(); G];
+    for c in 0..4 {
+        // Two chains per sub-block and group, so the dot products do not wait on each other.
+        let mut lo = [[_mm256_setzero_si256(); G]; 2];
+        let mut hi = [[_mm256_setzero_si256(); G]; 2];
+        for k in 0..8 {
+            let (wl, wh) = weights(c, k);
+            for g in 0..G {
+                let qs = &ys[g].qs;
+                let chain = k % 2;
+                lo[chain][g] =
+                    _mm256_dpbusd_avx_epi32(lo[chain][g], wl, load(qs[16 * c + k].as_ptr()));
+                hi[chain][g] =
+                    _mm256_dpbusd_avx_epi32(hi[chain][g], wh, load(qs[16 * c + 8 + k].as_ptr()));
+            }
+        }
+        let scale_lo = _mm256_set1_epi32(i32::from(scales[2 * c]));
+        let scale_hi = _mm256_set1_epi32(i32::from(scales[2 * c + 1]));
+        for g in 0..G {
+            let l = _mm256_mullo_epi32(_mm256_add_epi32(lo[0][g], lo[1][g]), scale_lo);
+            let h = _mm256_mullo_epi32(_mm256_add_epi32(hi[0][g], hi[1][g]), scale_hi);
+            total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
+        }
+    }
+    for g in 0..G {
+        let y = ys[g];
+        let mut offsets = _mm256_setzero_si256();
+        for (q, sums) in y.sums.iter().enumerate() {
+            let pair = i32::from(mins[2 * q]) | (i32::from(mins[2 * q + 1]) << 16);
+            offsets = _mm256_add_epi32(
+                offsets,
+                _mm256_madd_epi16(load(sums.as_ptr()), _mm256_set1_epi32(pair)),
+            );
+        }
+        let yd = _mm256_loadu_ps(y.d.as_ptr());
+        let dots = _mm256_cvtepi32_ps(total[g]);
+        acc[g] = _mm256_fmadd_ps(dots, _mm256_mul_ps(yd, _mm256_set1_ps(d)), acc[g]);
+        let offsets = _mm256_cvtepi32_ps(offsets);
+        acc[g] = _mm256_fnmadd_ps(offsets, _mm256_mul_ps(yd, _mm256_set1_ps(dmin)), acc[g]);
+    }
+}
+
+/// Four bytes at `ptr` in every 32-bit lane.
+#[inline(always)]
+unsafe fn broadcast4(ptr: *const u8) -> __m256i {
+    _mm256_set1_epi32(std::ptr::read_unaligned(ptr as *const i32))
 }
 
 /// `vpshufb` masks that repeat one i16 lane (of eight) across each 128-bit half.
@@ -241,7 +354,7 @@ unsafe fn prepare_k(packed: &[u8; 12], d: f32, dmin: f32) -> Prepared {
 /// Q4_K and Q5_K differ only in how chunk c's 64 values are unpacked into its low-nibble
 /// and high-nibble halves (`unpack`).
 #[inline(always)]
-unsafe fn k_quant_dots<M: MulAdd, const R: usize>(
+unsafe fn k_quant_dots<const R: usize>(
     p: &Prepared,
     ys: [&BlockQ8K; R],
     unpack: impl Fn(usize) -> (__m256i, __m256i),
@@ -255,8 +368,8 @@ unsafe fn k_quant_dots<M: MulAdd, const R: usize>(
         let scale_hi = _mm256_shuffle_epi8(p.scales, load(LANE_BROADCAST[2 * c + 1].as_ptr()));
         for r in 0..R {
             let y = ys[r].qs.as_ptr().add(64 * c);
-            lo_sums[r] = M::mul_add(lo_sums[r], _mm256_maddubs_epi16(lo, load(y)), scale_lo);
-            hi_sums[r] = M::mul_add(
+            lo_sums[r] = mul_add(lo_sums[r], _mm256_maddubs_epi16(lo, load(y)), scale_lo);
+            hi_sums[r] = mul_add(
                 hi_sums[r],
                 _mm256_maddubs_epi16(hi, load(y.add(32))),
                 scale_hi,
@@ -271,20 +384,31 @@ unsafe fn k_quant_dots<M: MulAdd, const R: usize>(
 }
 
 impl Avx2Block for BlockQ4K {
+    const INTERLEAVED: bool = true;
+
+    #[inline(always)]
+    unsafe fn interleaved_dots<const G: usize>(&self, ys: [&BlockQ8Kx8; G], acc: &mut [__m256; G]) {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let factors = (f32_of(self.d), f32_of(self.dmin));
+        k_quant_interleaved(&self.scales, factors, ys, acc, |c, k| {
+            let q = broadcast4(self.qs.as_ptr().add(32 * c + 4 * k));
+            (
+                _mm256_and_si256(q, low4),
+                _mm256_and_si256(_mm256_srli_epi16(q, 4), low4),
+            )
+        })
+    }
+
     #[inline(always)]
     unsafe fn prepare(&self) -> Prepared {
         prepare_k(&self.scales, f32_of(self.d), f32_of(self.dmin))
     }
 
     #[inline(always)]
-    unsafe fn dots<M: MulAdd, const R: usize>(
-        &self,
-        p: &Prepared,
-        ys: [&BlockQ8K; R],
-    ) -> [__m256i; R] {
+    unsafe fn dots<const R: usize>(&self, p: &Prepared, ys: [&BlockQ8K; R]) -> [__m256i; R] {
         let low4 = _mm256_set1_epi8(0x0F);
         // Byte j of chunk c: value 64c + j in the low nibble, 64c + 32 + j in the high.
-        k_quant_dots::<M, R>(p, ys, |c| {
+        k_quant_dots::<R>(p, ys, |c| {
             let q = load(self.qs.as_ptr().add(32 * c));
             (
                 _mm256_and_si256(q, low4),
@@ -295,22 +419,40 @@ impl Avx2Block for BlockQ4K {
 }
 
 impl Avx2Block for BlockQ5K {
+    const INTERLEAVED: bool = true;
+
+    #[inline(always)]
+    unsafe fn interleaved_dots<const G: usize>(&self, ys: [&BlockQ8Kx8; G], acc: &mut [__m256; G]) {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        let factors = (f32_of(self.d), f32_of(self.dmin));
+        k_quant_interleaved(&self.scales, factors, ys, acc, |c, k| {
+            let q = broadcast4(self.qs.as_ptr().add(32 * c + 4 * k));
+            let qh = _mm256_srl_epi16(
+                broadcast4(self.qh.as_ptr().add(4 * k)),
+                _mm_cvtsi32_si128(2 * c as i32),
+            );
+            let fifth_lo = _mm256_slli_epi16(_mm256_and_si256(qh, one), 4);
+            let fifth_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4);
+            (
+                _mm256_or_si256(_mm256_and_si256(q, low4), fifth_lo),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), low4), fifth_hi),
+            )
+        })
+    }
+
     #[inline(always)]
     unsafe fn prepare(&self) -> Prepared {
         prepare_k(&self.scales, f32_of(self.d), f32_of(self.dmin))
     }
 
     #[inline(always)]
-    unsafe fn dots<M: MulAdd, const R: usize>(
-        &self,
-        p: &Prepared,
-        ys: [&BlockQ8K; R],
-    ) -> [__m256i; R] {
+    unsafe fn dots<const R: usize>(&self, p: &Prepared, ys: [&BlockQ8K; R]) -> [__m256i; R] {
         let low4 = _mm256_set1_epi8(0x0F);
         let one = _mm256_set1_epi8(1);
         let qh = load(self.qh.as_ptr());
         // As Q4_K, with bits 2c and 2c+1 of qh[j] as the fifth bits.
-        k_quant_dots::<M, R>(p, ys, |c| {
+        k_quant_dots::<R>(p, ys, |c| {
             let q = load(self.qs.as_ptr().add(32 * c));
             let qh = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32));
             let fifth_lo = _mm256_slli_epi16(_mm256_and_si256(qh, one), 4);
@@ -338,11 +480,7 @@ impl Avx2Block for BlockQ6K {
     }
 
     #[inline(always)]
-    unsafe fn dots<M: MulAdd, const R: usize>(
-        &self,
-        p: &Prepared,
-        ys: [&BlockQ8K; R],
-    ) -> [__m256i; R] {
+    unsafe fn dots<const R: usize>(&self, p: &Prepared, ys: [&BlockQ8K; R]) -> [__m256i; R] {
         let low4 = _mm256_set1_epi8(0x0F);
         let bits01 = _mm256_set1_epi8(0x03);
         let bits45 = _mm256_set1_epi8(0x30);
@@ -381,7 +519,7 @@ impl Avx2Block for BlockQ6K {
                 for r in 0..R {
                     let y = ys[r].qs.as_ptr().add(128 * h + 32 * run);
                     let chain = &mut sums[run % 2][r];
-                    *chain = M::mul_add(*chain, _mm256_maddubs_epi16(q, load(y)), scale);
+                    *chain = mul_add(*chain, _mm256_maddubs_epi16(q, load(y)), scale);
                 }
             }
         }
@@ -391,4 +529,69 @@ impl Avx2Block for BlockQ6K {
         }
         out
     }
+}
+
+/// `blocks::quantize_q8k` with AVX2, with identical results: the same scale, and rounding
+/// half away from zero done exactly (truncate, then step out where the remainder is ≥ ½).
+///
+/// Safety: the CPU must have AVX2 and FMA (`has_avx2`); `xs.len() == out.len() * 256`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8k(xs: &[f32], out: &mut [BlockQ8K]) {
+    let sign_bit = _mm256_set1_ps(-0.0);
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    // packs interleave 128-bit lanes; this puts the 32 bytes back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (x, block) in xs.chunks_exact(super::QK_K).zip(out.iter_mut()) {
+        let mut amax = _mm256_setzero_ps();
+        for i in 0..32 {
+            let v = _mm256_loadu_ps(x.as_ptr().add(8 * i));
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, v));
+        }
+        let amax = hmax(amax);
+        if amax == 0.0 {
+            block.d = 0.0;
+            block.qs.fill(0);
+            block.bsums.fill(0);
+            continue;
+        }
+        // As Candle: the scale's sign is that of the first value of largest magnitude.
+        let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
+        let iscale = -127f32 / max;
+        let scale = _mm256_set1_ps(iscale);
+        for i in 0..8 {
+            let mut ints = [_mm256_setzero_si256(); 4];
+            for (k, int) in ints.iter_mut().enumerate() {
+                let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(32 * i + 8 * k)), scale);
+                let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+                let rest = _mm256_andnot_ps(sign_bit, _mm256_sub_ps(v, t));
+                let step = _mm256_and_ps(_mm256_cmp_ps(rest, half, _CMP_GE_OQ), one);
+                let r = _mm256_add_ps(t, _mm256_or_ps(step, _mm256_and_ps(v, sign_bit)));
+                *int = _mm256_cvttps_epi32(r);
+            }
+            // Sums of each 16 values, before the saturating packs (which clamp to i8).
+            for (h, pair) in ints.chunks_exact(2).enumerate() {
+                let s = _mm256_add_epi32(pair[0], pair[1]);
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+                block.bsums[2 * i + h] = _mm_cvtsi128_si32(s) as i16;
+            }
+            let words = _mm256_packs_epi16(
+                _mm256_packs_epi32(ints[0], ints[1]),
+                _mm256_packs_epi32(ints[2], ints[3]),
+            );
+            let bytes = _mm256_permutevar8x32_epi32(words, order);
+            _mm256_storeu_si256(block.qs.as_mut_ptr().add(32 * i) as *mut __m256i, bytes);
+        }
+        block.d = 1.0 / iscale;
+    }
+}
+
+#[inline(always)]
+unsafe fn hmax(v: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    _mm_cvtss_f32(m)
 }
