@@ -190,13 +190,14 @@ impl QMatrix {
         (0..tasks).into_par_iter().for_each(|task| {
             let task_rows = task * groups_per_task * TILE_ROWS
                 ..((task + 1) * groups_per_task * TILE_ROWS).min(self.rows);
-            // Results land in a task-local (m, task rows) buffer first: scattering
-            // them straight into the (m, rows) output would touch a page per element.
+            // Tiles write a task-local (task rows, m) buffer contiguously; it is then
+            // transposed into the (m, rows) output in 8×8 blocks.
             let width = task_rows.len();
-            let mut local = vec![0f32; m * width];
+            let mut local = vec![0f32; width * m];
             let mut tile_out = [0f32; TILE_ROWS * TILE_ACTS];
             for first_row in task_rows.clone().step_by(TILE_ROWS) {
                 let rows = first_row..(first_row + TILE_ROWS).min(task_rows.end);
+                let local_rows = &mut local[(first_row - task_rows.start) * m..][..rows.len() * m];
                 for first_act in (0..m).step_by(TILE_ACTS) {
                     let tile_acts = &acts[first_act..(first_act + TILE_ACTS).min(m)];
                     let n = tile_acts.len();
@@ -206,24 +207,27 @@ impl QMatrix {
                     let tile_groups = &act_groups[first_group..last_group];
                     let tile_out = &mut tile_out[..rows.len() * n];
                     self.tile(rows.clone(), tile_acts, tile_groups, tile_out);
-                    let column = first_row - task_rows.start;
                     for (j, values) in tile_out.chunks_exact(n).enumerate() {
-                        for (i, &v) in values.iter().enumerate() {
-                            local[(first_act + i) * width + column + j] = v;
-                        }
+                        local_rows[j * m + first_act..][..n].copy_from_slice(values);
                     }
                 }
             }
-            for (i, values) in local.chunks_exact(width).enumerate() {
-                // SAFETY: in bounds, and each task writes only its own rows' columns,
-                // so no two tasks touch one element.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        values.as_ptr(),
-                        out_ptr.at(i * self.rows + task_rows.start),
-                        width,
-                    )
-                };
+            let dst = out_ptr.at(task_rows.start);
+            match self.kernels {
+                // SAFETY: AVX2 as the kernels; the writes stay within this task's columns.
+                #[cfg(target_arch = "x86_64")]
+                Kernels::Avx2 | Kernels::AvxVnni => unsafe {
+                    x86::transpose(&local, m, dst, self.rows)
+                },
+                _ => {
+                    for (j, values) in local.chunks_exact(m).enumerate() {
+                        for (i, &v) in values.iter().enumerate() {
+                            // SAFETY: in bounds, and each task writes only its own rows'
+                            // columns, so no two tasks touch one element.
+                            unsafe { *dst.add(i * self.rows + j) = v };
+                        }
+                    }
+                }
             }
         });
         out

@@ -145,32 +145,41 @@ unsafe fn tile<B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mut [f32]) {
     let mut acc4 = [_mm_setzero_ps(); TILE_ROWS * TILE_ACTS / 4];
     let mut acc1 = [_mm256_setzero_ps(); TILE_ROWS * 3];
     let blocks = w.first().map_or(0, |row| row.len());
-    for b in 0..blocks {
+    if groups == 0 {
+        // Decoding: one weight row after another, each a single stream from memory that the
+        // prefetcher follows (block columns across rows would be eight streams at once).
         for (j, row) in w.iter().enumerate() {
-            let x = row.get_unchecked(b);
-            let p = x.prepare();
-            let y = |i: usize| ys.get_unchecked(i).get_unchecked(b);
-            for g in 0..groups {
-                let yg = [y(4 * g), y(4 * g + 1), y(4 * g + 2), y(4 * g + 3)];
-                let dots = hsum4(x.dots::<4>(&p, yg));
-                let offs = hsum4([
-                    offsets(&p, yg[0]),
-                    offsets(&p, yg[1]),
-                    offsets(&p, yg[2]),
-                    offsets(&p, yg[3]),
-                ]);
-                let yd = _mm_set_ps(yg[3].d, yg[2].d, yg[1].d, yg[0].d);
-                let a = acc4.get_unchecked_mut(j * groups + g);
-                *a = _mm_fmadd_ps(dots, _mm_mul_ps(yd, _mm_set1_ps(p.d)), *a);
-                *a = _mm_fnmadd_ps(offs, _mm_mul_ps(yd, _mm_set1_ps(p.dm)), *a);
+            for (b, x) in row.iter().enumerate() {
+                let p = x.prepare();
+                for k in 0..rest {
+                    let yi = ys.get_unchecked(k).get_unchecked(b);
+                    single_row(x, &p, yi, acc1.get_unchecked_mut(j * 3 + k));
+                }
             }
-            for k in 0..rest {
-                let yi = y(4 * groups + k);
-                let [dots] = x.dots::<1>(&p, [yi]);
-                let a = acc1.get_unchecked_mut(j * 3 + k);
-                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(p.d * yi.d), *a);
-                let offs = _mm256_cvtepi32_ps(offsets(&p, yi));
-                *a = _mm256_fnmadd_ps(offs, _mm256_set1_ps(p.dm * yi.d), *a);
+        }
+    } else {
+        for b in 0..blocks {
+            for (j, row) in w.iter().enumerate() {
+                let x = row.get_unchecked(b);
+                let p = x.prepare();
+                let y = |i: usize| ys.get_unchecked(i).get_unchecked(b);
+                for g in 0..groups {
+                    let yg = [y(4 * g), y(4 * g + 1), y(4 * g + 2), y(4 * g + 3)];
+                    let dots = hsum4(x.dots::<4>(&p, yg));
+                    let offs = hsum4([
+                        offsets(&p, yg[0]),
+                        offsets(&p, yg[1]),
+                        offsets(&p, yg[2]),
+                        offsets(&p, yg[3]),
+                    ]);
+                    let yd = _mm_set_ps(yg[3].d, yg[2].d, yg[1].d, yg[0].d);
+                    let a = acc4.get_unchecked_mut(j * groups + g);
+                    *a = _mm_fmadd_ps(dots, _mm_mul_ps(yd, _mm_set1_ps(p.d)), *a);
+                    *a = _mm_fnmadd_ps(offs, _mm_mul_ps(yd, _mm_set1_ps(p.dm)), *a);
+                }
+                for k in 0..rest {
+                    single_row(x, &p, y(4 * groups + k), acc1.get_unchecked_mut(j * 3 + k));
+                }
             }
         }
     }
@@ -183,6 +192,15 @@ unsafe fn tile<B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mut [f32]) {
             out[4 * groups + k] = hsum(acc1[j * 3 + k]);
         }
     }
+}
+
+/// `acc += x · y` as eight partial sums.
+#[inline(always)]
+unsafe fn single_row<B: Avx2Block>(x: &B, p: &Prepared, y: &BlockQ8K, acc: &mut __m256) {
+    let [dots] = x.dots::<1>(p, [y]);
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(p.d * y.d), *acc);
+    let offs = _mm256_cvtepi32_ps(offsets(p, y));
+    *acc = _mm256_fnmadd_ps(offs, _mm256_set1_ps(p.dm * y.d), *acc);
 }
 
 /// `out[j * m + 8g + r]` for the rows of the interleaved groups, two groups at a time so
@@ -594,4 +612,51 @@ unsafe fn hmax(v: __m256) -> f32 {
     let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     let m = _mm_max_ss(m, _mm_movehdup_ps(m));
     _mm_cvtss_f32(m)
+}
+
+/// `dst[i * dst_stride + j] = src[j * m + i]` for every element of `src` (rows of `m`), in
+/// 8×8 blocks through registers.
+///
+/// Safety: the CPU must have AVX2 (`has_avx2`); `dst` is valid for those writes.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn transpose(src: &[f32], m: usize, dst: *mut f32, dst_stride: usize) {
+    let n = src.len() / m;
+    let (n8, m8) = (n / 8 * 8, m / 8 * 8);
+    let s = src.as_ptr();
+    for j in (0..n8).step_by(8) {
+        for i in (0..m8).step_by(8) {
+            let r: [__m256; 8] = std::array::from_fn(|k| _mm256_loadu_ps(s.add((j + k) * m + i)));
+            let t: [__m256; 8] = std::array::from_fn(|k| {
+                let (a, b) = (r[k / 2 * 2], r[k / 2 * 2 + 1]);
+                if k % 2 == 0 {
+                    _mm256_unpacklo_ps(a, b)
+                } else {
+                    _mm256_unpackhi_ps(a, b)
+                }
+            });
+            let u: [__m256; 8] = std::array::from_fn(|k| {
+                let base = k / 4 * 4;
+                let (a, b) = (t[base + (k % 4) / 2], t[base + 2 + (k % 4) / 2]);
+                if k % 2 == 0 {
+                    _mm256_shuffle_ps(a, b, 0x44)
+                } else {
+                    _mm256_shuffle_ps(a, b, 0xEE)
+                }
+            });
+            for k in 0..8 {
+                let row = if k < 4 {
+                    _mm256_permute2f128_ps(u[k], u[k + 4], 0x20)
+                } else {
+                    _mm256_permute2f128_ps(u[k - 4], u[k], 0x31)
+                };
+                _mm256_storeu_ps(dst.add((i + k) * dst_stride + j), row);
+            }
+        }
+    }
+    for j in 0..n {
+        let from = if j < n8 { m8 } else { 0 };
+        for i in from..m {
+            *dst.add(i * dst_stride + j) = src[j * m + i];
+        }
+    }
 }
