@@ -1,5 +1,6 @@
 //! Loading a `phi3` GGUF: header checks, hyperparameters, weights, and the forward pass.
 
+mod attention;
 mod config;
 mod embedding;
 mod gguf;

@@ -6,9 +6,10 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{Device, Module, Result, Tensor, D};
 use candle_nn::RmsNorm;
 
+use super::attention::CausalAttention;
 use super::config::Phi3Config;
 use super::embedding::Embedding;
 use super::kv_cache::KvCache;
@@ -189,9 +190,7 @@ impl Phi3Model {
                 config.vocab_size
             )
         }
-        let device = &Device::Cpu;
         let mut xs = weights.embeddings.lookup(tokens)?.unsqueeze(0)?;
-        let mask = attention_mask(tokens.len(), offset, config.sliding_window, device)?;
         let (cos, sin) = self.rope.tables(offset, tokens.len())?;
         let rope = Rope {
             embedding: &self.rope,
@@ -199,7 +198,7 @@ impl Phi3Model {
             sin: &sin,
         };
         for (layer, cache) in weights.layers.iter().zip(self.caches.iter_mut()) {
-            let attn = attention(layer, cache, config, &rope, &xs, mask.as_ref())?;
+            let attn = attention(layer, cache, config, &rope, &xs)?;
             xs = (xs + attn)?;
             let ffn = feed_forward(layer, config, &xs)?;
             xs = (xs + ffn)?;
@@ -227,7 +226,6 @@ fn attention(
     config: &Phi3Config,
     rope: &Rope<'_>,
     xs: &Tensor,
-    mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (b, seq_len, _) = xs.dims3()?;
     let (n_head, n_kv, hd) = (config.num_heads, config.num_kv_heads, config.head_dim);
@@ -243,22 +241,14 @@ fn attention(
     let (k, v) = cache.append(&k, &v)?;
     let kv_len = k.dim(2)?;
 
-    // Grouped-query attention without copying keys: the `n_rep` query heads that share a
-    // key/value head become extra rows of one matmul against that head.
-    let n_rep = n_head / n_kv;
-    let q = q.reshape((b, n_kv, n_rep * seq_len, hd))?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-    let scores = match mask {
-        Some(mask) => scores
-            .reshape((b, n_kv, n_rep, seq_len, kv_len))?
-            .broadcast_add(mask)?
-            .reshape((b, n_kv, n_rep * seq_len, kv_len))?,
-        None => scores,
+    let attention = CausalAttention {
+        offset: kv_len - seq_len,
+        window: config.sliding_window,
+        scale: 1.0 / (hd as f32).sqrt(),
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    let out = probs
-        .matmul(&v)?
-        .reshape((b, n_head, seq_len, hd))?
+    let out = q
+        .contiguous()?
+        .apply_op3_no_bwd(&k, &v, &attention)?
         .transpose(1, 2)?
         .reshape((b, seq_len, n_head * hd))?;
     layer.attn_output.forward(&out)
@@ -275,35 +265,4 @@ fn feed_forward(layer: &Layer, config: &Phi3Config, xs: &Tensor) -> Result<Tenso
     layer
         .ffn_down
         .forward(&(candle_nn::ops::silu(&gate)? * up)?)
-}
-
-/// Additive mask (seq_len, offset + seq_len): 0 where query i may see key j, -inf elsewhere.
-/// `None` when nothing is masked (one new token and no window in effect).
-fn attention_mask(
-    seq_len: usize,
-    offset: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> Result<Option<Tensor>> {
-    let kv_len = offset + seq_len;
-    let visible = |i: usize, j: usize| {
-        let pos = offset + i;
-        j <= pos && window.is_none_or(|w| pos - j < w)
-    };
-    if seq_len == 1 && (0..kv_len).all(|j| visible(0, j)) {
-        return Ok(None);
-    }
-    let mask: Vec<f32> = (0..seq_len)
-        .flat_map(|i| (0..kv_len).map(move |j| (i, j)))
-        .map(|(i, j)| {
-            if visible(i, j) {
-                0.0
-            } else {
-                f32::NEG_INFINITY
-            }
-        })
-        .collect();
-    Tensor::from_vec(mask, (seq_len, kv_len), device)?
-        .to_dtype(DType::F32)
-        .map(Some)
 }
