@@ -291,6 +291,10 @@ unsafe fn k_quant_interleaved<const G: usize>(
     }
 }
 
+/// A block's unpacked weights, one sub-block of 32 per row.
+#[repr(C, align(32))]
+struct Unpacked([[u8; 32]; 8]);
+
 /// Four bytes at `ptr` in every 32-bit lane.
 #[inline(always)]
 unsafe fn broadcast4(ptr: *const u8) -> __m256i {
@@ -441,20 +445,27 @@ impl Avx2Block for BlockQ5K {
 
     #[inline(always)]
     unsafe fn interleaved_dots<const G: usize>(&self, ys: [&BlockQ8Kx8; G], acc: &mut [__m256; G]) {
-        let low4 = _mm256_set1_epi8(0x0F);
+        // Five-bit values take a dozen operations to assemble four at a time; unpacked once
+        // per block into a buffer, each four are then one broadcast load.
+        let mut values = Unpacked([[0; 32]; 8]);
         let one = _mm256_set1_epi8(1);
+        let low4 = _mm256_set1_epi8(0x0F);
+        let qh = load(self.qh.as_ptr());
+        for c in 0..4 {
+            let q = load(self.qs.as_ptr().add(32 * c));
+            let h = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32));
+            let fifth_lo = _mm256_slli_epi16(_mm256_and_si256(h, one), 4);
+            let fifth_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 1), one), 4);
+            let lo = _mm256_or_si256(_mm256_and_si256(q, low4), fifth_lo);
+            let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), low4), fifth_hi);
+            _mm256_store_si256(values.0[2 * c].as_mut_ptr() as *mut __m256i, lo);
+            _mm256_store_si256(values.0[2 * c + 1].as_mut_ptr() as *mut __m256i, hi);
+        }
         let factors = (f32_of(self.d), f32_of(self.dmin));
         k_quant_interleaved(&self.scales, factors, ys, acc, |c, k| {
-            let q = broadcast4(self.qs.as_ptr().add(32 * c + 4 * k));
-            let qh = _mm256_srl_epi16(
-                broadcast4(self.qh.as_ptr().add(4 * k)),
-                _mm_cvtsi32_si128(2 * c as i32),
-            );
-            let fifth_lo = _mm256_slli_epi16(_mm256_and_si256(qh, one), 4);
-            let fifth_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4);
             (
-                _mm256_or_si256(_mm256_and_si256(q, low4), fifth_lo),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), low4), fifth_hi),
+                broadcast4(values.0[2 * c].as_ptr().add(4 * k)),
+                broadcast4(values.0[2 * c + 1].as_ptr().add(4 * k)),
             )
         })
     }
