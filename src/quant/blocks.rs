@@ -134,6 +134,8 @@ pub struct BlockQ8Kx8 {
     /// `sums[q]`: per row r, the sums of its 32-value sub-blocks 2q and 2q+1, as the i16
     /// pair at 2r, 2r+1 (what the weights' minimums multiply).
     pub sums: [[i16; 16]; 4],
+    /// `bsums[q]`: the same for the 16-value sums 2q and 2q+1 (Q6_K's sub-blocks).
+    pub bsums: [[i16; 16]; 8],
 }
 
 impl BlockQ8Kx8 {
@@ -143,6 +145,7 @@ impl BlockQ8Kx8 {
             qs: [[0; 32]; QK_K / 4],
             d: [0.0; 8],
             sums: [[0; 16]; 4],
+            bsums: [[0; 16]; 8],
         };
         for (r, row) in rows.iter().enumerate() {
             let y = &row[b];
@@ -155,6 +158,10 @@ impl BlockQ8Kx8 {
                     let s = 2 * q + half;
                     sums[2 * r + half] = y.bsums[2 * s] + y.bsums[2 * s + 1];
                 }
+            }
+            for (q, bsums) in out.bsums.iter_mut().enumerate() {
+                bsums[2 * r] = y.bsums[2 * q];
+                bsums[2 * r + 1] = y.bsums[2 * q + 1];
             }
         }
         out

@@ -233,12 +233,10 @@ impl QMatrix {
         out
     }
 
-    /// The activations in groups of eight rows, interleaved, where the VNNI kernels take
-    /// them (Q4_K and Q5_K; whole groups only, the rest go row by row).
+    /// The activations in groups of eight rows, interleaved, for the VNNI kernels (whole
+    /// groups only; the rest go row by row).
     fn interleave(&self, acts: &[&[BlockQ8K]], blocks_per_row: usize) -> Vec<BlockQ8Kx8> {
-        let takes_groups = self.kernels == Kernels::AvxVnni
-            && matches!(self.block_type, BlockType::Q4K | BlockType::Q5K);
-        if !takes_groups {
+        if self.kernels != Kernels::AvxVnni {
             return Vec::new();
         }
         acts.chunks_exact(8)

@@ -9,7 +9,7 @@
 //! pairs summed to i16) and one `madd` by the sub-block scale (to i32); four activation
 //! rows share each unpacking of a weight block, and their sums are reduced together.
 //!
-//! AVX-VNNI (Q4_K, Q5_K, in groups of eight activation rows): the activations are
+//! AVX-VNNI (in groups of eight activation rows): the activations are
 //! interleaved (`BlockQ8Kx8`) so that one `vpdpbusd` multiplies four broadcast weights with
 //! the same four positions of eight rows, summing into one i32 lane per row. A sub-block's
 //! scale then applies once per eight rows: half the multiplies of the AVX2 path.
@@ -495,6 +495,58 @@ impl Avx2Block for BlockQ5K {
 }
 
 impl Avx2Block for BlockQ6K {
+    const INTERLEAVED: bool = true;
+
+    #[inline(always)]
+    unsafe fn interleaved_dots<const G: usize>(&self, ys: [&BlockQ8Kx8; G], acc: &mut [__m256; G]) {
+        // Unpacked once per block, in value order, into a buffer; each four weights are then
+        // one broadcast load. Sub-blocks are 16 values: four dwords per scale.
+        let mut values = Unpacked([[0; 32]; 8]);
+        for h in 0..2 {
+            for (run, q) in self.runs(h).into_iter().enumerate() {
+                _mm256_store_si256(values.0[4 * h + run].as_mut_ptr() as *mut __m256i, q);
+            }
+        }
+        let mut total = [_mm256_setzero_si256(); G];
+        for t in 0..8 {
+            let mut lo = [_mm256_setzero_si256(); G];
+            let mut hi = [_mm256_setzero_si256(); G];
+            for k in 0..4 {
+                let wl = broadcast4(values.0[t].as_ptr().add(4 * k));
+                let wh = broadcast4(values.0[t].as_ptr().add(16 + 4 * k));
+                for g in 0..G {
+                    let qs = &ys[g].qs;
+                    lo[g] = _mm256_dpbusd_avx_epi32(lo[g], wl, load(qs[8 * t + k].as_ptr()));
+                    hi[g] = _mm256_dpbusd_avx_epi32(hi[g], wh, load(qs[8 * t + 4 + k].as_ptr()));
+                }
+            }
+            let scale_lo = _mm256_set1_epi32(i32::from(self.scales[2 * t]));
+            let scale_hi = _mm256_set1_epi32(i32::from(self.scales[2 * t + 1]));
+            for g in 0..G {
+                let l = _mm256_mullo_epi32(lo[g], scale_lo);
+                let h = _mm256_mullo_epi32(hi[g], scale_hi);
+                total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
+            }
+        }
+        let d = f32_of(self.d);
+        for g in 0..G {
+            let y = ys[g];
+            // Values are stored +32: subtract 32·Σ scale·bsum.
+            let mut offsets = _mm256_setzero_si256();
+            for (q, bsums) in y.bsums.iter().enumerate() {
+                let pair = i32::from(self.scales[2 * q]) as u16 as i32
+                    | (i32::from(self.scales[2 * q + 1]) << 16);
+                offsets = _mm256_add_epi32(
+                    offsets,
+                    _mm256_madd_epi16(load(bsums.as_ptr()), _mm256_set1_epi32(pair)),
+                );
+            }
+            let values = _mm256_sub_epi32(total[g], _mm256_slli_epi32(offsets, 5));
+            let yd = _mm256_mul_ps(_mm256_loadu_ps(y.d.as_ptr()), _mm256_set1_ps(d));
+            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(values), yd, acc[g]);
+        }
+    }
+
     #[inline(always)]
     unsafe fn prepare(&self) -> Prepared {
         let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(self.scales.as_ptr() as *const __m128i));
@@ -510,9 +562,6 @@ impl Avx2Block for BlockQ6K {
 
     #[inline(always)]
     unsafe fn dots<const R: usize>(&self, p: &Prepared, ys: [&BlockQ8K; R]) -> [__m256i; R] {
-        let low4 = _mm256_set1_epi8(0x0F);
-        let bits01 = _mm256_set1_epi8(0x03);
-        let bits45 = _mm256_set1_epi8(0x30);
         let mut sums = [[_mm256_setzero_si256(); R]; 2];
         for h in 0..2 {
             // Sub-blocks 8h..8h+8, as i16 in both halves, for the pair shuffles.
@@ -521,29 +570,7 @@ impl Avx2Block for BlockQ6K {
             } else {
                 _mm256_permute2x128_si256(p.scales, p.scales, 0x11)
             };
-            let ql0 = load(self.ql.as_ptr().add(64 * h));
-            let ql1 = load(self.ql.as_ptr().add(64 * h + 32));
-            let qh = load(self.qh.as_ptr().add(32 * h));
-            // Four runs of 32 values, 0..64 unsigned.
-            let runs = [
-                _mm256_or_si256(
-                    _mm256_and_si256(ql0, low4),
-                    _mm256_slli_epi16(_mm256_and_si256(qh, bits01), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(ql1, low4),
-                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), bits01), 4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
-                    _mm256_and_si256(qh, bits45),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
-                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), bits45),
-                ),
-            ];
-            for (run, &q) in runs.iter().enumerate() {
+            for (run, q) in self.runs(h).into_iter().enumerate() {
                 let scale = _mm256_shuffle_epi8(half_scales, load(PAIR_BROADCAST[run].as_ptr()));
                 for r in 0..R {
                     let y = ys[r].qs.as_ptr().add(128 * h + 32 * run);
@@ -557,6 +584,39 @@ impl Avx2Block for BlockQ6K {
             out[r] = _mm256_add_epi32(sums[0][r], sums[1][r]);
         }
         out
+    }
+}
+
+impl BlockQ6K {
+    /// Half h's four runs of 32 values (values 128h + 32·run + l), 0..64 unsigned: ql's low
+    /// nibbles, the next 32 bytes' low nibbles, then the high nibbles, each with two bits of
+    /// qh on top.
+    #[inline(always)]
+    unsafe fn runs(&self, h: usize) -> [__m256i; 4] {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let bits01 = _mm256_set1_epi8(0x03);
+        let bits45 = _mm256_set1_epi8(0x30);
+        let ql0 = load(self.ql.as_ptr().add(64 * h));
+        let ql1 = load(self.ql.as_ptr().add(64 * h + 32));
+        let qh = load(self.qh.as_ptr().add(32 * h));
+        [
+            _mm256_or_si256(
+                _mm256_and_si256(ql0, low4),
+                _mm256_slli_epi16(_mm256_and_si256(qh, bits01), 4),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(ql1, low4),
+                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), bits01), 4),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                _mm256_and_si256(qh, bits45),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                _mm256_and_si256(_mm256_srli_epi16(qh, 2), bits45),
+            ),
+        ]
     }
 }
 
