@@ -240,3 +240,62 @@ def test_tokenizer_of_another_model(model_path: Path, tokenizer_path: Path, tmp_
     renamed.write_text(json.dumps(data))
     with pytest.raises(TokenizerError, match="32007"):
         Phi3Generator(model_path, tokenizer=renamed)
+
+
+ANON_RSS = """
+import sys
+from candle_phi import Phi3Generator
+
+def anon_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+before = anon_kib()
+gen = Phi3Generator(sys.argv[1], tokenizer=sys.argv[2])
+print(anon_kib() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status")
+def test_k_quant_weights_are_mapped_not_copied(tmp_path: Path, tokenizer_path: Path) -> None:
+    # K-quant matrices are multiplied where they lie in the mapped file: loading adds file
+    # pages to the page cache, not anonymous memory. Candle's own QMatMul (for comparison)
+    # holds a private copy of every matrix.
+    import subprocess
+    import sys
+
+    path = tmp_path / "wide-q4k.gguf"
+    config = fx.TinyPhi3Config(
+        hidden_size=1024, num_layers=4, num_heads=8, num_kv_heads=8, intermediate_size=2048
+    )
+    fx.write_phi3_gguf(path, config, weight_type="Q4_K")
+    size_kib = path.stat().st_size / 1024
+
+    def anon_growth_kib(kernels: str) -> float:
+        out = subprocess.run(
+            [sys.executable, "-c", ANON_RSS, str(path), str(tokenizer_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "CANDLE_PHI_KERNELS": kernels},
+        )
+        assert out.returncode == 0, out.stderr
+        return float(out.stdout)
+
+    from gguf import GGUFReader
+
+    matrices_kib = (
+        sum(
+            int(t.n_bytes)
+            for t in GGUFReader(path).tensors
+            if t.name != "token_embd.weight" and len(t.shape) == 2
+        )
+        / 1024
+    )
+    # The portable kernels, so that this holds on any CPU. (The token embeddings are read
+    # in place in both cases; what else a process holds is the same in both.)
+    mapped = anon_growth_kib("scalar")
+    copied = anon_growth_kib("candle")
+    assert copied - mapped > 0.9 * matrices_kib, (mapped, copied, matrices_kib)
+    assert mapped < 0.5 * copied, (mapped, copied, matrices_kib)
