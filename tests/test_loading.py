@@ -270,7 +270,6 @@ def test_k_quant_weights_are_mapped_not_copied(tmp_path: Path, tokenizer_path: P
         hidden_size=1024, num_layers=4, num_heads=8, num_kv_heads=8, intermediate_size=2048
     )
     fx.write_phi3_gguf(path, config, weight_type="Q4_K")
-    size_kib = path.stat().st_size / 1024
 
     def anon_growth_kib(kernels: str) -> float:
         out = subprocess.run(
