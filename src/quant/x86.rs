@@ -221,13 +221,12 @@ unsafe fn tile_interleaved<B: Avx2Block>(
             let x = row.get_unchecked(b);
             let acc = acc.as_mut_ptr().add(j * GROUPS);
             let y = |g: usize| groups.get_unchecked(g).get_unchecked(b);
-            let mut g = 0;
-            while g + 2 <= n {
-                x.interleaved_dots([y(g), y(g + 1)], &mut *(acc.add(g) as *mut [__m256; 2]));
-                g += 2;
-            }
-            if g < n {
-                x.interleaved_dots([y(g)], &mut *(acc.add(g) as *mut [__m256; 1]));
+            match n {
+                4 => x.interleaved_dots([y(0), y(1), y(2), y(3)], &mut *(acc as *mut [__m256; 4])),
+                3 => x.interleaved_dots([y(0), y(1), y(2)], &mut *(acc as *mut [__m256; 3])),
+                2 => x.interleaved_dots([y(0), y(1)], &mut *(acc as *mut [__m256; 2])),
+                1 => x.interleaved_dots([y(0)], &mut *(acc as *mut [__m256; 1])),
+                _ => {}
             }
         }
     }
@@ -251,25 +250,21 @@ unsafe fn k_quant_interleaved<const G: usize>(
     let (scales, mins) = scales_and_mins(packed);
     let mut total = [_mm256_setzero_si256(); G];
     for c in 0..4 {
-        // Two chains per sub-block and group, so the dot products do not wait on each other.
-        let mut lo = [[_mm256_setzero_si256(); G]; 2];
-        let mut hi = [[_mm256_setzero_si256(); G]; 2];
+        let mut lo = [_mm256_setzero_si256(); G];
+        let mut hi = [_mm256_setzero_si256(); G];
         for k in 0..8 {
             let (wl, wh) = weights(c, k);
             for g in 0..G {
                 let qs = &ys[g].qs;
-                let chain = k % 2;
-                lo[chain][g] =
-                    _mm256_dpbusd_avx_epi32(lo[chain][g], wl, load(qs[16 * c + k].as_ptr()));
-                hi[chain][g] =
-                    _mm256_dpbusd_avx_epi32(hi[chain][g], wh, load(qs[16 * c + 8 + k].as_ptr()));
+                lo[g] = _mm256_dpbusd_avx_epi32(lo[g], wl, load(qs[16 * c + k].as_ptr()));
+                hi[g] = _mm256_dpbusd_avx_epi32(hi[g], wh, load(qs[16 * c + 8 + k].as_ptr()));
             }
         }
         let scale_lo = _mm256_set1_epi32(i32::from(scales[2 * c]));
         let scale_hi = _mm256_set1_epi32(i32::from(scales[2 * c + 1]));
         for g in 0..G {
-            let l = _mm256_mullo_epi32(_mm256_add_epi32(lo[0][g], lo[1][g]), scale_lo);
-            let h = _mm256_mullo_epi32(_mm256_add_epi32(hi[0][g], hi[1][g]), scale_hi);
+            let l = _mm256_mullo_epi32(lo[g], scale_lo);
+            let h = _mm256_mullo_epi32(hi[g], scale_hi);
             total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
         }
     }
