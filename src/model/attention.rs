@@ -139,19 +139,197 @@ impl CausalAttention {
             let query = head.q.row(head.b, head.h, i);
             let keys = first..pos + 1;
             let scores = &mut scores[keys.clone()];
-            let mut max = f32::NEG_INFINITY;
-            for (s, j) in scores.iter_mut().zip(keys.clone()) {
-                *s = dot::<FMA>(query, head.k.row(head.b, head.kv_h, j)) * self.scale;
-                max = max.max(*s);
+            let key = |j: usize| head.k.row(head.b, head.kv_h, j);
+            let value = |j: usize| head.v.row(head.b, head.kv_h, j);
+            #[cfg(target_arch = "x86_64")]
+            let simd = FMA && head_dim.is_multiple_of(8);
+            #[cfg(not(target_arch = "x86_64"))]
+            let simd = false;
+            if simd {
+                // SAFETY: FMA is only true inside `head_fma`, where the CPU has AVX2 and FMA.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    simd::scores(query, key, keys.clone(), self.scale, scores)
+                };
+            } else {
+                for (s, j) in scores.iter_mut().zip(keys.clone()) {
+                    *s = dot::<FMA>(query, key(j)) * self.scale;
+                }
             }
-            let mut total = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
-            }
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let total = if simd {
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    simd::softmax_numerators(scores, max)
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!()
+            } else {
+                let mut total = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    total += *s;
+                }
+                total
+            };
             out.fill(0.0);
-            for (&p, j) in scores.iter().zip(keys) {
-                axpy::<FMA>(p / total, head.v.row(head.b, head.kv_h, j), out);
+            if simd {
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    simd::weighted_sum(scores, value, keys, out)
+                };
+            } else {
+                for (&p, j) in scores.iter().zip(keys) {
+                    axpy::<FMA>(p, value(j), out);
+                }
+            }
+            let norm = 1.0 / total;
+            out.iter_mut().for_each(|o| *o *= norm);
+        }
+    }
+}
+
+/// AVX2 + FMA inner loops for head sizes that are a multiple of 8 (inlined into
+/// `head_fma`): four keys per pass, so each query load serves four dot products and each
+/// output load and store serves four values.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    /// `scores[n] = scale · query · key(keys.start + n)`.
+    #[inline(always)]
+    pub unsafe fn scores<'a>(
+        query: &[f32],
+        key: impl Fn(usize) -> &'a [f32],
+        keys: Range<usize>,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let d = query.len();
+        let q = query.as_ptr();
+        let count = keys.len();
+        let mut n = 0;
+        while n + 4 <= count {
+            let k: [*const f32; 4] = std::array::from_fn(|r| key(keys.start + n + r).as_ptr());
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for c in (0..d).step_by(8) {
+                let qv = _mm256_loadu_ps(q.add(c));
+                for r in 0..4 {
+                    acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[r].add(c)), acc[r]);
+                }
+            }
+            // Lane sums of the four, as four floats.
+            let h = _mm256_hadd_ps(
+                _mm256_hadd_ps(acc[0], acc[1]),
+                _mm256_hadd_ps(acc[2], acc[3]),
+            );
+            let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            _mm_storeu_ps(
+                scores.as_mut_ptr().add(n),
+                _mm_mul_ps(sums, _mm_set1_ps(scale)),
+            );
+            n += 4;
+        }
+        for (n, score) in scores.iter_mut().enumerate().take(count).skip(n) {
+            let k = key(keys.start + n).as_ptr();
+            let mut acc = _mm256_setzero_ps();
+            for c in (0..d).step_by(8) {
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), _mm256_loadu_ps(k.add(c)), acc);
+            }
+            let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            *score = _mm_cvtss_f32(s) * scale;
+        }
+    }
+
+    /// `scores[n] = exp(scores[n] − max)`, returning their sum.
+    #[inline(always)]
+    pub unsafe fn softmax_numerators(scores: &mut [f32], max: f32) -> f32 {
+        let mut total = _mm256_setzero_ps();
+        let mut chunks = scores.chunks_exact_mut(8);
+        for chunk in &mut chunks {
+            let x = _mm256_sub_ps(_mm256_loadu_ps(chunk.as_ptr()), _mm256_set1_ps(max));
+            let e = exp(x);
+            _mm256_storeu_ps(chunk.as_mut_ptr(), e);
+            total = _mm256_add_ps(total, e);
+        }
+        let mut rest = 0f32;
+        for s in chunks.into_remainder() {
+            *s = (*s - max).exp();
+            rest += *s;
+        }
+        let t = _mm_add_ps(
+            _mm256_castps256_ps128(total),
+            _mm256_extractf128_ps(total, 1),
+        );
+        let t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+        let t = _mm_add_ss(t, _mm_movehdup_ps(t));
+        _mm_cvtss_f32(t) + rest
+    }
+
+    /// e^x for x ≤ 0: 2^n · e^r with n = round(x·log2 e) and r = x − n·ln 2 (in two parts,
+    /// so r keeps its precision), |r| ≤ ½ ln 2, and e^r from its Taylor series to degree 7.
+    #[inline(always)]
+    unsafe fn exp(x: __m256) -> __m256 {
+        // Below this, e^x is under f32's smallest normal; the result is then ~0, as it should be.
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        // ln 2 = 0.693359375 (exact in a few bits, so n times it is exact) − 2.121944e-4.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.0 / 5040.0);
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let scale = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+        _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale))
+    }
+
+    /// `out += Σ weights[n] · value(keys.start + n)`.
+    #[inline(always)]
+    pub unsafe fn weighted_sum<'a>(
+        weights: &[f32],
+        value: impl Fn(usize) -> &'a [f32],
+        keys: Range<usize>,
+        out: &mut [f32],
+    ) {
+        let d = out.len();
+        let o = out.as_mut_ptr();
+        let count = keys.len();
+        let mut n = 0;
+        while n + 4 <= count {
+            let v: [*const f32; 4] = std::array::from_fn(|r| value(keys.start + n + r).as_ptr());
+            let p: [__m256; 4] = std::array::from_fn(|r| _mm256_set1_ps(weights[n + r]));
+            for c in (0..d).step_by(8) {
+                let mut acc = _mm256_loadu_ps(o.add(c));
+                for r in 0..4 {
+                    acc = _mm256_fmadd_ps(p[r], _mm256_loadu_ps(v[r].add(c)), acc);
+                }
+                _mm256_storeu_ps(o.add(c), acc);
+            }
+            n += 4;
+        }
+        for (n, &weight) in weights.iter().enumerate().take(count).skip(n) {
+            let v = value(keys.start + n).as_ptr();
+            let p = _mm256_set1_ps(weight);
+            for c in (0..d).step_by(8) {
+                let acc = _mm256_fmadd_ps(p, _mm256_loadu_ps(v.add(c)), _mm256_loadu_ps(o.add(c)));
+                _mm256_storeu_ps(o.add(c), acc);
             }
         }
     }
@@ -191,5 +369,34 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 fn axpy<const FMA: bool>(alpha: f32, x: &[f32], out: &mut [f32]) {
     for (o, &v) in out.iter_mut().zip(x) {
         *o = madd::<FMA>(*o, alpha, v);
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    #[test]
+    fn vector_exp_is_accurate() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let xs: Vec<f32> = (0..=20_000).map(|i| -100.0 * i as f32 / 20_000.0).collect();
+        let mut ours = xs.clone();
+        // SAFETY: AVX2 and FMA checked above.
+        let total = unsafe { super::simd::softmax_numerators(&mut ours, 0.0) };
+        let mut sum = 0f64;
+        for (&x, &e) in xs.iter().zip(&ours) {
+            let exact = f64::from(x).exp();
+            sum += exact;
+            if x > -87.0 {
+                let relative = ((f64::from(e) - exact) / exact).abs();
+                assert!(relative < 3e-7, "exp({x}) = {e}, exactly {exact}");
+            } else {
+                assert!(f64::from(e) < 2e-38, "exp({x}) = {e}");
+            }
+        }
+        assert!(
+            (f64::from(total) - sum).abs() < 1e-5 * sum,
+            "{total} vs {sum}"
+        );
     }
 }
