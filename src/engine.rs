@@ -31,7 +31,7 @@ impl ModelSource {
 /// The worker threads of Candle's CPU kernels: one pool per process, sized once.
 static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
-/// Sets the thread count of Candle's matmul pool and of rayon (used by the other ops), or
+/// Sets the thread count of Candle's matmul pool and of rayon (our kernels, Candle's other ops), or
 /// checks it against the one already in force: both pools are process-wide and sized once.
 pub fn set_threads(requested: Option<usize>) -> Result<usize> {
     if requested == Some(0) {
