@@ -11,8 +11,9 @@
 //!
 //! AVX-VNNI (in groups of eight activation rows): the activations are
 //! interleaved (`BlockQ8Kx8`) so that one `vpdpbusd` multiplies four broadcast weights with
-//! the same four positions of eight rows, summing into one i32 lane per row. A sub-block's
-//! scale then applies once per eight rows: half the multiplies of the AVX2 path.
+//! the same four positions of eight rows, summing into one i32 lane per row; each broadcast
+//! serves four such groups. A sub-block's scale then applies once per eight rows: half the
+//! multiplies of the AVX2 path.
 
 use std::arch::x86_64::*;
 
@@ -43,7 +44,7 @@ pub unsafe fn tile_avx2<B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mut 
 }
 
 /// As `tile_avx2`, with AVX-VNNI (`has_avx_vnni`) for the first `8 * groups.len()`
-/// activation rows, given interleaved in `groups` too, where the block type supports it.
+/// activation rows, given interleaved in `groups` too; the rest go through the AVX2 path.
 ///
 /// Safety: as for `tile_avx2`, and `groups[g]` interleaves rows `8g..8g+8` of `ys`.
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
@@ -54,7 +55,7 @@ pub unsafe fn tile_avx_vnni<B: Avx2Block>(
     out: &mut [f32],
 ) {
     let m = ys.len();
-    let covered = if B::INTERLEAVED { 8 * groups.len() } else { 0 };
+    let covered = 8 * groups.len();
     if covered > 0 {
         tile_interleaved(w, groups, m, out);
     }
@@ -80,21 +81,12 @@ pub struct Prepared {
 
 /// A K-quant block that can be multiplied with Q8_K activation blocks.
 pub trait Avx2Block {
-    /// Whether `interleaved_dots` is implemented.
-    const INTERLEAVED: bool = false;
-
     unsafe fn prepare(&self) -> Prepared;
     /// Σ scale·q·y over the block for each activation block, as 8 i32 partial sums.
     unsafe fn dots<const R: usize>(&self, p: &Prepared, ys: [&BlockQ8K; R]) -> [__m256i; R];
 
     /// `acc[g]` (lane r: row r of group g) += this block · the group's block, with VNNI.
-    unsafe fn interleaved_dots<const G: usize>(
-        &self,
-        _ys: [&BlockQ8Kx8; G],
-        _acc: &mut [__m256; G],
-    ) {
-        unreachable!("only called where INTERLEAVED")
-    }
+    unsafe fn interleaved_dots<const G: usize>(&self, ys: [&BlockQ8Kx8; G], acc: &mut [__m256; G]);
 }
 
 /// `acc + madd(a, b)`.
@@ -203,8 +195,8 @@ unsafe fn single_row<B: Avx2Block>(x: &B, p: &Prepared, y: &BlockQ8K, acc: &mut 
     *acc = _mm256_fnmadd_ps(offs, _mm256_set1_ps(p.dm * y.d), *acc);
 }
 
-/// `out[j * m + 8g + r]` for the rows of the interleaved groups, two groups at a time so
-/// that each broadcast weight serves sixteen rows.
+/// `out[j * m + 8g + r]` for the rows of the interleaved groups, all (up to four) at once so
+/// that each broadcast weight serves up to 32 rows.
 #[inline(always)]
 unsafe fn tile_interleaved<B: Avx2Block>(
     w: &[&[B]],
@@ -401,8 +393,6 @@ unsafe fn k_quant_dots<const R: usize>(
 }
 
 impl Avx2Block for BlockQ4K {
-    const INTERLEAVED: bool = true;
-
     #[inline(always)]
     unsafe fn interleaved_dots<const G: usize>(&self, ys: [&BlockQ8Kx8; G], acc: &mut [__m256; G]) {
         let low4 = _mm256_set1_epi8(0x0F);
@@ -436,8 +426,6 @@ impl Avx2Block for BlockQ4K {
 }
 
 impl Avx2Block for BlockQ5K {
-    const INTERLEAVED: bool = true;
-
     #[inline(always)]
     unsafe fn interleaved_dots<const G: usize>(&self, ys: [&BlockQ8Kx8; G], acc: &mut [__m256; G]) {
         // Five-bit values take a dozen operations to assemble four at a time; unpacked once
@@ -490,8 +478,6 @@ impl Avx2Block for BlockQ5K {
 }
 
 impl Avx2Block for BlockQ6K {
-    const INTERLEAVED: bool = true;
-
     #[inline(always)]
     unsafe fn interleaved_dots<const G: usize>(&self, ys: [&BlockQ8Kx8; G], acc: &mut [__m256; G]) {
         // Unpacked once per block, in value order, into a buffer; each four weights are then
