@@ -223,15 +223,15 @@ impl Generation {
         if self.prefilled < self.prompt.len() {
             let end = (self.prefilled + PREFILL_CHUNK).min(self.prompt.len());
             let chunk_start = Instant::now();
-            let logits = self
-                .model
-                .forward(&self.prompt[self.prefilled..end])
-                .map_err(Error::generation)?;
+            let chunk = &self.prompt[self.prefilled..end];
+            // Only the last chunk's logits are sampled from.
+            if end == self.prompt.len() {
+                self.logits = Some(self.model.forward(chunk).map_err(Error::generation)?);
+            } else {
+                self.model.feed(chunk).map_err(Error::generation)?;
+            }
             self.stats.prompt_time += chunk_start.elapsed();
             self.prefilled = end;
-            if end == self.prompt.len() {
-                self.logits = Some(logits);
-            }
             return Ok(Step::Working);
         }
 

@@ -163,6 +163,12 @@ impl Phi3Model {
         self.weights.output.forward(&last)?.flatten_all()
     }
 
+    /// Feeds `tokens` into the cache without computing logits (a prompt chunk that is not
+    /// the last one: the output projection is a vocabulary-sized product).
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        self.hidden_states(tokens).map(drop)
+    }
+
     /// Feeds `tokens` and returns the logits at every position, shape (tokens, vocab).
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Tensor> {
         let hidden = self.hidden_states(tokens)?;

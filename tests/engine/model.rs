@@ -113,6 +113,13 @@ fn last_position_of_forward_is_last_row_of_forward_all() {
     let last = m.forward(&ids).unwrap().to_vec1::<f32>().unwrap();
     assert!(max_diff(&[last], &all[32..]) < 1e-5);
     assert_eq!(m.position(), 33);
+
+    // Feeding a prefix without logits leaves the same cache behind.
+    let mut fed = model(config(), GgmlDType::F32);
+    fed.feed(&ids[..20]).unwrap();
+    assert_eq!(fed.position(), 20);
+    let last = fed.forward(&ids[20..]).unwrap().to_vec1::<f32>().unwrap();
+    assert!(max_diff(&[last], &all[32..]) < 1e-5);
 }
 
 #[test]
