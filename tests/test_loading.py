@@ -9,7 +9,7 @@ from pathlib import Path
 
 import phi3_fixtures as fx
 import pytest
-from candle_phi import ModelLoadError, Phi3Generator, TokenizerError
+from candle_phi import InvalidArgumentError, ModelLoadError, Phi3Generator, TokenizerError
 from conftest import CHAT_PROMPT
 
 MODEL_REPO = "microsoft/Phi-3-mini-4k-instruct-gguf"
@@ -298,3 +298,14 @@ def test_k_quant_weights_are_mapped_not_copied(tmp_path: Path, tokenizer_path: P
     copied = anon_growth_kib("candle")
     assert copied - mapped > 0.9 * matrices_kib, (mapped, copied, matrices_kib)
     assert mapped < 0.5 * copied, (mapped, copied, matrices_kib)
+
+
+def test_unknown_kernels_are_an_error(
+    monkeypatch: pytest.MonkeyPatch, model_path: Path, tokenizer_path: Path
+) -> None:
+    # A typo must not silently measure other kernels than the ones asked for.
+    monkeypatch.setenv("CANDLE_PHI_KERNELS", "avx512")
+    with pytest.raises(InvalidArgumentError, match="CANDLE_PHI_KERNELS.*avx-vnni, avx2, scalar"):
+        Phi3Generator(model_path, tokenizer=tokenizer_path)
+    monkeypatch.setenv("CANDLE_PHI_KERNELS", "scalar")
+    Phi3Generator(model_path, tokenizer=tokenizer_path)

@@ -14,7 +14,7 @@ use super::config::Phi3Config;
 use super::embedding::Embedding;
 use super::kv_cache::KvCache;
 use super::rope::{RopeFactors, RotaryEmbedding};
-use crate::quant::{Linear, RawTensor};
+use crate::quant::{Kernels, Linear, RawTensor};
 
 #[derive(Debug)]
 struct Layer {
@@ -49,13 +49,14 @@ pub const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
 
 impl Phi3Weights {
     pub fn load(config: Phi3Config, source: &mut impl TensorSource) -> crate::Result<Self> {
+        let kernels = Kernels::selected()?;
         let token_embd = source.tensor("token_embd.weight")?;
         let embeddings = Embedding::new(&token_embd).map_err(build_error)?;
         let output = if config.tied_embeddings {
-            Linear::new(&token_embd).map_err(build_error)?
+            Linear::new(&token_embd, kernels).map_err(build_error)?
         } else {
             drop(token_embd);
-            matmul(source, "output.weight")?
+            matmul(source, "output.weight", kernels)?
         };
         let output_norm = norm(source, "output_norm.weight", config.rms_eps)?;
         let mut layers = Vec::with_capacity(config.num_layers);
@@ -63,11 +64,11 @@ impl Phi3Weights {
             let p = format!("blk.{i}");
             layers.push(Layer {
                 attn_norm: norm(source, &format!("{p}.attn_norm.weight"), config.rms_eps)?,
-                attn_qkv: matmul(source, &format!("{p}.attn_qkv.weight"))?,
-                attn_output: matmul(source, &format!("{p}.attn_output.weight"))?,
+                attn_qkv: matmul(source, &format!("{p}.attn_qkv.weight"), kernels)?,
+                attn_output: matmul(source, &format!("{p}.attn_output.weight"), kernels)?,
                 ffn_norm: norm(source, &format!("{p}.ffn_norm.weight"), config.rms_eps)?,
-                ffn_up: matmul(source, &format!("{p}.ffn_up.weight"))?,
-                ffn_down: matmul(source, &format!("{p}.ffn_down.weight"))?,
+                ffn_up: matmul(source, &format!("{p}.ffn_up.weight"), kernels)?,
+                ffn_down: matmul(source, &format!("{p}.ffn_down.weight"), kernels)?,
             });
         }
         let rope_factors = if source.contains(ROPE_FACTORS_LONG) {
@@ -98,8 +99,8 @@ fn build_error(e: candle_core::Error) -> crate::Error {
     }
 }
 
-fn matmul(source: &mut impl TensorSource, name: &str) -> crate::Result<Linear> {
-    Linear::new(&source.tensor(name)?).map_err(build_error)
+fn matmul(source: &mut impl TensorSource, name: &str, kernels: Kernels) -> crate::Result<Linear> {
+    Linear::new(&source.tensor(name)?, kernels).map_err(build_error)
 }
 
 fn vector(source: &mut impl TensorSource, name: &str) -> crate::Result<Vec<f32>> {

@@ -11,7 +11,6 @@ mod storage;
 mod x86;
 
 use std::ops::Range;
-use std::sync::OnceLock;
 
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
@@ -36,28 +35,57 @@ pub enum Kernels {
 }
 
 impl Kernels {
-    /// The best available, unless `CANDLE_PHI_KERNELS` (`avx-vnni`, `avx2`, `scalar`,
-    /// `candle`) asks for another that this CPU can run, or `CANDLE_DEQUANTIZE_ALL` asks
-    /// Candle to multiply in f32.
-    pub fn selected() -> Kernels {
-        static SELECTED: OnceLock<Kernels> = OnceLock::new();
-        *SELECTED.get_or_init(|| {
-            let available = Kernels::available();
-            // Candle's switch to multiply with dequantized f32 weights applies to all.
-            if std::env::var_os("CANDLE_DEQUANTIZE_ALL").is_some() {
-                return Kernels::Candle;
-            }
-            let requested = match std::env::var("CANDLE_PHI_KERNELS").as_deref() {
-                Ok("avx-vnni") => Some(Kernels::AvxVnni),
-                Ok("avx2") => Some(Kernels::Avx2),
-                Ok("scalar") => Some(Kernels::Scalar),
-                Ok("candle") => Some(Kernels::Candle),
-                _ => None,
-            };
-            requested
-                .filter(|k| available.contains(k))
-                .unwrap_or(available[0])
-        })
+    const ALL: [Kernels; 4] = [
+        Kernels::AvxVnni,
+        Kernels::Avx2,
+        Kernels::Scalar,
+        Kernels::Candle,
+    ];
+
+    /// The name `CANDLE_PHI_KERNELS` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::AvxVnni => "avx-vnni",
+            Kernels::Avx2 => "avx2",
+            Kernels::Scalar => "scalar",
+            Kernels::Candle => "candle",
+        }
+    }
+
+    /// The best this CPU runs, unless `CANDLE_PHI_KERNELS` names others (an error if it
+    /// names none, or ones this CPU cannot run), or `CANDLE_DEQUANTIZE_ALL` asks Candle to
+    /// multiply in f32.
+    pub fn selected() -> crate::Result<Kernels> {
+        let available = Kernels::available();
+        // Candle's switch to multiply with dequantized f32 weights applies to all.
+        if std::env::var_os("CANDLE_DEQUANTIZE_ALL").is_some() {
+            return Ok(Kernels::Candle);
+        }
+        let Some(requested) = std::env::var_os("CANDLE_PHI_KERNELS") else {
+            return Ok(available[0]);
+        };
+        let requested = requested.to_string_lossy();
+        let names = |kernels: &[Kernels]| {
+            kernels
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let invalid = |expected: String| {
+            crate::Error::invalid_argument("CANDLE_PHI_KERNELS", &requested, expected)
+        };
+        match Kernels::ALL.into_iter().find(|k| k.name() == requested) {
+            Some(kernels) if available.contains(&kernels) => Ok(kernels),
+            Some(_) => Err(invalid(format!(
+                "This CPU cannot run those kernels; it runs {}. Unset it for the best of them",
+                names(&available)
+            ))),
+            None => Err(invalid(format!(
+                "It must be one of {}, or unset for the best this CPU runs",
+                names(&Kernels::ALL)
+            ))),
+        }
     }
 
     /// What this CPU runs, best first. Where our SIMD kernels do not apply, Candle's own
@@ -331,8 +359,8 @@ pub enum Linear {
 }
 
 impl Linear {
-    pub fn new(tensor: &RawTensor) -> Result<Self> {
-        match QMatrix::new(tensor, Kernels::selected()) {
+    pub fn new(tensor: &RawTensor, kernels: Kernels) -> Result<Self> {
+        match QMatrix::new(tensor, kernels) {
             Some(matrix) => Ok(Linear::KQuant(matrix)),
             None => Ok(Linear::Candle(QMatMul::from_qtensor(tensor.to_qtensor()?)?)),
         }
