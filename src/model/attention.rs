@@ -3,6 +3,8 @@
 //! (at a 512-token context, Candle's separate matmul, scale, mask and softmax ops cost a
 //! sixth of prompt processing).
 
+use std::ops::Range;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
 
@@ -97,9 +99,12 @@ impl CustomOp3 for CausalAttention {
                     kv_h: h / group,
                 };
                 #[cfg(target_arch = "x86_64")]
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has AVX2 and FMA.
-                    return unsafe { self.head_fma(&head, out) };
+                if head_dim.is_multiple_of(8)
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has AVX2 and FMA; the head size is a multiple of 8.
+                    return unsafe { self.head_simd(&head, out) };
                 }
                 self.head::<false>(&head, out)
             });
@@ -121,83 +126,100 @@ struct Head<'a> {
 }
 
 impl CausalAttention {
-    /// `head` compiled with AVX2 and fused multiply-adds.
+    /// `head` with the AVX2 + FMA inner loops.
+    ///
+    /// Safety: the CPU must have AVX2 and FMA, and the head size be a multiple of 8.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn head_fma(&self, head: &Head<'_>, out: &mut [f32]) {
+    unsafe fn head_simd(&self, head: &Head<'_>, out: &mut [f32]) {
         self.head::<true>(head, out)
     }
 
     /// Every query of one head: `out` is (seq, head_dim).
     #[inline(always)]
-    fn head<const FMA: bool>(&self, head: &Head<'_>, out: &mut [f32]) {
+    fn head<const SIMD: bool>(&self, head: &Head<'_>, out: &mut [f32]) {
         let head_dim = head.q.dims[3];
         let mut scores = vec![0f32; self.offset + out.len() / head_dim];
         for (i, out) in out.chunks_exact_mut(head_dim).enumerate() {
             let pos = self.offset + i;
             let first = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let query = head.q.row(head.b, head.h, i);
-            let keys = first..pos + 1;
-            let scores = &mut scores[keys.clone()];
-            let key = |j: usize| head.k.row(head.b, head.kv_h, j);
-            let value = |j: usize| head.v.row(head.b, head.kv_h, j);
-            #[cfg(target_arch = "x86_64")]
-            let simd = FMA && head_dim.is_multiple_of(8);
-            #[cfg(not(target_arch = "x86_64"))]
-            let simd = false;
-            if simd {
-                // SAFETY: FMA is only true inside `head_fma`, where the CPU has AVX2 and FMA.
+            let query = Query {
+                q: head.q.row(head.b, head.h, i),
+                key: |j| head.k.row(head.b, head.kv_h, j),
+                value: |j| head.v.row(head.b, head.kv_h, j),
+                keys: first..pos + 1,
+                scale: self.scale,
+            };
+            let scores = &mut scores[first..pos + 1];
+            let total = if SIMD {
+                // SAFETY: SIMD is only true inside `head_simd`, whose caller checked the CPU
+                // and the head size.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    simd::scores(query, key, keys.clone(), self.scale, scores)
-                };
-            } else {
-                for (s, j) in scores.iter_mut().zip(keys.clone()) {
-                    *s = dot::<FMA>(query, key(j)) * self.scale;
-                }
-            }
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let total = if simd {
-                // SAFETY: as above.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    simd::softmax_numerators(scores, max)
+                    simd::attend(&query, scores, out)
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                unreachable!()
+                unreachable!("head_simd exists on x86-64 only")
             } else {
-                let mut total = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    total += *s;
-                }
-                total
+                query.attend(scores, out)
             };
-            out.fill(0.0);
-            if simd {
-                // SAFETY: as above.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    simd::weighted_sum(scores, value, keys, out)
-                };
-            } else {
-                for (&p, j) in scores.iter().zip(keys) {
-                    axpy::<FMA>(p, value(j), out);
-                }
-            }
             let norm = 1.0 / total;
             out.iter_mut().for_each(|o| *o *= norm);
         }
     }
 }
 
+/// One query's view of the cache: its keys and values by position.
+struct Query<'a, K, V> {
+    q: &'a [f32],
+    key: K,
+    value: V,
+    keys: Range<usize>,
+    scale: f32,
+}
+
+impl<'a, K: Fn(usize) -> &'a [f32], V: Fn(usize) -> &'a [f32]> Query<'a, K, V> {
+    /// `out` = Σ e^(score − max) · value, with `scores` as scratch; returns Σ e^(score − max).
+    fn attend(&self, scores: &mut [f32], out: &mut [f32]) -> f32 {
+        for (s, j) in scores.iter_mut().zip(self.keys.clone()) {
+            *s = dot(self.q, (self.key)(j)) * self.scale;
+        }
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut total = 0f32;
+        out.fill(0.0);
+        for (s, j) in scores.iter_mut().zip(self.keys.clone()) {
+            *s = (*s - max).exp();
+            total += *s;
+            for (o, &v) in out.iter_mut().zip((self.value)(j)) {
+                *o += *s * v;
+            }
+        }
+        total
+    }
+}
+
 /// AVX2 + FMA inner loops for head sizes that are a multiple of 8 (inlined into
-/// `head_fma`): four keys per pass, so each query load serves four dot products and each
+/// `head_simd`): four keys per pass, so each query load serves four dot products and each
 /// output load and store serves four values.
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
     use std::ops::Range;
+
+    /// `Query::attend`, vectorized.
+    #[inline(always)]
+    pub unsafe fn attend<'a>(
+        query: &super::Query<'a, impl Fn(usize) -> &'a [f32], impl Fn(usize) -> &'a [f32]>,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) -> f32 {
+        self::scores(query.q, &query.key, query.keys.clone(), query.scale, scores);
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let total = softmax_numerators(scores, max);
+        out.fill(0.0);
+        weighted_sum(scores, &query.value, query.keys.clone(), out);
+        total
+    }
 
     /// `scores[n] = scale · query · key(keys.start + n)`.
     #[inline(always)]
@@ -239,11 +261,16 @@ mod simd {
             for c in (0..d).step_by(8) {
                 acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), _mm256_loadu_ps(k.add(c)), acc);
             }
-            let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            *score = _mm_cvtss_f32(s) * scale;
+            *score = sum(acc) * scale;
         }
+    }
+
+    /// The sum of the eight lanes.
+    #[inline(always)]
+    unsafe fn sum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
     /// `scores[n] = exp(scores[n] − max)`, returning their sum.
@@ -262,13 +289,7 @@ mod simd {
             *s = (*s - max).exp();
             rest += *s;
         }
-        let t = _mm_add_ps(
-            _mm256_castps256_ps128(total),
-            _mm256_extractf128_ps(total, 1),
-        );
-        let t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-        let t = _mm_add_ss(t, _mm_movehdup_ps(t));
-        _mm_cvtss_f32(t) + rest
+        sum(total) + rest
     }
 
     /// e^x for x ≤ 0: 2^n · e^r with n = round(x·log2 e) and r = x − n·ln 2 (in two parts,
@@ -335,19 +356,8 @@ mod simd {
     }
 }
 
-/// `a + b * c`, fused where the build has FMA (`mul_add` without it is a slow call).
-#[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        b.mul_add(c, a)
-    } else {
-        a + b * c
-    }
-}
-
 /// Eight independent partial sums, so the compiler vectorizes without reordering one sum.
-#[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = a8
@@ -358,22 +368,49 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
         .sum();
     for (x, y) in a8.zip(b8) {
         for l in 0..8 {
-            lanes[l] = madd::<FMA>(lanes[l], x[l], y[l]);
+            lanes[l] += x[l] * y[l];
         }
     }
     lanes.iter().sum::<f32>() + tail
 }
 
-/// `out += alpha * x`.
-#[inline(always)]
-fn axpy<const FMA: bool>(alpha: f32, x: &[f32], out: &mut [f32]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = madd::<FMA>(*o, alpha, v);
-    }
-}
-
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
+    use super::Query;
+
+    #[test]
+    fn vector_and_portable_attention_agree() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let noise = |seed: u32, n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2000)
+                .map(|v| v as f32 / 500.0 - 2.0)
+                .collect()
+        };
+        let d = 24;
+        let (keys, values, q) = (noise(1, 40 * d), noise(2, 40 * d), noise(3, d));
+        // All keys, a window's tail (a range not starting at 0), and counts off multiples of 4.
+        for range in [0..40, 13..40, 5..11, 7..8] {
+            let query = Query {
+                q: &q,
+                key: |j: usize| &keys[j * d..(j + 1) * d],
+                value: |j: usize| &values[j * d..(j + 1) * d],
+                keys: range.clone(),
+                scale: 0.3,
+            };
+            let (mut s1, mut s2) = (vec![0f32; range.len()], vec![0f32; range.len()]);
+            let (mut o1, mut o2) = (vec![0f32; d], vec![0f32; d]);
+            let t1 = query.attend(&mut s1, &mut o1);
+            // SAFETY: AVX2 and FMA checked above; d is a multiple of 8.
+            let t2 = unsafe { super::simd::attend(&query, &mut s2, &mut o2) };
+            assert!((t1 - t2).abs() < 1e-5 * t1, "{range:?}: {t1} vs {t2}");
+            for (a, b) in o1.iter().zip(&o2) {
+                assert!((a - b).abs() < 1e-4 * t1, "{range:?}: {a} vs {b}");
+            }
+        }
+    }
     #[test]
     fn vector_exp_is_accurate() {
         if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {

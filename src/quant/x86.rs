@@ -18,11 +18,7 @@
 use std::arch::x86_64::*;
 
 use super::blocks::{scales_and_mins, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8Kx8};
-
-/// Weight rows in a tile.
-pub const TILE_ROWS: usize = 8;
-/// Activation rows in a tile: 32 × 292 bytes of one block column fit L1 beside the rest.
-pub const TILE_ACTS: usize = 32;
+use super::{TILE_ACTS, TILE_ROWS};
 
 pub fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2")
@@ -413,15 +409,21 @@ impl Avx2Block for BlockQ4K {
 
     #[inline(always)]
     unsafe fn dots<const R: usize>(&self, p: &Prepared, ys: [&BlockQ8K; R]) -> [__m256i; R] {
+        k_quant_dots::<R>(p, ys, |c| self.chunk(c))
+    }
+}
+
+impl BlockQ4K {
+    /// Chunk c's 64 values as u8: byte j holds value 64c + j in its low nibble and
+    /// 64c + 32 + j in its high one.
+    #[inline(always)]
+    unsafe fn chunk(&self, c: usize) -> (__m256i, __m256i) {
         let low4 = _mm256_set1_epi8(0x0F);
-        // Byte j of chunk c: value 64c + j in the low nibble, 64c + 32 + j in the high.
-        k_quant_dots::<R>(p, ys, |c| {
-            let q = load(self.qs.as_ptr().add(32 * c));
-            (
-                _mm256_and_si256(q, low4),
-                _mm256_and_si256(_mm256_srli_epi16(q, 4), low4),
-            )
-        })
+        let q = load(self.qs.as_ptr().add(32 * c));
+        (
+            _mm256_and_si256(q, low4),
+            _mm256_and_si256(_mm256_srli_epi16(q, 4), low4),
+        )
     }
 }
 
@@ -431,16 +433,8 @@ impl Avx2Block for BlockQ5K {
         // Five-bit values take a dozen operations to assemble four at a time; unpacked once
         // per block into a buffer, each four are then one broadcast load.
         let mut values = Unpacked([[0; 32]; 8]);
-        let one = _mm256_set1_epi8(1);
-        let low4 = _mm256_set1_epi8(0x0F);
-        let qh = load(self.qh.as_ptr());
         for c in 0..4 {
-            let q = load(self.qs.as_ptr().add(32 * c));
-            let h = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32));
-            let fifth_lo = _mm256_slli_epi16(_mm256_and_si256(h, one), 4);
-            let fifth_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 1), one), 4);
-            let lo = _mm256_or_si256(_mm256_and_si256(q, low4), fifth_lo);
-            let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), low4), fifth_hi);
+            let (lo, hi) = self.chunk(c);
             _mm256_store_si256(values.0[2 * c].as_mut_ptr() as *mut __m256i, lo);
             _mm256_store_si256(values.0[2 * c + 1].as_mut_ptr() as *mut __m256i, hi);
         }
@@ -460,20 +454,24 @@ impl Avx2Block for BlockQ5K {
 
     #[inline(always)]
     unsafe fn dots<const R: usize>(&self, p: &Prepared, ys: [&BlockQ8K; R]) -> [__m256i; R] {
+        k_quant_dots::<R>(p, ys, |c| self.chunk(c))
+    }
+}
+
+impl BlockQ5K {
+    /// As Q4_K's chunks, with bits 2c and 2c+1 of qh[j] as the fifth bits.
+    #[inline(always)]
+    unsafe fn chunk(&self, c: usize) -> (__m256i, __m256i) {
         let low4 = _mm256_set1_epi8(0x0F);
         let one = _mm256_set1_epi8(1);
-        let qh = load(self.qh.as_ptr());
-        // As Q4_K, with bits 2c and 2c+1 of qh[j] as the fifth bits.
-        k_quant_dots::<R>(p, ys, |c| {
-            let q = load(self.qs.as_ptr().add(32 * c));
-            let qh = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c as i32));
-            let fifth_lo = _mm256_slli_epi16(_mm256_and_si256(qh, one), 4);
-            let fifth_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4);
-            (
-                _mm256_or_si256(_mm256_and_si256(q, low4), fifth_lo),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), low4), fifth_hi),
-            )
-        })
+        let q = load(self.qs.as_ptr().add(32 * c));
+        let qh = _mm256_srl_epi16(load(self.qh.as_ptr()), _mm_cvtsi32_si128(2 * c as i32));
+        let fifth_lo = _mm256_slli_epi16(_mm256_and_si256(qh, one), 4);
+        let fifth_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4);
+        (
+            _mm256_or_si256(_mm256_and_si256(q, low4), fifth_lo),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), low4), fifth_hi),
+        )
     }
 }
 
