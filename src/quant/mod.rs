@@ -217,10 +217,18 @@ impl QMatrix {
         (0..tasks).into_par_iter().for_each(|task| {
             let task_rows = task * groups_per_task * TILE_ROWS
                 ..((task + 1) * groups_per_task * TILE_ROWS).min(self.rows);
-            // Tiles write a task-local (task rows, m) buffer contiguously; it is then
-            // transposed into the (m, rows) output in 8×8 blocks.
+            // Tiles write a (task rows, m) buffer contiguously, transposed afterwards into the
+            // (m, rows) output in 8×8 blocks. With one activation row (decoding) the two
+            // layouts are the same, and the buffer is this task's part of the output.
             let width = task_rows.len();
-            let mut local = vec![0f32; width * m];
+            let mut owned = Vec::new();
+            let local: &mut [f32] = if m == 1 {
+                // SAFETY: in bounds, and no other task touches these rows.
+                unsafe { std::slice::from_raw_parts_mut(out_ptr.at(task_rows.start), width) }
+            } else {
+                owned.resize(width * m, 0f32);
+                &mut owned
+            };
             let mut tile_out = [0f32; TILE_ROWS * TILE_ACTS];
             for first_row in task_rows.clone().step_by(TILE_ROWS) {
                 let rows = first_row..(first_row + TILE_ROWS).min(task_rows.end);
@@ -239,12 +247,15 @@ impl QMatrix {
                     }
                 }
             }
+            if m == 1 {
+                return;
+            }
             let dst = out_ptr.at(task_rows.start);
             match self.kernels {
                 // SAFETY: AVX2 as the kernels; the writes stay within this task's columns.
                 #[cfg(target_arch = "x86_64")]
                 Kernels::Avx2 | Kernels::AvxVnni => unsafe {
-                    x86::transpose(&local, m, dst, self.rows)
+                    x86::transpose(local, m, dst, self.rows)
                 },
                 _ => {
                     for (j, values) in local.chunks_exact(m).enumerate() {
