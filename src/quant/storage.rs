@@ -34,11 +34,14 @@ impl WeightBytes {
 
     pub fn copied(bytes: &[u8]) -> Self {
         let mut words = vec![0u64; bytes.len().div_ceil(8)];
-        for (word, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
-            let mut le = [0u8; 8];
-            le[..chunk.len()].copy_from_slice(chunk);
-            *word = u64::from_le_bytes(le);
-        }
+        // SAFETY: the words hold at least `bytes.len()` bytes, and any bytes are valid u64s.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                words.as_mut_ptr() as *mut u8,
+                bytes.len(),
+            )
+        };
         WeightBytes::Owned {
             words: Arc::new(words),
             len: bytes.len(),
@@ -49,7 +52,7 @@ impl WeightBytes {
         match self {
             WeightBytes::Mapped { map, range } => &map[range.clone()],
             WeightBytes::Owned { words, len } => {
-                // SAFETY: u64s viewed as their (little-endian, as written) bytes.
+                // SAFETY: u64s viewed as the bytes they were copied from.
                 let all = unsafe {
                     std::slice::from_raw_parts(words.as_ptr() as *const u8, words.len() * 8)
                 };
