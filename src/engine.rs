@@ -2,6 +2,7 @@
 //! built, so one engine serves any number of concurrent generations.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,11 +29,10 @@ impl ModelSource {
     }
 }
 
-/// The worker threads of Candle's CPU kernels: one pool per process, sized once.
-static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-
-/// Sets the thread count of Candle's matmul pool and of rayon (our kernels, Candle's other ops), or
-/// checks it against the one already in force: both pools are process-wide and sized once.
+/// The thread count of rayon's global pool, which runs our kernels and Candle's ops (its
+/// matmuls split their work on that same pool). Sized once per process: the first call
+/// sizes it, later ones must agree. Built with rayon's API, never by changing the
+/// process environment while other threads may read it.
 pub fn set_threads(requested: Option<usize>) -> Result<usize> {
     if requested == Some(0) {
         return Err(Error::invalid_argument(
@@ -41,18 +41,23 @@ pub fn set_threads(requested: Option<usize>) -> Result<usize> {
             "It must be at least 1, or None for one per physical core",
         ));
     }
-    let threads = *THREADS.get_or_init(|| {
+    static SIZED: std::sync::Once = std::sync::Once::new();
+    SIZED.call_once(|| {
+        // RAYON_NUM_THREADS if set, else one per physical core (Candle's default).
         let n = requested.unwrap_or_else(candle_core::utils::get_num_threads);
-        // Read by Candle when its pools start; nothing has computed yet in this process.
-        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        n
+        // Fails only if the pool already exists (another library used rayon first): then
+        // that pool is the one in use, and is reported below.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("candle-phi-{i}"))
+            .build_global();
     });
+    let threads = rayon::current_num_threads();
     match requested {
         Some(n) if n != threads => Err(Error::invalid_argument(
             "n_threads",
             n,
-            format!("This process already runs its models on {threads} threads (the pools are sized once); start another process for another count"),
+            format!("This process already runs its models on {threads} threads (the pool is sized once); start another process for another count"),
         )),
         _ => Ok(threads),
     }
@@ -78,6 +83,17 @@ impl Engine {
         progress: bool,
         threads: Option<usize>,
     ) -> Result<Self> {
+        Self::load_interruptible(model, tokenizer, progress, threads, &AtomicBool::new(false))
+    }
+
+    /// `load`, ending early with `Error::Interrupted` once `interrupt` is set.
+    pub fn load_interruptible(
+        model: &ModelSource,
+        tokenizer: Option<&ModelSource>,
+        progress: bool,
+        threads: Option<usize>,
+        interrupt: &AtomicBool,
+    ) -> Result<Self> {
         let threads = set_threads(threads)?;
         let start = Instant::now();
         if let Some(ModelSource::Local(path)) = tokenizer {
@@ -86,7 +102,7 @@ impl Engine {
             }
         }
         let model_path = model.resolve(progress)?;
-        let loaded = model::load(&model_path)?;
+        let loaded = model::load_interruptible(&model_path, interrupt)?;
         let tokenizer_source = match tokenizer {
             Some(source) => source.clone(),
             None => default_tokenizer(model, &model_path),
@@ -196,7 +212,13 @@ fn default_tokenizer(model: &ModelSource, model_path: &Path) -> ModelSource {
 
 impl Engine {
     /// Logits at every position of `ids`, fed `chunk_size` tokens at a time, rows in order.
-    pub fn logits(&self, ids: &[u32], chunk_size: usize) -> Result<Vec<Vec<f32>>> {
+    /// Setting `interrupt` stops the work between layers with `Error::Interrupted`.
+    pub fn logits(
+        &self,
+        ids: &[u32],
+        chunk_size: usize,
+        interrupt: Arc<AtomicBool>,
+    ) -> Result<Vec<Vec<f32>>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -209,12 +231,18 @@ impl Engine {
             });
         }
         let mut sequence = self.new_sequence(ids.len())?;
+        sequence.set_interrupt(Arc::clone(&interrupt));
         let mut rows = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(chunk_size.max(1)) {
             let logits = sequence
                 .forward_all(chunk)
                 .and_then(|t| t.to_vec2::<f32>())
-                .map_err(Error::generation)?;
+                .map_err(
+                    |e| match interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+                        true => Error::Interrupted,
+                        false => Error::generation(e),
+                    },
+                )?;
             rows.extend(logits);
         }
         Ok(rows)

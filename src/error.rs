@@ -55,6 +55,9 @@ pub enum Error {
         expected: Vec<usize>,
     },
 
+    #[error("cannot load the tensor '{name}': {detail}. The file is damaged, or was written by a tool that candle-phi does not support")]
+    InvalidTensor { name: String, detail: String },
+
     #[error("{}: tensor '{name}' has type {dtype}, which Candle cannot load. Use a file quantized to F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or a K-quant (Q2_K..Q6_K, e.g. Q4_K_M)", path.display())]
     UnsupportedTensorType {
         path: PathBuf,
@@ -78,6 +81,9 @@ pub enum Error {
         revision: String,
         cache: PathBuf,
     },
+
+    #[error("cannot find the Hugging Face cache: {detail}. Set HF_HUB_CACHE or HF_HOME, or pass local paths")]
+    NoCacheDir { detail: String },
 
     // -- tokenizer ------------------------------------------------------------------------
     #[error("tokenizer file not found: {}. Pass the path of the model's tokenizer.json", path.display())]
@@ -110,9 +116,53 @@ pub enum Error {
     // -- generation ---------------------------------------------------------------------------
     #[error("generation failed: {detail}")]
     Generation { detail: String },
+
+    #[error("the chat template failed: {detail}")]
+    Template { detail: String },
+
+    /// Work stopped because the caller asked (Ctrl-C); the bindings raise KeyboardInterrupt.
+    #[error("interrupted")]
+    Interrupted,
+
+    /// A bug of ours (a panic) caught at the boundary, reported instead of crashing.
+    #[error("internal error while {operation}: {detail}. This is a bug in candle-phi; please report it with the input that caused it")]
+    Internal {
+        operation: Operation,
+        detail: String,
+    },
+}
+
+/// What an entry point was doing, for internal errors and their exception class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Loading,
+    Tokenizing,
+    RenderingTemplate,
+    Generating,
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Operation::Loading => "loading the model",
+            Operation::Tokenizing => "tokenizing",
+            Operation::RenderingTemplate => "rendering the chat template",
+            Operation::Generating => "generating",
+        })
+    }
 }
 
 impl Error {
+    /// The payload of a caught panic as an internal error.
+    pub fn from_panic(operation: Operation, payload: Box<dyn std::any::Any + Send>) -> Self {
+        let detail = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        Error::Internal { operation, detail }
+    }
+
     pub(crate) fn invalid_argument(
         name: impl Into<String>,
         value: impl std::fmt::Display,

@@ -2,6 +2,7 @@
 //! work (a prompt chunk or one token), so the caller can check for Ctrl-C between pieces and
 //! hand text out as soon as it exists.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -120,6 +121,9 @@ pub struct Generation {
     started: Option<Instant>,
     first_token_at: Option<Instant>,
     done: bool,
+    /// Set from another thread to stop the step in progress (Ctrl-C); the step then fails
+    /// with `Error::Interrupted` and the generation can go on where it was.
+    interrupt: Arc<AtomicBool>,
 }
 
 impl Generation {
@@ -164,8 +168,10 @@ impl Generation {
                 context_length,
             });
         }
-        let model =
+        let mut model =
             Phi3Model::new(weights, prompt.len() + max_tokens).map_err(Error::generation)?;
+        let interrupt = Arc::new(AtomicBool::new(false));
+        model.set_interrupt(Arc::clone(&interrupt));
         let mut stop_token_ids = if params.ignore_eos {
             Vec::new()
         } else {
@@ -193,7 +199,22 @@ impl Generation {
             started: None,
             first_token_at: None,
             done: false,
+            interrupt,
         })
+    }
+
+    /// The flag that interrupts the step in progress when set.
+    pub fn interrupt_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.interrupt)
+    }
+
+    /// A failed forward pass: interrupted on request, or a model failure.
+    fn model_error(&self, err: candle_core::Error) -> Error {
+        if self.interrupt.load(Ordering::Relaxed) {
+            Error::Interrupted
+        } else {
+            Error::generation(err)
+        }
     }
 
     pub fn stats(&self) -> Stats {
@@ -225,18 +246,21 @@ impl Generation {
             let chunk_start = Instant::now();
             let chunk = &self.prompt[self.prefilled..end];
             // Only the last chunk's logits are sampled from.
-            if end == self.prompt.len() {
-                self.logits = Some(self.model.forward(chunk).map_err(Error::generation)?);
+            let fed = if end == self.prompt.len() {
+                self.model.forward(chunk).map(Some)
             } else {
-                self.model.feed(chunk).map_err(Error::generation)?;
-            }
+                self.model.feed(chunk).map(|()| None)
+            };
+            self.logits = fed.map_err(|e| self.model_error(e))?;
             self.stats.prompt_time += chunk_start.elapsed();
             self.prefilled = end;
             return Ok(Step::Working);
         }
 
-        if let Some(token) = self.unfed.take() {
-            self.logits = Some(self.model.forward(&[token]).map_err(Error::generation)?);
+        if let Some(token) = self.unfed {
+            let logits = self.model.forward(&[token]);
+            self.logits = Some(logits.map_err(|e| self.model_error(e))?);
+            self.unfed = None;
         }
         let Some(logits) = self.logits.take() else {
             return Err(Error::Generation {

@@ -7,18 +7,26 @@ pub mod chat;
 pub mod engine;
 pub mod error;
 pub mod generation;
+pub mod gguf;
 pub mod model;
-pub mod quant;
+// Kernels and raw weight storage stay inside the crate: their unsafe code relies on
+// invariants (CPU features, buffer sizes) that only the loader establishes.
+mod quant;
 pub mod sampling;
+pub mod sandbox;
 pub mod source;
 pub mod stop;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, Role};
 pub use engine::{Engine, ModelSource};
-pub use error::{Error, Result};
+pub use error::{Error, Operation, Result};
 pub use generation::{FinishReason, Generation, GenerationParams, Step};
 pub use sampling::SamplingParams;
 
 #[cfg(feature = "python")]
 mod bindings;
+
+/// The system allocator, which also holds sandboxed code (chat templates) to its budget.
+#[global_allocator]
+static ALLOCATOR: sandbox::Allocator = sandbox::Allocator;

@@ -34,7 +34,7 @@ impl HubFile {
     /// The file's local path: from the cache when it is there (no network at all), else
     /// downloaded into the cache, unless `HF_HUB_OFFLINE` forbids the network.
     pub fn resolve(&self, progress: bool) -> Result<PathBuf> {
-        let cache_dir = cache_dir();
+        let cache_dir = cache_dir()?;
         if let Some(path) = self.cached(&cache_dir) {
             return Ok(path);
         }
@@ -52,11 +52,12 @@ impl HubFile {
             revision: self.revision.clone(),
             detail,
         };
-        let api = ApiBuilder::from_env()
-            .with_cache_dir(cache_dir)
-            .with_progress(progress)
-            .build()
-            .map_err(|e| download_error(e.to_string()))?;
+        // Not `ApiBuilder::from_env()`: without HOME it panics looking for a default cache.
+        let mut builder = ApiBuilder::from_cache(Cache::new(cache_dir)).with_progress(progress);
+        if let Some(endpoint) = non_empty_env("HF_ENDPOINT") {
+            builder = builder.with_endpoint(endpoint);
+        }
+        let api = builder.build().map_err(|e| download_error(e.to_string()))?;
         api.repo(self.repo())
             .get(&self.filename)
             .map_err(|e| download_error(e.to_string()))
@@ -85,14 +86,20 @@ impl HubFile {
 }
 
 /// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`, as `huggingface_hub`.
-pub fn cache_dir() -> PathBuf {
+pub fn cache_dir() -> Result<PathBuf> {
     if let Some(dir) = non_empty_env("HF_HUB_CACHE") {
-        return PathBuf::from(dir);
+        return Ok(PathBuf::from(dir));
     }
     if let Some(home) = non_empty_env("HF_HOME") {
-        return PathBuf::from(home).join("hub");
+        return Ok(PathBuf::from(home).join("hub"));
     }
-    Cache::default().path().clone()
+    // hf-hub's `Cache::default()` panics when there is no home directory.
+    match std::env::home_dir().filter(|home| !home.as_os_str().is_empty()) {
+        Some(home) => Ok(home.join(".cache").join("huggingface").join("hub")),
+        None => Err(Error::NoCacheDir {
+            detail: "there is no home directory (HOME is not set)".into(),
+        }),
+    }
 }
 
 /// `HF_HUB_OFFLINE` set to a true value, as `huggingface_hub` reads it.

@@ -1,10 +1,19 @@
 //! The hyperparameters of a `phi3` GGUF, read from the file itself: nothing here assumes
 //! Phi-3-mini's numbers.
 
-use candle_core::quantized::gguf_file::Value;
-
-use super::gguf::GgufFile;
 use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+
+/// The largest context a file may state: 16M tokens, 128x Phi-3-mini-128k's. The KV cache
+/// grows with use, so this bounds arithmetic, not memory.
+pub const MAX_CONTEXT_LENGTH: usize = 1 << 24;
+/// The largest hidden or feed-forward size (the largest published models stay below 64k).
+pub const MAX_WIDTH: usize = 1 << 18;
+/// The most attention heads (query or key/value) and the largest head size.
+pub const MAX_HEADS: usize = 1 << 12;
+pub const MAX_HEAD_DIM: usize = 1 << 12;
+/// The largest vocabulary (the largest published ones have ~256k tokens).
+pub const MAX_VOCAB: usize = 1 << 22;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Phi3Config {
@@ -33,8 +42,10 @@ pub struct Phi3Config {
 impl Phi3Config {
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let arch = match file.metadata("general.architecture") {
-            Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(invalid(file, "general.architecture", "not a string")),
+            Some(v) => match v.as_str() {
+                Some(s) => s.to_string(),
+                None => return Err(invalid(file, "general.architecture", "not a string")),
+            },
             None => {
                 return Err(Error::MissingKey {
                     path: file.path.clone(),
@@ -50,23 +61,32 @@ impl Phi3Config {
             });
         }
 
-        let num_heads = required(file, "phi3.attention.head_count")?;
-        let hidden_size = required(file, "phi3.embedding_length")?;
-        let num_kv_heads = optional(file, "phi3.attention.head_count_kv")?.unwrap_or(num_heads);
+        let num_heads = bounded(file, "phi3.attention.head_count", MAX_HEADS)?;
+        let hidden_size = bounded(file, "phi3.embedding_length", MAX_WIDTH)?;
+        let num_kv_heads = match optional(file, "phi3.attention.head_count_kv")? {
+            Some(n) => at_most(file, "phi3.attention.head_count_kv", n, MAX_HEADS)?,
+            None => num_heads,
+        };
         let head_dim = match optional(file, "phi3.attention.key_length")? {
-            Some(d) => d,
+            Some(d) => at_most(file, "phi3.attention.key_length", d, MAX_HEAD_DIM)?,
             None => hidden_size / num_heads,
         };
-        let context_length = required(file, "phi3.context_length")?;
+        let context_length = bounded(file, "phi3.context_length", MAX_CONTEXT_LENGTH)?;
+        // Each block has six tensors, so a file cannot hold more blocks than tensors.
+        let tensors = file.header.tensors.len();
+        let num_layers = bounded(file, "phi3.block_count", tensors.max(1))?;
         let config = Phi3Config {
             vocab_size: embedding_rows(file)?,
             hidden_size,
-            intermediate_size: required(file, "phi3.feed_forward_length")?,
-            num_layers: required(file, "phi3.block_count")?,
+            intermediate_size: bounded(file, "phi3.feed_forward_length", MAX_WIDTH)?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
-            rope_dim: optional(file, "phi3.rope.dimension_count")?.unwrap_or(head_dim),
+            rope_dim: match optional(file, "phi3.rope.dimension_count")? {
+                Some(d) => at_most(file, "phi3.rope.dimension_count", d, MAX_HEAD_DIM)?,
+                None => head_dim,
+            },
             rope_freq_base: optional_f32(file, "phi3.rope.freq_base")?.unwrap_or(10_000.0),
             rms_eps: f64::from(required_f32(file, "phi3.attention.layer_norm_rms_epsilon")?),
             context_length,
@@ -75,7 +95,7 @@ impl Phi3Config {
                 .unwrap_or(context_length),
             rope_attn_factor: optional_f32(file, "phi3.rope.scaling.attn_factor")?,
             sliding_window: optional(file, "phi3.attention.sliding_window")?.filter(|&w| w > 0),
-            tied_embeddings: !file.content.tensor_infos.contains_key("output.weight"),
+            tied_embeddings: file.tensor_info("output.weight").is_none(),
         };
         config.check(file)?;
         Ok(config)
@@ -125,6 +145,25 @@ impl Phi3Config {
                 ));
             }
         }
+        if self.vocab_size > MAX_VOCAB {
+            return Err(invalid(
+                file,
+                "token_embd.weight",
+                &format!(
+                    "a vocabulary of {} tokens is more than the {MAX_VOCAB} supported",
+                    self.vocab_size
+                ),
+            ));
+        }
+        // With every dimension bounded above these cannot overflow a u64, but the products
+        // used for shapes and sizes are all checked once here, where a file can be named.
+        if self.checked_sizes().is_none() {
+            return Err(invalid(
+                file,
+                "phi3.attention.head_count",
+                "the model's dimensions multiply past what this machine can address",
+            ));
+        }
         if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
             return Err(invalid(
                 file,
@@ -133,6 +172,27 @@ impl Phi3Config {
             ));
         }
         Ok(())
+    }
+
+    /// The products of dimensions the model uses, `None` if any overflows a `usize`.
+    fn checked_sizes(&self) -> Option<()> {
+        let kv = self.num_kv_heads.checked_mul(2)?;
+        self.num_heads.checked_add(kv)?.checked_mul(self.head_dim)?;
+        self.num_heads.checked_mul(self.head_dim)?;
+        self.intermediate_size.checked_mul(2)?;
+        self.vocab_size.checked_mul(self.hidden_size)?;
+        self.intermediate_size.checked_mul(self.hidden_size)?;
+        self.context_length
+            .checked_mul(self.kv_bytes_per_token_checked()?)?;
+        Some(())
+    }
+
+    fn kv_bytes_per_token_checked(&self) -> Option<usize> {
+        2usize
+            .checked_mul(self.num_layers)?
+            .checked_mul(self.num_kv_heads)?
+            .checked_mul(self.head_dim)?
+            .checked_mul(std::mem::size_of::<f32>())
     }
 
     pub fn qkv_dim(&self) -> usize {
@@ -171,13 +231,13 @@ impl Phi3Config {
 
     /// Bytes the KV cache holds per token (keys and values, f32, all layers).
     pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.num_layers * self.num_kv_heads * self.head_dim * std::mem::size_of::<f32>()
+        self.kv_bytes_per_token_checked().unwrap_or(usize::MAX)
     }
 }
 
 fn embedding_rows(file: &GgufFile) -> Result<usize> {
-    match file.content.tensor_infos.get("token_embd.weight") {
-        Some(info) => Ok(info.shape.dims().first().copied().unwrap_or(0)),
+    match file.tensor_info("token_embd.weight") {
+        Some(info) => Ok(info.dims.first().copied().unwrap_or(0)),
         None => Err(Error::MissingTensor {
             path: file.path.clone(),
             name: "token_embd.weight".into(),
@@ -197,26 +257,37 @@ fn optional(file: &GgufFile, key: &str) -> Result<Option<usize>> {
     let Some(value) = file.metadata(key) else {
         return Ok(None);
     };
-    let n = match value {
-        Value::U8(v) => u64::from(*v),
-        Value::U16(v) => u64::from(*v),
-        Value::U32(v) => u64::from(*v),
-        Value::U64(v) => *v,
-        Value::I8(v) => u64::try_from(*v).map_err(|_| invalid(file, key, "negative"))?,
-        Value::I16(v) => u64::try_from(*v).map_err(|_| invalid(file, key, "negative"))?,
-        Value::I32(v) => u64::try_from(*v).map_err(|_| invalid(file, key, "negative"))?,
-        Value::I64(v) => u64::try_from(*v).map_err(|_| invalid(file, key, "negative"))?,
-        other => {
-            return Err(invalid(
-                file,
-                key,
-                &format!("expected an integer, found {}", value_kind(other)),
-            ))
-        }
-    };
+    if !value.is_integer() {
+        return Err(invalid(
+            file,
+            key,
+            &format!("expected an integer, found {}", value.kind()),
+        ));
+    }
+    let n = value
+        .as_u64()
+        .ok_or_else(|| invalid(file, key, "negative"))?;
     usize::try_from(n)
         .map(Some)
         .map_err(|_| invalid(file, key, "too large"))
+}
+
+/// A value no larger than `max`, the stated limit for that key.
+fn at_most(file: &GgufFile, key: &str, n: usize, max: usize) -> Result<usize> {
+    if n > max {
+        return Err(invalid(
+            file,
+            key,
+            &format!("{n} is more than the {max} supported"),
+        ));
+    }
+    Ok(n)
+}
+
+/// A required, positive value no larger than `max`.
+fn bounded(file: &GgufFile, key: &str, max: usize) -> Result<usize> {
+    let n = required(file, key)?;
+    at_most(file, key, n, max)
 }
 
 fn required(file: &GgufFile, key: &str) -> Result<usize> {
@@ -228,18 +299,17 @@ fn required(file: &GgufFile, key: &str) -> Result<usize> {
 }
 
 fn optional_f32(file: &GgufFile, key: &str) -> Result<Option<f32>> {
-    Ok(match file.metadata(key) {
-        None => None,
-        Some(Value::F32(v)) => Some(*v),
-        Some(Value::F64(v)) => Some(*v as f32),
-        Some(other) => {
-            return Err(invalid(
+    match file.metadata(key) {
+        None => Ok(None),
+        Some(value) => match value.as_f64() {
+            Some(v) => Ok(Some(v as f32)),
+            None => Err(invalid(
                 file,
                 key,
-                &format!("expected a float, found {}", value_kind(other)),
-            ))
-        }
-    })
+                &format!("expected a float, found {}", value.kind()),
+            )),
+        },
+    }
 }
 
 fn required_f32(file: &GgufFile, key: &str) -> Result<f32> {
@@ -251,15 +321,5 @@ fn missing(file: &GgufFile, key: &str) -> Error {
         path: file.path.clone(),
         key: key.to_string(),
         detail: "a required phi3 hyperparameter".into(),
-    }
-}
-
-fn value_kind(value: &Value) -> &'static str {
-    match value {
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Bool(_) => "a bool",
-        Value::F32(_) | Value::F64(_) => "a float",
-        _ => "an integer",
     }
 }

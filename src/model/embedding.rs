@@ -25,25 +25,23 @@ pub enum Embedding {
 
 impl Embedding {
     pub fn new(table: &RawTensor) -> Result<Self> {
-        let &[rows, width] = table.dims.as_slice() else {
+        let &[rows, width] = table.dims() else {
             candle_core::bail!(
                 "token_embd.weight has shape {:?}, not two dimensions",
-                table.dims
+                table.dims()
             )
         };
-        let dtype = table.dtype;
+        let dtype = table.dtype();
         if matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
             return Ok(Embedding::Dense(
                 table.to_qtensor()?.dequantize(&Device::Cpu)?,
             ));
         }
+        // Whole blocks, `rows` of them: `RawTensor` guarantees it.
         let row_bytes = width / dtype.block_size() * dtype.type_size();
-        let bytes = table.bytes.as_bytes().len();
-        if bytes != rows * row_bytes {
-            candle_core::bail!("token_embd.weight: {bytes} bytes for {rows} rows")
-        }
+        debug_assert_eq!(table.bytes().as_bytes().len(), rows * row_bytes);
         Ok(Embedding::Quantized {
-            table: table.bytes.clone(),
+            table: table.bytes().clone(),
             dtype,
             row_bytes,
             width,

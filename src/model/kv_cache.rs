@@ -28,6 +28,11 @@ impl KvCache {
         self.len
     }
 
+    /// Forgets every token from position `len` on (their rows are overwritten later).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     pub fn capacity(&self) -> usize {
         self.buffers
             .as_ref()

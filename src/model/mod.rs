@@ -3,20 +3,22 @@
 mod attention;
 mod config;
 mod embedding;
-mod gguf;
 mod kv_cache;
 mod phi3;
 mod rope;
 
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub use config::Phi3Config;
-pub use gguf::GgufFile;
 pub use phi3::{Phi3Model, Phi3Weights, TensorSource, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT};
 pub use rope::RopeFactors;
 
+pub use crate::quant::RawTensor;
+
 use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, Value};
 
 impl TensorSource for GgufFile {
     fn tensor(&mut self, name: &str) -> Result<crate::quant::RawTensor> {
@@ -24,7 +26,26 @@ impl TensorSource for GgufFile {
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
+        self.tensor_info(name).is_some()
+    }
+}
+
+/// A tensor source that stops handing out tensors once `interrupt` is set.
+struct Interruptible<'a, S> {
+    source: &'a mut S,
+    interrupt: &'a AtomicBool,
+}
+
+impl<S: TensorSource> TensorSource for Interruptible<'_, S> {
+    fn tensor(&mut self, name: &str) -> Result<crate::quant::RawTensor> {
+        if self.interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        self.source.tensor(name)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.source.contains(name)
     }
 }
 
@@ -48,10 +69,15 @@ pub struct ModelMetadata {
 
 /// Checks every required tensor's presence, shape and type, then reads the weights.
 pub fn load(path: &Path) -> Result<LoadedModel> {
-    let mut file = GgufFile::open(path)?;
+    load_interruptible(path, &AtomicBool::new(false))
+}
+
+/// `load`, ending early with `Error::Interrupted` once `interrupt` is set.
+pub fn load_interruptible(path: &Path, interrupt: &AtomicBool) -> Result<LoadedModel> {
+    let mut file = GgufFile::open(path, interrupt)?;
     let config = Phi3Config::from_gguf(&file)?;
-    let has_long = file.content.tensor_infos.contains_key(ROPE_FACTORS_LONG);
-    let has_short = file.content.tensor_infos.contains_key(ROPE_FACTORS_SHORT);
+    let has_long = file.contains(ROPE_FACTORS_LONG);
+    let has_short = file.contains(ROPE_FACTORS_SHORT);
     let mut expected_tensors = config.expected_tensors();
     if has_long || has_short {
         // LongRoPE needs both sets of factors, one per rotated dimension pair.
@@ -60,13 +86,13 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         }
     }
     for (name, expected) in expected_tensors {
-        let Some(info) = file.content.tensor_infos.get(&name) else {
+        let Some(info) = file.tensor_info(&name) else {
             return Err(Error::MissingTensor {
                 path: file.path.clone(),
                 name,
             });
         };
-        let found = info.shape.dims().to_vec();
+        let found = info.dims.clone();
         if found != expected {
             return Err(Error::TensorShape {
                 path: file.path.clone(),
@@ -77,7 +103,13 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         }
     }
     let metadata = read_metadata(&file);
-    let weights = Phi3Weights::load(config, &mut file)?;
+    let weights = Phi3Weights::load(
+        config,
+        &mut Interruptible {
+            source: &mut file,
+            interrupt,
+        },
+    )?;
     Ok(LoadedModel {
         weights: Arc::new(weights),
         metadata,
@@ -85,22 +117,19 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
 }
 
 fn read_metadata(file: &GgufFile) -> ModelMetadata {
-    use candle_core::quantized::gguf_file::Value;
-    let id = |key: &str| file.metadata(key).and_then(|v| v.to_u32().ok());
+    let id = |key: &str| {
+        file.metadata(key)
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+    };
     ModelMetadata {
-        chat_template: match file.metadata("tokenizer.chat_template") {
-            Some(Value::String(s)) => Some(s.clone()),
-            _ => None,
-        },
+        chat_template: file
+            .metadata("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_id: id("tokenizer.ggml.eos_token_id"),
         eot_token_id: id("tokenizer.ggml.eot_token_id"),
-        tokens: match file.metadata("tokenizer.ggml.tokens") {
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| v.to_string().ok().cloned())
-                .collect::<Option<Vec<_>>>(),
-            _ => None,
-        },
+        tokens: file.metadata_strings("tokenizer.ggml.tokens"),
     }
 }

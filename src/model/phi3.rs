@@ -4,6 +4,7 @@
 //! the RoPE base, cannot rotate part of a head, needs `output.weight`, and allocates an f32
 //! KV cache for the whole context up front.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::{Device, Module, Result, Tensor, D};
@@ -51,9 +52,9 @@ impl Phi3Weights {
     pub fn load(config: Phi3Config, source: &mut impl TensorSource) -> crate::Result<Self> {
         let kernels = Kernels::selected()?;
         let token_embd = source.tensor("token_embd.weight")?;
-        let embeddings = Embedding::new(&token_embd).map_err(build_error)?;
+        let embeddings = Embedding::new(&token_embd).map_err(build_error("token_embd.weight"))?;
         let output = if config.tied_embeddings {
-            Linear::new(&token_embd, kernels).map_err(build_error)?
+            Linear::new(&token_embd, kernels).map_err(build_error("token_embd.weight"))?
         } else {
             drop(token_embd);
             matmul(source, "output.weight", kernels)?
@@ -90,17 +91,16 @@ impl Phi3Weights {
     }
 }
 
-fn build_error(e: candle_core::Error) -> crate::Error {
-    crate::Error::Generation {
-        detail: format!(
-            "building the model failed: {}",
-            crate::error::candle_message(&e)
-        ),
+/// A tensor Candle cannot build from the file is a fault of the file, found at load.
+fn build_error(name: &str) -> impl Fn(candle_core::Error) -> crate::Error + '_ {
+    move |e| crate::Error::InvalidTensor {
+        name: name.to_string(),
+        detail: crate::error::candle_message(&e),
     }
 }
 
 fn matmul(source: &mut impl TensorSource, name: &str, kernels: Kernels) -> crate::Result<Linear> {
-    Linear::new(&source.tensor(name)?, kernels).map_err(build_error)
+    Linear::new(&source.tensor(name)?, kernels).map_err(build_error(name))
 }
 
 fn vector(source: &mut impl TensorSource, name: &str) -> crate::Result<Vec<f32>> {
@@ -109,7 +109,7 @@ fn vector(source: &mut impl TensorSource, name: &str) -> crate::Result<Vec<f32>>
         .to_qtensor()
         .and_then(|t| t.dequantize(&Device::Cpu))
         .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-        .map_err(build_error)
+        .map_err(build_error(name))
 }
 
 fn norm(source: &mut impl TensorSource, name: &str, eps: f64) -> crate::Result<RmsNorm> {
@@ -117,7 +117,7 @@ fn norm(source: &mut impl TensorSource, name: &str, eps: f64) -> crate::Result<R
         .tensor(name)?
         .to_qtensor()
         .and_then(|t| t.dequantize(&Device::Cpu))
-        .map_err(build_error)?;
+        .map_err(build_error(name))?;
     Ok(RmsNorm::new(weight, eps))
 }
 
@@ -127,6 +127,8 @@ pub struct Phi3Model {
     weights: Arc<Phi3Weights>,
     rope: RotaryEmbedding,
     caches: Vec<KvCache>,
+    /// When set, a forward pass stops at the next layer (and the cache is rolled back).
+    interrupt: Option<Arc<AtomicBool>>,
 }
 
 impl Phi3Model {
@@ -143,7 +145,14 @@ impl Phi3Model {
             weights,
             rope,
             caches,
+            interrupt: None,
         })
+    }
+
+    /// A flag that, once set, stops forward passes between layers with an error; the
+    /// cache is then as it was before the pass.
+    pub fn set_interrupt(&mut self, flag: Arc<AtomicBool>) {
+        self.interrupt = Some(flag);
     }
 
     /// How many tokens the model has seen: the position of the next token.
@@ -176,8 +185,20 @@ impl Phi3Model {
         self.weights.output.forward(&hidden)?.squeeze(0)
     }
 
-    /// The final-normed hidden states (1, tokens, hidden) after feeding `tokens`.
+    /// The final-normed hidden states (1, tokens, hidden) after feeding `tokens`. A pass
+    /// that fails leaves the cache as it was, so the sequence can go on.
     fn hidden_states(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        let position = self.position();
+        let result = self.layers(tokens);
+        if result.is_err() {
+            for cache in &mut self.caches {
+                cache.truncate(position);
+            }
+        }
+        result
+    }
+
+    fn layers(&mut self, tokens: &[u32]) -> Result<Tensor> {
         if tokens.is_empty() {
             candle_core::bail!("no tokens to feed the model")
         }
@@ -205,6 +226,11 @@ impl Phi3Model {
             sin: &sin,
         };
         for (layer, cache) in weights.layers.iter().zip(self.caches.iter_mut()) {
+            if let Some(flag) = &self.interrupt {
+                if flag.load(Ordering::Relaxed) {
+                    candle_core::bail!("interrupted")
+                }
+            }
             let attn = attention(layer, cache, config, &rope, &xs)?;
             xs = (xs + attn)?;
             let ffn = feed_forward(layer, config, &xs)?;

@@ -175,15 +175,23 @@ pub struct QMatrix {
 impl QMatrix {
     /// `None` when our kernels do not handle this tensor (type, shape or alignment).
     pub fn new(tensor: &RawTensor, kernels: Kernels) -> Option<Self> {
-        let block_type = BlockType::of(tensor.dtype)?;
-        let &[rows, cols] = tensor.dims.as_slice() else {
+        let block_type = BlockType::of(tensor.dtype())?;
+        let &[rows, cols] = tensor.dims() else {
             return None;
         };
-        let aligned = (tensor.bytes.as_bytes().as_ptr() as usize).is_multiple_of(8);
+        let bytes = tensor.bytes();
+        let aligned = (bytes.as_bytes().as_ptr() as usize).is_multiple_of(8);
+        // `RawTensor` holds whole blocks for its shape; checked again because the kernels
+        // read without bounds checks.
         let sized = cols % QK_K == 0
-            && tensor.bytes.as_bytes().len() == rows * cols / QK_K * block_type.block_bytes();
-        (kernels != Kernels::Candle && aligned && sized).then(|| Self {
-            bytes: tensor.bytes.clone(),
+            && rows
+                .checked_mul(cols / QK_K)
+                .and_then(|n| n.checked_mul(block_type.block_bytes()))
+                == Some(bytes.as_bytes().len());
+        // Kernels this CPU lacks would be undefined behaviour, not just slow.
+        let runnable = kernels != Kernels::Candle && Kernels::available().contains(&kernels);
+        (runnable && aligned && sized).then(|| Self {
+            bytes: bytes.clone(),
             block_type,
             rows,
             cols,

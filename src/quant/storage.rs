@@ -63,21 +63,62 @@ impl WeightBytes {
 }
 
 /// One tensor of a model file: its type, its shape (outermost first, as Candle orders it)
-/// and its bytes, not yet converted to anything.
+/// and its bytes, not yet converted to anything. The bytes always match the shape: the
+/// kernels rely on it.
 #[derive(Debug, Clone)]
 pub struct RawTensor {
-    pub dtype: GgmlDType,
-    pub dims: Vec<usize>,
-    pub bytes: WeightBytes,
+    dtype: GgmlDType,
+    dims: Vec<usize>,
+    bytes: WeightBytes,
 }
 
 impl RawTensor {
+    /// Checks that `bytes` holds exactly the whole blocks of `dims` in `dtype`.
+    pub fn new(
+        dtype: GgmlDType,
+        dims: Vec<usize>,
+        bytes: WeightBytes,
+    ) -> std::result::Result<Self, String> {
+        let block = dtype.block_size();
+        let row = dims.last().copied().unwrap_or(1);
+        if !row.is_multiple_of(block) {
+            return Err(format!(
+                "rows of {row} values are not whole {block}-value blocks of {dtype:?}"
+            ));
+        }
+        let expected = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|n| (n / block).checked_mul(dtype.type_size()));
+        let found = bytes.as_bytes().len();
+        if expected != Some(found) {
+            return Err(format!(
+                "{found} bytes do not hold a {dims:?} tensor of {dtype:?}"
+            ));
+        }
+        Ok(Self { dtype, dims, bytes })
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    /// The shape, outermost first.
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+
+    pub fn bytes(&self) -> &WeightBytes {
+        &self.bytes
+    }
+
     pub fn from_qtensor(tensor: &QTensor) -> Result<Self> {
-        Ok(Self {
-            dtype: tensor.dtype(),
-            dims: tensor.shape().dims().to_vec(),
-            bytes: WeightBytes::copied(&tensor.data()?),
-        })
+        Self::new(
+            tensor.dtype(),
+            tensor.shape().dims().to_vec(),
+            WeightBytes::copied(&tensor.data()?),
+        )
+        .map_err(candle_core::Error::msg)
     }
 
     /// A Candle quantized tensor holding a copy of the bytes.

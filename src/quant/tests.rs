@@ -37,11 +37,7 @@ fn random_blocks(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> RawTe
             }
         }
     }
-    RawTensor {
-        dtype,
-        dims: vec![rows, cols],
-        bytes: WeightBytes::copied(&bytes),
-    }
+    RawTensor::new(dtype, vec![rows, cols], WeightBytes::copied(&bytes)).unwrap()
 }
 
 fn candle_product(weights: &RawTensor, x: &Tensor) -> Vec<f32> {
@@ -124,19 +120,47 @@ fn zero_activations_give_zero() {
 
 #[test]
 fn other_types_and_shapes_are_left_to_candle() {
-    let q8 = RawTensor {
-        dtype: GgmlDType::Q8_0,
-        dims: vec![4, 64],
-        bytes: WeightBytes::copied(&vec![0u8; 4 * 2 * 34]),
-    };
+    let q8 = RawTensor::new(
+        GgmlDType::Q8_0,
+        vec![4, 64],
+        WeightBytes::copied(&vec![0u8; 4 * 2 * 34]),
+    )
+    .unwrap();
     assert!(QMatrix::new(&q8, Kernels::Scalar).is_none());
     let q4k = random_blocks(GgmlDType::Q4K, 4, QK_K, 5);
     assert!(QMatrix::new(&q4k, Kernels::Candle).is_none());
-    let wrong_length = RawTensor {
-        dims: vec![5, QK_K],
-        ..q4k
-    };
-    assert!(QMatrix::new(&wrong_length, Kernels::Scalar).is_none());
+}
+
+#[test]
+fn raw_tensors_hold_exactly_their_shape() {
+    let bytes = WeightBytes::copied(&vec![0u8; 4 * 144]);
+    assert!(RawTensor::new(GgmlDType::Q4K, vec![4, QK_K], bytes.clone()).is_ok());
+    // One row short, one too many, rows that are not whole blocks, a wrapping shape.
+    for dims in [
+        vec![5, QK_K],
+        vec![3, QK_K],
+        vec![8, 128],
+        vec![1 << 62, 1 << 62, QK_K],
+    ] {
+        assert!(
+            RawTensor::new(GgmlDType::Q4K, dims.clone(), bytes.clone()).is_err(),
+            "{dims:?}"
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn kernels_the_cpu_lacks_are_never_used() {
+    let q4k = random_blocks(GgmlDType::Q4K, 4, QK_K, 5);
+    for kernels in [Kernels::AvxVnni, Kernels::Avx2] {
+        let matrix = QMatrix::new(&q4k, kernels);
+        assert_eq!(
+            matrix.is_some(),
+            Kernels::available().contains(&kernels),
+            "{kernels:?}"
+        );
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

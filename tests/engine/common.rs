@@ -6,8 +6,8 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use candle_phi::model::RawTensor;
 use candle_phi::model::{Phi3Config, TensorSource};
-use candle_phi::quant::RawTensor;
 
 pub fn config() -> Phi3Config {
     Phi3Config {

@@ -224,3 +224,23 @@ fn long_rope_picks_factors_by_span_and_is_chunking_invariant() {
     let stated = logits(long_rope_model(96, Some(1.0)), &ids[..20], 20);
     assert!(max_diff(&long[1..], &stated[1..]) > 1e-3);
 }
+
+/// An interrupted forward pass fails, leaves the cache as it was, and the sequence then
+/// goes on to the same logits as one never interrupted.
+#[test]
+fn an_interrupted_pass_rolls_back_and_the_sequence_goes_on() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let ids = tokens(40, config().vocab_size);
+    let all = logits(model(config(), GgmlDType::F32), &ids, 40);
+    let mut m = model(config(), GgmlDType::F32);
+    let flag = Arc::new(AtomicBool::new(false));
+    m.set_interrupt(Arc::clone(&flag));
+    m.feed(&ids[..20]).unwrap();
+    flag.store(true, Ordering::Relaxed);
+    assert!(m.forward_all(&ids[20..]).is_err());
+    assert_eq!(m.position(), 20);
+    flag.store(false, Ordering::Relaxed);
+    let rest = m.forward_all(&ids[20..]).unwrap().to_vec2::<f32>().unwrap();
+    assert!(max_diff(&rest, &all[20..]) < 1e-4);
+}
