@@ -1,9 +1,11 @@
 //! The tokenizer: encoding prompts, knowing which tokens end a turn, and streaming text out
 //! with `tokenizers`' incremental decoder.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
@@ -27,6 +29,9 @@ pub struct Phi3Tokenizer {
     /// The same tokenizer with special-token matching off, for text that must stay text.
     plain: Tokenizer,
     special_tokens: Vec<SpecialToken>,
+    /// Finds special-token text in one pass, leftmost first, the longest at a position (as
+    /// `tokenizers` matches added tokens).
+    special_matcher: AhoCorasick,
     /// Tokens the post-processor puts before any prompt (BOS for Phi-3).
     prompt_prefix: Vec<u32>,
     bos_token: Option<String>,
@@ -43,10 +48,19 @@ impl Phi3Tokenizer {
                 path: path.to_path_buf(),
             });
         }
-        let tokenizer = Tokenizer::from_file(path).map_err(|e| Error::TokenizerInvalid {
+        let mut tokenizer = Tokenizer::from_file(path).map_err(|e| Error::TokenizerInvalid {
             path: path.to_path_buf(),
             detail: e.to_string(),
         })?;
+        // Generation never pads or truncates; a file asking for padding to 10**9 tokens
+        // would make every encode allocate gigabytes.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::TokenizerInvalid {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })?;
         check_against_model(&tokenizer, model, vocab_size)?;
 
         let mut end_token_ids: Vec<u32> = END_TOKEN_NAMES
@@ -61,7 +75,7 @@ impl Phi3Tokenizer {
 
         let mut plain = tokenizer.clone();
         plain.set_encode_special_tokens(true);
-        let special_tokens = tokenizer
+        let mut special_tokens: Vec<SpecialToken> = tokenizer
             .get_added_tokens_decoder()
             .into_iter()
             .filter(|(_, t)| t.special && !t.content.is_empty())
@@ -72,6 +86,14 @@ impl Phi3Tokenizer {
                 rstrip: t.rstrip,
             })
             .collect();
+        special_tokens.sort_by_key(|t| t.id);
+        let special_matcher = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(special_tokens.iter().map(|t| t.content.as_str()))
+            .map_err(|e| Error::TokenizerInvalid {
+                path: path.to_path_buf(),
+                detail: format!("its special tokens cannot be matched: {e}"),
+            })?;
         let encode_err = |e: tokenizers::Error| Error::TokenizerInvalid {
             path: path.to_path_buf(),
             detail: e.to_string(),
@@ -97,6 +119,7 @@ impl Phi3Tokenizer {
             tokenizer,
             plain,
             special_tokens,
+            special_matcher,
             prompt_prefix,
             bos_token,
             eos_token,
@@ -107,6 +130,17 @@ impl Phi3Tokenizer {
 
     pub fn special_tokens(&self) -> &[SpecialToken] {
         &self.special_tokens
+    }
+
+    /// Where special-token text occurs in `text`, in order, without overlaps: one pass,
+    /// however many tokens and matches there are.
+    pub fn find_special_tokens<'a>(
+        &'a self,
+        text: &'a str,
+    ) -> impl Iterator<Item = (Range<usize>, &'a SpecialToken)> + 'a {
+        self.special_matcher
+            .find_iter(text)
+            .map(|m| (m.range(), &self.special_tokens[m.pattern().as_usize()]))
     }
 
     /// Tokens the tokenizer puts before every prompt (e.g. BOS).
