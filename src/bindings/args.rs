@@ -4,7 +4,7 @@
 use pyo3::conversion::FromPyObjectOwned;
 use pyo3::prelude::*;
 
-use pyo3::types::{PyMapping, PyString};
+use pyo3::types::{PyByteArray, PyBytes, PyMapping, PySequence, PyString};
 
 use super::errors::to_py_err;
 use crate::chat::{ChatMessage, Role};
@@ -14,34 +14,32 @@ use crate::sampling::SamplingParams;
 
 pub(crate) fn extract<'py, T: FromPyObjectOwned<'py>>(
     obj: &Bound<'py, PyAny>,
-    name: &'static str,
+    name: &str,
     expected: &str,
 ) -> PyResult<T> {
-    let py = obj.py();
     // bool is an int subclass in Python; True as a token count is a mistake, not a 1.
     let wrong_bool = obj.is_instance_of::<pyo3::types::PyBool>() && !expected.contains("bool");
     match obj.extract::<T>() {
         Ok(value) if !wrong_bool => Ok(value),
-        _ => {
-            let value = obj
-                .repr()
-                .map(|r| r.to_string())
-                .unwrap_or_else(|_| "<unprintable>".into());
-            let type_name = obj
-                .get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default();
-            Err(to_py_err(
-                py,
-                Error::invalid_argument(
-                    name,
-                    format!("{value} (of type {type_name})"),
-                    format!("It must be {expected}"),
-                ),
-            ))
-        }
+        _ => Err(wrong_type(obj, name, expected)),
     }
+}
+
+/// The `InvalidArgumentError` for a value of the wrong type.
+fn wrong_type(obj: &Bound<'_, PyAny>, name: &str, expected: &str) -> PyErr {
+    let type_name = obj
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    to_py_err(
+        obj.py(),
+        Error::invalid_argument(
+            name,
+            format!("{} (of type {type_name})", repr(obj)),
+            format!("It must be {expected}"),
+        ),
+    )
 }
 
 /// One `from_py_with` converter per parameter, each naming its parameter in errors.
@@ -61,25 +59,61 @@ converters! {
     seed: Option<i64> = "seed", "an int >= 0 or None";
     repeat_penalty: f64 = "repeat_penalty", "a float > 0";
     repeat_last_n: i64 = "repeat_last_n", "an int >= 0";
-    stop_token_ids: Option<Vec<i64>> = "stop_token_ids", "a list of token ids (ints) or None";
-    token_ids: Vec<i64> = "token_ids", "a list of token ids (ints)";
 
-    text: String = "text", "a str";
-    token: String = "token", "a str";
     skip_special_tokens: bool = "skip_special_tokens", "a bool";
     add_special_tokens: bool = "add_special_tokens", "a bool";
     add_generation_prompt: bool = "add_generation_prompt", "a bool";
     chunk_size: Option<i64> = "chunk_size", "an int >= 1 or None";
     model: Option<std::path::PathBuf> = "model", "a path (str or os.PathLike) or None";
     tokenizer: Option<std::path::PathBuf> = "tokenizer", "a path (str or os.PathLike) or None";
-    repo_id: String = "repo_id", "a str";
-    filename: String = "filename", "a str";
-    revision: String = "revision", "a str";
-    tokenizer_repo_id: Option<String> = "tokenizer_repo_id", "a str or None";
-    tokenizer_revision: String = "tokenizer_revision", "a str";
     progress: bool = "progress", "a bool";
     n_threads: Option<i64> = "n_threads", "an int >= 1 or None";
     ignore_eos: bool = "ignore_eos", "a bool";
+}
+
+/// One `from_py_with` converter per str parameter: a str that is not valid text (a lone
+/// surrogate) is an `InvalidArgumentError` naming the parameter, not a UnicodeEncodeError.
+macro_rules! text_converters {
+    ($($fn_name:ident = $param:literal;)*) => {$(
+        pub(crate) fn $fn_name(obj: &Bound<'_, PyAny>) -> PyResult<String> {
+            str_arg(obj, $param)
+        }
+    )*};
+}
+
+text_converters! {
+    text = "text";
+    token = "token";
+    repo_id = "repo_id";
+    filename = "filename";
+    revision = "revision";
+    tokenizer_revision = "tokenizer_revision";
+}
+
+pub(crate) fn tokenizer_repo_id(obj: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
+    if obj.is_none() {
+        return Ok(None);
+    }
+    str_arg(obj, "tokenizer_repo_id").map(Some)
+}
+
+/// A str argument as Rust text.
+pub(crate) fn str_arg(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<String> {
+    let py = obj.py();
+    let Ok(string) = obj.cast::<PyString>() else {
+        return Err(wrong_type(obj, name, "a str"));
+    };
+    match string.to_str() {
+        Ok(text) => Ok(text.to_string()),
+        Err(_) => Err(to_py_err(
+            py,
+            Error::invalid_argument(
+                name,
+                repr(obj),
+                "It contains a lone surrogate (a code point from U+D800 to U+DFFF), which is not text; remove it, or decode the bytes it came from with errors='replace'",
+            ),
+        )),
+    }
 }
 
 /// A non-negative integer as `usize`, or the named `InvalidArgumentError`.
@@ -93,30 +127,95 @@ pub(crate) fn non_negative(
         .map_err(|_| to_py_err(py, Error::invalid_argument(name, value, expected)))
 }
 
-/// Token ids as `u32`, rejecting negatives and out-of-range values.
-pub(crate) fn token_id_list(
-    py: Python<'_>,
-    ids: Vec<i64>,
-    name: &'static str,
-) -> PyResult<Vec<u32>> {
-    ids.into_iter()
-        .map(|id| {
+/// Most items a list argument may have: token ids, stop strings, messages. Far beyond any
+/// context; the point is that a sequence claiming 10**18 items is refused, not reserved.
+const MAX_ITEMS: usize = 1 << 24;
+
+/// The items of a sequence argument. Its length is checked before anything is reserved for
+/// it (a `__len__` can claim anything), and the count again while iterating.
+fn items<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+    expected: &str,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let py = obj.py();
+    let too_many = |n: String| {
+        to_py_err(
+            py,
+            Error::invalid_argument(
+                name,
+                format!("a sequence of {n} items"),
+                format!("It may have at most {MAX_ITEMS} items"),
+            ),
+        )
+    };
+    let is_sequence = obj.cast::<PySequence>().is_ok() && !obj.is_instance_of::<PyString>();
+    if !is_sequence || obj.is_instance_of::<PyBytes>() || obj.is_instance_of::<PyByteArray>() {
+        return Err(wrong_type(obj, name, expected));
+    }
+    match obj.len() {
+        Ok(n) if n > MAX_ITEMS => return Err(too_many(n.to_string())),
+        Ok(_) => {}
+        Err(_) => return Err(too_many("unknown".into())),
+    }
+    let mut out = Vec::new();
+    for item in obj.try_iter()? {
+        if out.len() == MAX_ITEMS {
+            return Err(too_many(format!("more than {MAX_ITEMS}")));
+        }
+        out.push(item?);
+    }
+    Ok(out)
+}
+
+/// Token ids: ints from 0 to 2**32 - 1.
+pub(crate) fn id_list(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<u32>> {
+    let py = obj.py();
+    items(obj, name, "a list of token ids (ints)")?
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let item_name = format!("{name}[{i}]");
+            let id: i64 = extract(item, &item_name, "an int token id")?;
             u32::try_from(id).map_err(|_| {
                 to_py_err(
                     py,
-                    Error::invalid_argument(name, id, "Token ids are ints from 0 to 2**32 - 1"),
+                    Error::invalid_argument(
+                        item_name,
+                        id,
+                        "Token ids are ints from 0 to 2**32 - 1",
+                    ),
                 )
             })
         })
         .collect()
 }
 
+pub(crate) fn token_ids(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    id_list(obj, "token_ids")
+}
+
+pub(crate) fn stop_token_ids(obj: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u32>>> {
+    if obj.is_none() {
+        return Ok(None);
+    }
+    id_list(obj, "stop_token_ids").map(Some)
+}
+
 /// `stop`: None, one string, or a sequence of strings.
 pub(crate) fn stop(obj: &Bound<'_, PyAny>) -> PyResult<Option<Vec<String>>> {
-    if let Ok(one) = obj.cast::<PyString>() {
-        return Ok(Some(vec![one.to_str()?.to_string()]));
+    if obj.is_none() {
+        return Ok(None);
     }
-    extract(obj, "stop", "a str, a list of str, or None")
+    if obj.is_instance_of::<PyString>() {
+        return str_arg(obj, "stop").map(|one| Some(vec![one]));
+    }
+    items(obj, "stop", "a str, a list of str, or None")?
+        .iter()
+        .enumerate()
+        .map(|(i, item)| str_arg(item, &format!("stop[{i}]")))
+        .collect::<PyResult<Vec<_>>>()
+        .map(Some)
 }
 
 /// `messages`: a sequence of mappings with a known `role` and a str `content`.
@@ -132,8 +231,7 @@ pub(crate) fn messages(obj: &Bound<'_, PyAny>) -> PyResult<Vec<ChatMessage>> {
             "It must be a list of {'role': ..., 'content': ...} dicts".into(),
         ));
     }
-    let items: Vec<Bound<'_, PyAny>> = extract(obj, "messages", "a list of message dicts")?;
-    items
+    items(obj, "messages", "a list of message dicts")?
         .iter()
         .enumerate()
         .map(|(i, item)| {
@@ -145,13 +243,7 @@ pub(crate) fn messages(obj: &Bound<'_, PyAny>) -> PyResult<Vec<ChatMessage>> {
                         format!("messages[{i}] needs a '{key}' key"),
                     )
                 })?;
-                value.extract::<String>().map_err(|_| {
-                    bad(
-                        format!("messages[{i}]['{key}']"),
-                        repr(&value),
-                        format!("messages[{i}]['{key}'] must be a str"),
-                    )
-                })
+                str_arg(&value, &format!("messages[{i}]['{key}']"))
             };
             if !item.is_instance_of::<PyMapping>() {
                 return Err(bad(
@@ -176,10 +268,17 @@ pub(crate) fn messages(obj: &Bound<'_, PyAny>) -> PyResult<Vec<ChatMessage>> {
         .collect()
 }
 
+/// A value for an error message: its repr, shortened (a prompt can be megabytes).
 fn repr(obj: &Bound<'_, PyAny>) -> String {
-    obj.repr()
-        .map(|r| r.to_string())
-        .unwrap_or_else(|_| "<unprintable>".into())
+    const MAX_CHARS: usize = 80;
+    let full = obj
+        .repr()
+        .map(|r| r.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "<unprintable>".into());
+    match full.char_indices().nth(MAX_CHARS) {
+        Some((cut, _)) => format!("{}... ({} characters)", &full[..cut], full.chars().count()),
+        None => full,
+    }
 }
 
 /// The generation arguments shared by `generate` and `chat`, as Python passed them.
@@ -192,7 +291,7 @@ pub(crate) struct GenerationArgs {
     pub repeat_penalty: f64,
     pub repeat_last_n: i64,
     pub stop: Option<Vec<String>>,
-    pub stop_token_ids: Option<Vec<i64>>,
+    pub stop_token_ids: Option<Vec<u32>>,
     pub ignore_eos: bool,
 }
 
@@ -203,11 +302,13 @@ pub(crate) enum Prompt {
 }
 
 pub(crate) fn prompt(obj: &Bound<'_, PyAny>) -> PyResult<Prompt> {
-    if let Ok(text) = obj.cast::<PyString>() {
-        return Ok(Prompt::Text(text.to_str()?.to_string()));
+    if obj.is_instance_of::<PyString>() {
+        return str_arg(obj, "prompt").map(Prompt::Text);
     }
-    let ids: Vec<i64> = extract(obj, "prompt", "a str, or a list of token ids")?;
-    token_id_list(obj.py(), ids, "prompt").map(Prompt::Ids)
+    if obj.cast::<PySequence>().is_err() {
+        return extract::<String>(obj, "prompt", "a str, or a list of token ids").map(Prompt::Text);
+    }
+    id_list(obj, "prompt").map(Prompt::Ids)
 }
 
 impl GenerationArgs {
@@ -266,11 +367,7 @@ impl GenerationArgs {
                 repeat_penalty: self.repeat_penalty as f32,
                 repeat_last_n,
             },
-            stop_token_ids: token_id_list(
-                py,
-                self.stop_token_ids.unwrap_or_default(),
-                "stop_token_ids",
-            )?,
+            stop_token_ids: self.stop_token_ids.unwrap_or_default(),
             stop: self.stop.unwrap_or_default(),
             ignore_eos: self.ignore_eos,
         })

@@ -5,7 +5,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
 
-use crate::error::Error;
+use crate::error::{Error, Operation};
 
 /// The exception class for each kind of engine error.
 fn class_name(err: &Error) -> &'static str {
@@ -22,14 +22,22 @@ fn class_name(err: &Error) -> &'static str {
         | Error::TensorShape { .. }
         | Error::UnsupportedTensorType { .. }
         | Error::Download { .. }
-        | Error::NotCached { .. } => "ModelLoadError",
+        | Error::NotCached { .. }
+        | Error::InvalidTensor { .. }
+        | Error::NoCacheDir { .. } => "ModelLoadError",
         Error::TokenizerNotFound { .. }
         | Error::TokenizerInvalid { .. }
         | Error::TokenizerMismatch { .. }
-        | Error::Tokenization { .. } => "TokenizerError",
+        | Error::Tokenization { .. }
+        | Error::Template { .. } => "TokenizerError",
         Error::InvalidArgument { .. } => "InvalidArgumentError",
         Error::ContextLength { .. } => "ContextLengthError",
-        Error::Generation { .. } => "GenerationError",
+        Error::Generation { .. } | Error::Interrupted => "GenerationError",
+        Error::Internal { operation, .. } => match operation {
+            Operation::Loading => "ModelLoadError",
+            Operation::Tokenizing | Operation::RenderingTemplate => "TokenizerError",
+            Operation::Generating => "GenerationError",
+        },
     }
 }
 
@@ -42,6 +50,9 @@ pub(crate) fn exception_class<'py>(py: Python<'py>, name: &str) -> PyResult<Boun
 }
 
 pub(crate) fn to_py_err(py: Python<'_>, err: Error) -> PyErr {
+    if let Error::Interrupted = err {
+        return pyo3::exceptions::PyKeyboardInterrupt::new_err(());
+    }
     match exception_class(py, class_name(&err)) {
         Ok(class) => PyErr::from_type(class, err.to_string()),
         Err(import_failure) => import_failure,

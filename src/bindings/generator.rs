@@ -2,16 +2,18 @@
 //! `generate` call returns a stream with its own KV cache over the shared weights.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use pyo3::prelude::*;
 
 use super::args;
 use super::errors::IntoPyResult;
+use super::interrupt;
 use super::stream::PyTokenStream;
 use crate::chat::ChatMessage;
 use crate::engine::{Engine, ModelSource};
-use crate::error::Error;
+use crate::error::{Error, Operation};
 use crate::generation::Generation;
 use crate::source::{
     HubFile, DEFAULT_MODEL_FILE, DEFAULT_MODEL_REPO, DEFAULT_REVISION, DEFAULT_TOKENIZER_FILE,
@@ -23,14 +25,27 @@ pub struct PyPhi3Generator {
 }
 
 impl PyPhi3Generator {
-    /// Prepares a generation with the GIL released (tokenizing and checks included).
+    /// Prepares a generation with the GIL released (template, tokenizing and checks).
     fn start(
         &self,
         py: Python<'_>,
+        operation: Operation,
         prepare: impl FnOnce(&Engine) -> crate::Result<Generation> + Send,
     ) -> PyResult<PyTokenStream> {
-        let generation = py.detach(|| prepare(&self.engine)).py_err(py)?;
+        let generation = self.run(py, operation, prepare)?;
         Ok(PyTokenStream::new(generation))
+    }
+
+    /// Engine work off the Python thread: Ctrl-C lands during it, panics become errors.
+    /// Such work (template, tokenizer) ends in bounded time, so needs no interrupt flag.
+    fn run<T: Send>(
+        &self,
+        py: Python<'_>,
+        operation: Operation,
+        work: impl FnOnce(&Engine) -> crate::Result<T> + Send,
+    ) -> PyResult<T> {
+        let engine = &self.engine;
+        interrupt::run(py, operation, &AtomicBool::new(false), || work(engine))
     }
 }
 
@@ -82,9 +97,10 @@ impl PyPhi3Generator {
             ))),
             (None, None) => None,
         };
-        let engine = py
-            .detach(|| Engine::load(&model, tokenizer.as_ref(), progress, n_threads))
-            .py_err(py)?;
+        let stop = AtomicBool::new(false);
+        let engine = interrupt::run(py, Operation::Loading, &stop, || {
+            Engine::load_interruptible(&model, tokenizer.as_ref(), progress, n_threads, &stop)
+        })?;
         Ok(Self {
             engine: Arc::new(engine),
         })
@@ -124,7 +140,7 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::repeat_penalty)] repeat_penalty: f64,
         #[pyo3(from_py_with = args::repeat_last_n)] repeat_last_n: i64,
         #[pyo3(from_py_with = args::stop)] stop: Option<Vec<String>>,
-        #[pyo3(from_py_with = args::stop_token_ids)] stop_token_ids: Option<Vec<i64>>,
+        #[pyo3(from_py_with = args::stop_token_ids)] stop_token_ids: Option<Vec<u32>>,
         #[pyo3(from_py_with = args::ignore_eos)] ignore_eos: bool,
     ) -> PyResult<PyTokenStream> {
         let params = args::GenerationArgs {
@@ -140,7 +156,7 @@ impl PyPhi3Generator {
             ignore_eos,
         }
         .into_params(py)?;
-        self.start(py, |engine| match prompt {
+        self.start(py, Operation::Tokenizing, |engine| match prompt {
             args::Prompt::Text(text) => engine.generate(&text, &params),
             args::Prompt::Ids(ids) => engine.generate_ids(ids, &params),
         })
@@ -180,7 +196,7 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::repeat_penalty)] repeat_penalty: f64,
         #[pyo3(from_py_with = args::repeat_last_n)] repeat_last_n: i64,
         #[pyo3(from_py_with = args::stop)] stop: Option<Vec<String>>,
-        #[pyo3(from_py_with = args::stop_token_ids)] stop_token_ids: Option<Vec<i64>>,
+        #[pyo3(from_py_with = args::stop_token_ids)] stop_token_ids: Option<Vec<u32>>,
         #[pyo3(from_py_with = args::ignore_eos)] ignore_eos: bool,
     ) -> PyResult<PyTokenStream> {
         let params = args::GenerationArgs {
@@ -196,7 +212,9 @@ impl PyPhi3Generator {
             ignore_eos,
         }
         .into_params(py)?;
-        self.start(py, |engine| engine.chat(&messages, &params))
+        self.start(py, Operation::RenderingTemplate, |engine| {
+            engine.chat(&messages, &params)
+        })
     }
 
     /// The prompt text the model's chat template makes of `messages`.
@@ -207,9 +225,9 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::messages)] messages: Vec<ChatMessage>,
         #[pyo3(from_py_with = args::add_generation_prompt)] add_generation_prompt: bool,
     ) -> PyResult<String> {
-        self.engine
-            .apply_chat_template(&messages, add_generation_prompt)
-            .py_err(py)
+        self.run(py, Operation::RenderingTemplate, |engine| {
+            engine.apply_chat_template(&messages, add_generation_prompt)
+        })
     }
 
     /// Token ids of `text`; with `add_special_tokens` the tokenizer's BOS is prepended.
@@ -220,20 +238,21 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::text)] text: String,
         #[pyo3(from_py_with = args::add_special_tokens)] add_special_tokens: bool,
     ) -> PyResult<Vec<u32>> {
-        py.detach(|| self.engine.tokenizer().encode(&text, add_special_tokens))
-            .py_err(py)
+        self.run(py, Operation::Tokenizing, |engine| {
+            engine.tokenizer().encode(&text, add_special_tokens)
+        })
     }
 
     #[pyo3(signature = (token_ids, *, skip_special_tokens = false))]
     fn detokenize(
         &self,
         py: Python<'_>,
-        #[pyo3(from_py_with = args::token_ids)] token_ids: Vec<i64>,
+        #[pyo3(from_py_with = args::token_ids)] token_ids: Vec<u32>,
         #[pyo3(from_py_with = args::skip_special_tokens)] skip_special_tokens: bool,
     ) -> PyResult<String> {
-        let ids = args::token_id_list(py, token_ids, "token_ids")?;
-        py.detach(|| self.engine.tokenizer().decode(&ids, skip_special_tokens))
-            .py_err(py)
+        self.run(py, Operation::Tokenizing, |engine| {
+            engine.tokenizer().decode(&token_ids, skip_special_tokens)
+        })
     }
 
     /// The model's logits at every position of `token_ids`, fed in chunks of `chunk_size`
@@ -242,12 +261,11 @@ impl PyPhi3Generator {
     fn logits(
         &self,
         py: Python<'_>,
-        #[pyo3(from_py_with = args::token_ids)] token_ids: Vec<i64>,
+        #[pyo3(from_py_with = args::token_ids)] token_ids: Vec<u32>,
         #[pyo3(from_py_with = args::chunk_size)] chunk_size: Option<i64>,
     ) -> PyResult<Vec<Vec<f32>>> {
-        let ids = args::token_id_list(py, token_ids, "token_ids")?;
         let chunk_size = match chunk_size {
-            None => ids.len().max(1),
+            None => token_ids.len().max(1),
             Some(n) if n >= 1 => n as usize,
             Some(n) => {
                 return Err(Error::invalid_argument(
@@ -258,8 +276,11 @@ impl PyPhi3Generator {
                 .py_err(py)
             }
         };
-        py.detach(|| self.engine.logits(&ids, chunk_size))
-            .py_err(py)
+        let stop = Arc::new(AtomicBool::new(false));
+        interrupt::run(py, Operation::Generating, &stop, || {
+            self.engine
+                .logits(&token_ids, chunk_size, Arc::clone(&stop))
+        })
     }
 
     /// Tokens the model can attend to: prompt plus generated tokens must fit.

@@ -4,6 +4,7 @@
 mod args;
 mod errors;
 mod generator;
+mod interrupt;
 mod stream;
 
 use pyo3::prelude::*;

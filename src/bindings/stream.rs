@@ -1,22 +1,27 @@
 //! `TokenStream`: the Python iterator over one generation. Each `__next__` releases the GIL
 //! for the model work and checks for Ctrl-C between prompt chunks and tokens.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use pyo3::prelude::*;
 
 use super::errors::IntoPyResult;
-use crate::error::Error;
+use super::interrupt;
+use crate::error::{Error, Operation};
 use crate::generation::{Generation, Stats, Step};
 
 #[pyclass(module = "candle_phi", name = "TokenStream", frozen)]
 pub struct PyTokenStream {
     generation: Mutex<Generation>,
+    /// Stops the step in progress (the generation's own flag, reachable without the lock).
+    interrupt: Arc<AtomicBool>,
 }
 
 impl PyTokenStream {
     pub(crate) fn new(generation: Generation) -> Self {
         Self {
+            interrupt: generation.interrupt_flag(),
             generation: Mutex::new(generation),
         }
     }
@@ -27,8 +32,18 @@ impl PyTokenStream {
         })
     }
 
+    /// Reads the generation; waits (GIL released, so other threads run) while another
+    /// thread's step holds it.
+    fn inspect<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&Generation) -> T + Send,
+    ) -> PyResult<T> {
+        py.detach(|| self.lock().map(|g| f(&g))).py_err(py)
+    }
+
     fn stats(&self, py: Python<'_>) -> PyResult<Stats> {
-        self.lock().map(|g| g.stats()).py_err(py)
+        self.inspect(py, Generation::stats)
     }
 }
 
@@ -40,7 +55,9 @@ impl PyTokenStream {
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
         loop {
-            let step = py.detach(|| self.lock()?.step()).py_err(py)?;
+            let step = interrupt::run(py, Operation::Generating, &self.interrupt, || {
+                self.lock()?.step()
+            })?;
             match step {
                 Step::Text(text) => return Ok(Some(text)),
                 Step::Finished => return Ok(None),
@@ -78,7 +95,7 @@ impl PyTokenStream {
     /// The generated token ids so far; end and stop tokens are not included.
     #[getter]
     fn token_ids(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
-        self.lock().map(|g| g.generated_ids().to_vec()).py_err(py)
+        self.inspect(py, |g| g.generated_ids().to_vec())
     }
 
     /// Seconds from the first step to the first generated token (prompt processing included).
@@ -102,7 +119,7 @@ impl PyTokenStream {
     /// The prompt as token ids, as the model sees it (chat template applied).
     #[getter]
     fn prompt_token_ids(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
-        self.lock().map(|g| g.prompt_ids().to_vec()).py_err(py)
+        self.inspect(py, |g| g.prompt_ids().to_vec())
     }
 
     /// The seed in use (drawn at random when none was given).

@@ -1,0 +1,77 @@
+//! Engine work runs on a worker thread while the calling thread, GIL released, waits for it
+//! and checks for Ctrl-C every few milliseconds. So a signal lands during any phase (load,
+//! template, tokenization, a prompt chunk, a token) instead of after it, and a panic in the
+//! engine comes back as an exception instead of `PanicException` or an abort.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError};
+use std::time::Duration;
+
+use pyo3::prelude::*;
+
+use super::errors::IntoPyResult;
+use crate::error::{Error, Operation};
+
+/// How often the waiting thread looks for a pending signal.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Runs `work` on a worker thread; on Ctrl-C, sets `interrupt` (the engine checks it between
+/// layers, chunks and tensors), waits for the work to stop, and raises KeyboardInterrupt.
+/// A panic in `work` becomes the `Error::Internal` of `operation`. Work that needs no
+/// interrupt flag of its own (it ends in bounded time) passes a fresh one.
+pub(crate) fn run<T: Send>(
+    py: Python<'_>,
+    operation: Operation,
+    interrupt: &AtomicBool,
+    work: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    interrupt.store(false, Ordering::Relaxed);
+    let result = std::thread::scope(|scope| {
+        let (done, mut outcome) = sync_channel(1);
+        let worker = std::thread::Builder::new()
+            .name("candle-phi-call".into())
+            .spawn_scoped(scope, move || {
+                let result = catch_unwind(AssertUnwindSafe(work))
+                    .unwrap_or_else(|panic| Err(Error::from_panic(operation, panic)));
+                // The receiver outlives the scope's threads: this cannot fail.
+                let _ = done.send(result);
+            });
+        if let Err(e) = worker {
+            return Ok(Err(Error::Internal {
+                operation,
+                detail: format!("cannot start a thread: {e}"),
+            }));
+        }
+        loop {
+            let (received, receiver) = py.detach(move || (outcome.recv_timeout(POLL), outcome));
+            outcome = receiver;
+            match received {
+                Ok(result) => return Ok(result),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Err(signal) = py.check_signals() {
+                        interrupt.store(true, Ordering::Relaxed);
+                        // The work stops at its next check. If it finished first, its
+                        // result (a token's text, say) is not thrown away: it is returned
+                        // and the interrupt posted again, to be raised right after.
+                        return match py.detach(move || outcome.recv()) {
+                            Ok(Err(Error::Interrupted)) | Err(_) => Err(signal),
+                            Ok(result) => {
+                                // SAFETY: called with the GIL held, as the API requires.
+                                unsafe { pyo3::ffi::PyErr_SetInterrupt() };
+                                Ok(result)
+                            }
+                        };
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Ok(Err(Error::Internal {
+                        operation,
+                        detail: "the worker thread ended without a result".into(),
+                    }))
+                }
+            }
+        }
+    });
+    result.and_then(|r| r.py_err(py))
+}
