@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import phi3_fixtures as fx
 import pytest
 from candle_phi import Phi3Generator
-from conftest import END, NEWLINE, SLOW_CONFIG
+from conftest import END, NEWLINE
 
 Scripted = Callable[..., Phi3Generator]
 
@@ -136,33 +133,3 @@ def test_usage_errors_exit_2(hello: list[str]) -> None:
 def test_version() -> None:
     result = cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("candle-phi ")
-
-
-def test_ctrl_c_exits_130(fixture_dir: Path, tokenizer_path: Path) -> None:
-    path = fixture_dir / "slow-cli.gguf"
-    fx.write_phi3_gguf(path, SLOW_CONFIG, seed=3)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "candle_phi",
-            "--model",
-            str(path),
-            "--tokenizer",
-            str(tokenizer_path),
-            "--raw",
-            "the " * 3000,
-            "--max-tokens",
-            "500",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(2.0)  # loaded and inside the prompt
-    proc.send_signal(signal.SIGINT)
-    start = time.perf_counter()
-    _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 130, stderr
-    assert time.perf_counter() - start < 3.0
-    assert "Traceback" not in stderr

@@ -6,18 +6,21 @@
 ...     print(piece, end="", flush=True)
 """
 
-from __future__ import annotations
-
-from candle_phi._errors import (
-    CandlePhiError,
-    ContextLengthError,
-    GenerationError,
-    InvalidArgumentError,
-    ModelLoadError,
-    TokenizerError,
-)
-from candle_phi._native import Phi3Generator, TokenStream, __version__
-from candle_phi.types import ChatMessage, FinishReason, Role
+# The public names load on first use (PEP 562), so that `import candle_phi` runs no code but
+# this file: `python -m candle_phi` then loads the native library inside the command line's
+# Ctrl-C handling, not before it. Type checkers read the imports below.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from candle_phi._errors import (
+        CandlePhiError,
+        ContextLengthError,
+        GenerationError,
+        InvalidArgumentError,
+        ModelLoadError,
+        TokenizerError,
+    )
+    from candle_phi._native import Phi3Generator, TokenStream, __version__
+    from candle_phi.types import ChatMessage, FinishReason, Role
 
 __all__ = [
     "CandlePhiError",
@@ -33,3 +36,34 @@ __all__ = [
     "TokenizerError",
     "__version__",
 ]
+
+_HOMES = {
+    "CandlePhiError": "_errors",
+    "ContextLengthError": "_errors",
+    "GenerationError": "_errors",
+    "InvalidArgumentError": "_errors",
+    "ModelLoadError": "_errors",
+    "TokenizerError": "_errors",
+    "Phi3Generator": "_native",
+    "TokenStream": "_native",
+    "__version__": "_native",
+    "ChatMessage": "types",
+    "FinishReason": "types",
+    "Role": "types",
+}
+
+if not TYPE_CHECKING:
+
+    def __getattr__(name):
+        home = _HOMES.get(name)
+        if home is None:
+            raise AttributeError(f"module 'candle_phi' has no attribute {name!r}")
+        from importlib import import_module
+
+        value = getattr(import_module(f"candle_phi.{home}"), name)
+        globals()[name] = value
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -233,6 +233,13 @@ def chat(generator: Phi3Generator, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # at any moment, handling one of our errors included
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     interactive = args.chat or (args.prompt is None and sys.stdin.isatty())
@@ -249,5 +256,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CandlePhiError as err:
         print(f"candle-phi: error: {err}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
