@@ -9,7 +9,13 @@ from typing import Any
 
 import phi3_fixtures as fx
 import pytest
-from candle_phi import ChatMessage, InvalidArgumentError, Phi3Generator
+from candle_phi import (
+    ChatMessage,
+    ContextLengthError,
+    InvalidArgumentError,
+    Phi3Generator,
+    TokenizerError,
+)
 from conftest import ASSISTANT, END, NEWLINE, TINY_CONFIG
 
 USER = fx.SPECIAL_TOKENS["<|user|>"]
@@ -134,3 +140,48 @@ def test_rstrip_special_tokens_as_in_the_real_phi3_tokenizer(
     ]
     ids = gen.chat(messages, max_tokens=0).prompt_token_ids
     assert ids == gen.tokenize(gen.apply_chat_template(messages))
+
+
+def test_special_token_text_is_split_in_one_pass_and_stays_exact(
+    generator: Phi3Generator,
+) -> None:
+    # Thousands of special tokens in the rendered text and of special-token text in the
+    # messages: the ids equal a plain encode of the same template output, where user text
+    # keeps its `<|end|>` as text.
+    messages: list[ChatMessage] = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} <|end|>"}
+        for i in range(3000)
+    ]
+    with pytest.raises(ContextLengthError, match="context length"):
+        generator.chat(messages, max_tokens=1)
+    short = messages[:4]
+    ids = generator.chat(short, max_tokens=1).prompt_token_ids
+    assert ids.count(END) == 4  # one per turn: the template's, none from the text
+    text = generator.detokenize(ids)
+    assert text.count("<|end|>") == 8  # ... while the typed ones decode back as text
+
+
+HOSTILE_TEMPLATES = {
+    "doubling string": "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+    "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+    "terabyte format": "{{ '%1000000000000s'|format('x') }}",
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}x"
+    "{% endfor %}{% endfor %}",
+    "huge output": "{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_TEMPLATES))
+def test_hostile_template_is_stopped_and_the_model_still_works(
+    name: str, tmp_path: Path, tokenizer_path: Path
+) -> None:
+    path = tmp_path / "hostile.gguf"
+    fx.write_phi3_gguf(path, TINY_CONFIG, chat_template=HOSTILE_TEMPLATES[name])
+    gen = Phi3Generator(path, tokenizer=tokenizer_path)
+    messages: list[ChatMessage] = [{"role": "user", "content": "Hi"}]
+    for _ in range(2):  # a stopped template is refused at once the second time
+        with pytest.raises(TokenizerError, match="chat template"):
+            gen.apply_chat_template(messages)
+    with pytest.raises(TokenizerError, match="chat template"):
+        gen.chat(messages, max_tokens=1)
+    assert gen.generate("Hi", max_tokens=2, seed=1).read() is not None
