@@ -2,13 +2,14 @@
 //! with minijinja) or the Phi-3 format, encoded so that no message text can become a
 //! control token.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use minijinja::{context, Environment, ErrorKind};
 
 use crate::error::{Error, Result};
-use crate::sandbox::{self, Limits};
+use crate::sandbox::{self, Limits, Stopped};
 use crate::tokenizer::Phi3Tokenizer;
 
 /// The template's instruction budget: a fixed part plus a part per message. Real chat
@@ -98,26 +99,34 @@ impl ChatTemplate {
             time: TIME_BASE,
             stack: STACK,
         };
-        let env = sandbox::run(limits, move || compile(source)).map_err(|stopped| {
-            Error::Template {
+        let env = sandbox::run(limits, &AtomicBool::new(false), move || compile(source)).map_err(
+            |stopped| Error::Template {
                 detail: format!("the model's chat template could not be compiled: {stopped}"),
-            }
-        })??;
+            },
+        )??;
         Ok(Self {
             env: Arc::new(env),
             stopped: Mutex::new(None),
         })
     }
 
-    /// The prompt text for `messages`, as the template writes it.
+    /// The prompt text for `messages`, as the template writes it. Setting `interrupt`
+    /// stops the render with `Error::Interrupted`.
     pub fn render(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
         tokenizer: &Phi3Tokenizer,
+        interrupt: &AtomicBool,
     ) -> Result<String> {
         let contents: Vec<String> = messages.iter().map(|m| m.content.clone()).collect();
-        self.render_with(messages, contents, add_generation_prompt, tokenizer)
+        self.render_with(
+            messages,
+            contents,
+            add_generation_prompt,
+            tokenizer,
+            interrupt,
+        )
     }
 
     fn render_with(
@@ -126,6 +135,7 @@ impl ChatTemplate {
         contents: Vec<String>,
         add_generation_prompt: bool,
         tokenizer: &Phi3Tokenizer,
+        interrupt: &AtomicBool,
     ) -> Result<String> {
         if messages.is_empty() {
             return Err(Error::invalid_argument(
@@ -169,8 +179,9 @@ impl ChatTemplate {
             time: TIME_BASE.saturating_add(TIME_PER_MESSAGE.saturating_mul(messages.len() as u32)),
             stack: STACK,
         };
-        match sandbox::run(limits, move || render.run()) {
+        match sandbox::run(limits, interrupt, move || render.run()) {
             Ok(result) => result,
+            Err(Stopped::Interrupted) => Err(Error::Interrupted),
             Err(stopped) => {
                 let why = stopped.to_string();
                 if let Ok(mut slot) = self.stopped.lock() {
@@ -191,12 +202,19 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
         tokenizer: &Phi3Tokenizer,
+        interrupt: &AtomicBool,
     ) -> Result<Vec<u32>> {
         let escaped: Vec<String> = messages
             .iter()
             .map(|m| escape(&m.content, tokenizer))
             .collect();
-        let rendered = self.render_with(messages, escaped, add_generation_prompt, tokenizer)?;
+        let rendered = self.render_with(
+            messages,
+            escaped,
+            add_generation_prompt,
+            tokenizer,
+            interrupt,
+        )?;
 
         let mut ids = Vec::new();
         let (mut last, mut strip_start) = (0, false);

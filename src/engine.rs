@@ -167,18 +167,28 @@ impl Engine {
     }
 
     /// The prompt text the chat template makes of `messages`.
+    /// Setting `interrupt` stops the template with `Error::Interrupted`.
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
+        interrupt: &AtomicBool,
     ) -> Result<String> {
         self.template()?
-            .render(messages, add_generation_prompt, &self.tokenizer)
+            .render(messages, add_generation_prompt, &self.tokenizer, interrupt)
     }
 
-    /// Prepares the assistant's reply to `messages`.
-    pub fn chat(&self, messages: &[ChatMessage], params: &GenerationParams) -> Result<Generation> {
-        let ids = self.template()?.encode(messages, true, &self.tokenizer)?;
+    /// Prepares the assistant's reply to `messages`; setting `interrupt` stops the template
+    /// with `Error::Interrupted`.
+    pub fn chat(
+        &self,
+        messages: &[ChatMessage],
+        params: &GenerationParams,
+        interrupt: &AtomicBool,
+    ) -> Result<Generation> {
+        let ids = self
+            .template()?
+            .encode(messages, true, &self.tokenizer, interrupt)?;
         self.generate_ids(ids, params)
     }
 

@@ -36,6 +36,8 @@ pub enum Stopped {
     Panic(String),
     /// No thread could be started.
     Thread(String),
+    /// The caller's interrupt flag was set (Ctrl-C).
+    Interrupted,
 }
 
 impl std::fmt::Display for Stopped {
@@ -45,6 +47,7 @@ impl std::fmt::Display for Stopped {
             Stopped::Time(limit) => write!(f, "it ran longer than {:.1} s", limit.as_secs_f64()),
             Stopped::Panic(message) => write!(f, "it failed: {message}"),
             Stopped::Thread(message) => write!(f, "no thread could run it: {message}"),
+            Stopped::Interrupted => write!(f, "it was interrupted"),
         }
     }
 }
@@ -131,9 +134,10 @@ unsafe impl GlobalAlloc for Allocator {
 /// How often the waiting thread looks at the sandbox.
 const POLL: Duration = Duration::from_millis(5);
 
-/// Runs `work` in a sandbox thread within `limits`.
+/// Runs `work` in a sandbox thread within `limits`, or until `interrupt` is set.
 pub fn run<T: Send + 'static>(
     limits: Limits,
+    interrupt: &AtomicBool,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Stopped> {
     let budget = Arc::new(Budget {
@@ -176,8 +180,12 @@ pub fn run<T: Send + 'static>(
         if budget.stopped.load(Ordering::Acquire) {
             return Err(Stopped::Memory(limits.memory));
         }
+        // Either way it stops at its next allocation; pure computation is bounded by fuel.
+        if interrupt.load(Ordering::Relaxed) {
+            budget.stop.store(true, Ordering::Relaxed);
+            return Err(Stopped::Interrupted);
+        }
         if Instant::now() >= deadline {
-            // It stops at its next allocation; pure computation is bounded by its fuel.
             budget.stop.store(true, Ordering::Relaxed);
             return Err(Stopped::Time(limits.time));
         }
@@ -196,17 +204,17 @@ mod tests {
 
     #[test]
     fn work_within_limits_returns_its_result() {
-        let out = run(SMALL, || vec![7u8; 1 << 20].len());
+        let out = run(SMALL, &AtomicBool::new(false), || vec![7u8; 1 << 20].len());
         assert_eq!(out, Ok(1 << 20));
     }
 
     #[test]
     fn an_allocation_past_the_budget_stops_the_thread_before_it_is_made() {
         // A terabyte: the system allocator would fail, and Rust would abort.
-        let out = run(SMALL, || vec![1u8; 1 << 40].len());
+        let out = run(SMALL, &AtomicBool::new(false), || vec![1u8; 1 << 40].len());
         assert_eq!(out, Err(Stopped::Memory(64 << 20)));
         // Growth by doubling is stopped too, and freed memory is refunded meanwhile.
-        let out = run(SMALL, || {
+        let out = run(SMALL, &AtomicBool::new(false), || {
             let mut s = String::from("x");
             loop {
                 s = s.repeat(2);
@@ -217,7 +225,7 @@ mod tests {
 
     #[test]
     fn memory_freed_is_refunded() {
-        let out = run(SMALL, || {
+        let out = run(SMALL, &AtomicBool::new(false), || {
             for _ in 0..100 {
                 drop(vec![0u8; 32 << 20]);
             }
@@ -232,15 +240,24 @@ mod tests {
             time: Duration::from_millis(50),
             ..SMALL
         };
-        let out = run(limits, || loop {
+        let out = run(limits, &AtomicBool::new(false), || loop {
             std::hint::black_box(vec![0u8; 16]);
         });
         assert_eq!(out, Err(Stopped::Time(Duration::from_millis(50))));
     }
 
     #[test]
+    fn an_interrupt_stops_the_thread() {
+        let flag = AtomicBool::new(true);
+        let out = run(SMALL, &flag, || loop {
+            std::hint::black_box(vec![0u8; 16]);
+        });
+        assert_eq!(out, Err(Stopped::Interrupted));
+    }
+
+    #[test]
     fn a_panic_is_reported() {
-        let out: Result<(), _> = run(SMALL, || panic!("boom"));
+        let out: Result<(), _> = run(SMALL, &AtomicBool::new(false), || panic!("boom"));
         assert_eq!(out, Err(Stopped::Panic("boom".into())));
     }
 }

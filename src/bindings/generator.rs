@@ -30,22 +30,23 @@ impl PyPhi3Generator {
         &self,
         py: Python<'_>,
         operation: Operation,
-        prepare: impl FnOnce(&Engine) -> crate::Result<Generation> + Send,
+        prepare: impl FnOnce(&Engine, &AtomicBool) -> crate::Result<Generation> + Send,
     ) -> PyResult<PyTokenStream> {
         let generation = self.run(py, operation, prepare)?;
         Ok(PyTokenStream::new(generation))
     }
 
-    /// Engine work off the Python thread: Ctrl-C lands during it, panics become errors.
-    /// Such work (template, tokenizer) ends in bounded time, so needs no interrupt flag.
+    /// Engine work off the Python thread: Ctrl-C lands during it (and sets the flag the
+    /// work is given), panics become errors.
     fn run<T: Send>(
         &self,
         py: Python<'_>,
         operation: Operation,
-        work: impl FnOnce(&Engine) -> crate::Result<T> + Send,
+        work: impl FnOnce(&Engine, &AtomicBool) -> crate::Result<T> + Send,
     ) -> PyResult<T> {
         let engine = &self.engine;
-        interrupt::run(py, operation, &AtomicBool::new(false), || work(engine))
+        let stop = AtomicBool::new(false);
+        interrupt::run(py, operation, &stop, || work(engine, &stop))
     }
 }
 
@@ -156,7 +157,7 @@ impl PyPhi3Generator {
             ignore_eos,
         }
         .into_params(py)?;
-        self.start(py, Operation::Tokenizing, |engine| match prompt {
+        self.start(py, Operation::Tokenizing, |engine, _| match prompt {
             args::Prompt::Text(text) => engine.generate(&text, &params),
             args::Prompt::Ids(ids) => engine.generate_ids(ids, &params),
         })
@@ -212,8 +213,8 @@ impl PyPhi3Generator {
             ignore_eos,
         }
         .into_params(py)?;
-        self.start(py, Operation::RenderingTemplate, |engine| {
-            engine.chat(&messages, &params)
+        self.start(py, Operation::RenderingTemplate, |engine, stop| {
+            engine.chat(&messages, &params, stop)
         })
     }
 
@@ -225,8 +226,8 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::messages)] messages: Vec<ChatMessage>,
         #[pyo3(from_py_with = args::add_generation_prompt)] add_generation_prompt: bool,
     ) -> PyResult<String> {
-        self.run(py, Operation::RenderingTemplate, |engine| {
-            engine.apply_chat_template(&messages, add_generation_prompt)
+        self.run(py, Operation::RenderingTemplate, |engine, stop| {
+            engine.apply_chat_template(&messages, add_generation_prompt, stop)
         })
     }
 
@@ -238,7 +239,7 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::text)] text: String,
         #[pyo3(from_py_with = args::add_special_tokens)] add_special_tokens: bool,
     ) -> PyResult<Vec<u32>> {
-        self.run(py, Operation::Tokenizing, |engine| {
+        self.run(py, Operation::Tokenizing, |engine, _| {
             engine.tokenizer().encode(&text, add_special_tokens)
         })
     }
@@ -250,7 +251,7 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::token_ids)] token_ids: Vec<u32>,
         #[pyo3(from_py_with = args::skip_special_tokens)] skip_special_tokens: bool,
     ) -> PyResult<String> {
-        self.run(py, Operation::Tokenizing, |engine| {
+        self.run(py, Operation::Tokenizing, |engine, _| {
             engine.tokenizer().decode(&token_ids, skip_special_tokens)
         })
     }

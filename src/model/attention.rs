@@ -233,6 +233,9 @@ mod simd {
         let d = query.len();
         let q = query.as_ptr();
         let count = keys.len();
+        // What the pointer reads below rely on: whole vectors, a key as long as the query.
+        debug_assert!(d.is_multiple_of(8) && scores.len() >= count);
+        debug_assert!(keys.clone().all(|i| key(i).len() >= d));
         let mut n = 0;
         while n + 4 <= count {
             let k: [*const f32; 4] = std::array::from_fn(|r| key(keys.start + n + r).as_ptr());
@@ -332,6 +335,9 @@ mod simd {
         let d = out.len();
         let o = out.as_mut_ptr();
         let count = keys.len();
+        // What the pointer reads below rely on: whole vectors, a value as long as `out`.
+        debug_assert!(d.is_multiple_of(8) && weights.len() >= count);
+        debug_assert!(keys.clone().all(|i| value(i).len() >= d));
         let mut n = 0;
         while n + 4 <= count {
             let v: [*const f32; 4] = std::array::from_fn(|r| value(keys.start + n + r).as_ptr());

@@ -133,6 +133,11 @@ unsafe fn tile<B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mut [f32]) {
     let mut acc4 = [_mm_setzero_ps(); TILE_ROWS * TILE_ACTS / 4];
     let mut acc1 = [_mm256_setzero_ps(); TILE_ROWS * 3];
     let blocks = w.first().map_or(0, |row| row.len());
+    // What the unchecked indexing below relies on.
+    debug_assert!(w.len() <= TILE_ROWS && m <= TILE_ACTS && rest < 4);
+    debug_assert!(w.iter().all(|row| row.len() == blocks));
+    debug_assert!(ys.iter().all(|y| y.len() >= blocks));
+    debug_assert!(out.len() >= w.len() * m);
     if groups == 0 {
         // Decoding: one weight row after another, each a single stream from memory that the
         // prefetcher follows (block columns across rows would be eight streams at once).
@@ -204,6 +209,10 @@ unsafe fn tile_interleaved<B: Avx2Block>(
     let n = groups.len();
     let mut acc = [_mm256_setzero_ps(); TILE_ROWS * GROUPS];
     let blocks = w.first().map_or(0, |row| row.len());
+    // What the unchecked indexing below relies on.
+    debug_assert!(w.len() <= TILE_ROWS && n <= GROUPS);
+    debug_assert!(w.iter().all(|row| row.len() == blocks));
+    debug_assert!(groups.iter().all(|g| g.len() >= blocks));
     for b in 0..blocks {
         for (j, row) in w.iter().enumerate() {
             let x = row.get_unchecked(b);
@@ -671,6 +680,7 @@ unsafe fn hmax(v: __m256) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn transpose(src: &[f32], m: usize, dst: *mut f32, dst_stride: usize) {
     let n = src.len() / m;
+    debug_assert!(m > 0 && src.len().is_multiple_of(m) && n <= dst_stride);
     let (n8, m8) = (n / 8 * 8, m / 8 * 8);
     let s = src.as_ptr();
     for j in (0..n8).step_by(8) {

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf_mutations as gm
+from phi3_fixtures import added_token
 
 FileMaker = Callable[[Path], object]  # makes a file (or not-a-file) at the path
 
@@ -258,19 +259,6 @@ def _tokenizer_cases(fixtures: Fixtures, seed: int) -> list[Case]:
     }
     code = LOAD_AND_RUN + "\ngen.tokenize('a' * 64)"
     return [Case("tokenizer", name, code, tokenizer=make) for name, make in files.items()]
-
-
-def added_token(token_id: int, content: str, special: bool = True) -> dict[str, Any]:
-    """An entry of tokenizer.json's added_tokens."""
-    return {
-        "id": token_id,
-        "content": content,
-        "single_word": False,
-        "lstrip": False,
-        "rstrip": False,
-        "normalized": False,
-        "special": special,
-    }
 
 
 # --------------------------------------------------------------------------- chat templates
