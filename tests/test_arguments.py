@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -125,3 +128,28 @@ def test_bad_prompt_token_ids(generator: Phi3Generator) -> None:
         generator.generate([1, -5])
     with pytest.raises(InvalidArgumentError, match="prompt"):
         generator.generate([])
+
+
+def test_n_threads_builds_the_pool_without_touching_the_environment(
+    model_path: Any, tokenizer_path: Any
+) -> None:
+    # A fresh process: the pool is sized once per process.
+    code = f"""
+import os, pathlib
+from candle_phi import Phi3Generator
+gen = Phi3Generator({str(model_path)!r}, tokenizer={str(tokenizer_path)!r}, n_threads=3)
+next(gen.generate("Hi", max_tokens=1, seed=0), None)
+names = [p.read_text().strip() for p in pathlib.Path("/proc/self/task").glob("*/comm")]
+print(gen.n_threads, sum(n.startswith("candle-phi-") and n[11:].isdigit() for n in names),
+      "RAYON_NUM_THREADS" in os.environ, "CANDLE_NUM_THREADS" in os.environ)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAYON_NUM_THREADS",)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    threads, workers, rayon_env, candle_env = out.stdout.split()
+    assert threads == "3"
+    if sys.platform == "linux":
+        assert workers == "3"  # the pool in use is the one reported
+    assert (rayon_env, candle_env) == ("False", "False")
