@@ -155,7 +155,21 @@ impl Engine {
     /// Prepares a generation for `prompt` (raw text; special-token text is honoured).
     pub fn generate(&self, prompt: &str, params: &GenerationParams) -> Result<Generation> {
         let ids = self.tokenizer.encode(prompt, true)?;
-        self.generate_ids(ids, params)
+        self.generate_ids(self.model_ids(ids)?, params)
+    }
+
+    /// Ids the tokenizer made, checked against the model: an id past the vocabulary means
+    /// the tokenizer is not the model's.
+    fn model_ids(&self, ids: Vec<u32>) -> Result<Vec<u32>> {
+        let vocab_size = self.config().vocab_size;
+        match ids.iter().find(|&&id| id as usize >= vocab_size) {
+            Some(bad) => Err(Error::TokenizerMismatch {
+                detail: format!(
+                    "it encodes the prompt with token id {bad}, but the model's vocabulary has only {vocab_size} entries"
+                ),
+            }),
+            None => Ok(ids),
+        }
     }
 
     fn template(&self) -> Result<&ChatTemplate> {
@@ -189,7 +203,7 @@ impl Engine {
         let ids = self
             .template()?
             .encode(messages, true, &self.tokenizer, interrupt)?;
-        self.generate_ids(ids, params)
+        self.generate_ids(self.model_ids(ids)?, params)
     }
 
     pub fn generate_ids(&self, prompt: Vec<u32>, params: &GenerationParams) -> Result<Generation> {

@@ -142,6 +142,16 @@ impl Generation {
             ));
         }
         let config = &weights.config;
+        if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= config.vocab_size) {
+            return Err(Error::invalid_argument(
+                "prompt",
+                bad,
+                format!(
+                    "Token ids must be below the vocabulary size {}",
+                    config.vocab_size
+                ),
+            ));
+        }
         if let Some(&bad) = params
             .stop_token_ids
             .iter()

@@ -110,6 +110,12 @@ impl Sampler {
 
     /// Picks the next token from `logits` (vocab,), penalising the tail of `generated`.
     pub fn sample(&mut self, logits: &Tensor, generated: &[u32]) -> candle_core::Result<u32> {
+        // A NaN or an infinity anywhere makes the sum non-finite (one cheap pass).
+        if !logits.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            candle_core::bail!(
+                "the model computed non-finite logits (NaN or infinity): the weights in the file are corrupt or were converted wrongly"
+            )
+        }
         let recent = &generated[generated.len().saturating_sub(self.repeat_last_n)..];
         if self.repeat_penalty == 1.0 || recent.is_empty() {
             return self.processor.sample(logits);

@@ -99,6 +99,18 @@ impl Phi3Tokenizer {
             detail: e.to_string(),
         };
         let probe = tokenizer.encode("a", true).map_err(encode_err)?;
+        // Ids the post-processor adds (BOS, ...) must be the model's too.
+        if let Some(&bad) = probe
+            .get_ids()
+            .iter()
+            .find(|&&id| id as usize >= vocab_size)
+        {
+            return Err(Error::TokenizerMismatch {
+                detail: format!(
+                    "it adds token id {bad} to every prompt, but the model's vocabulary has only {vocab_size} entries"
+                ),
+            });
+        }
         let prompt_prefix = probe
             .get_ids()
             .iter()

@@ -181,6 +181,39 @@ def test_no_crash_hang_panic_oom_or_foreign_exception(group: str, results: list[
 # --------------------------------------------------------------------------- running
 
 
+# The classes a hostile file may raise. A broken model file is a load error, never a
+# generation error (issue 9, item 4), with three exceptions that are the right diagnosis: a
+# token list that is not the tokenizer's (TokenizerError), a context too short for the
+# request (ContextLengthError), and weights that load but compute NaN or infinity
+# (GenerationError saying so). A broken tokenizer file is the tokenizer's error.
+NON_FINITE = "non-finite logits"
+EXPECTED_CLASSES = {
+    "gguf": ("ModelLoadError", "TokenizerError", "ContextLengthError"),
+    "tokenizer": ("TokenizerError", "ModelLoadError"),
+    "template": ("TokenizerError", "InvalidArgumentError", "ContextLengthError"),
+}
+
+
+@pytest.mark.parametrize("group", sorted(EXPECTED_CLASSES))
+def test_rejected_files_raise_the_class_of_their_fault(group: str, results: list[Result]) -> None:
+    expected = EXPECTED_CLASSES[group]
+
+    def right_class(detail: str) -> bool:
+        name = detail.split(":")[0].removeprefix("candle_phi.")
+        return name in expected or (name == "GenerationError" and NON_FINITE in detail)
+
+    wrong = [
+        r
+        for r in results
+        if r.case.category.split("/")[0] == group
+        and r.outcome == "error"
+        and not right_class(r.detail)
+    ]
+    assert not wrong, f"{len(wrong)} {group} cases raised another class than {expected}:\n" + (
+        "\n".join(r.describe() for r in wrong)
+    )
+
+
 def jobs(cases: Iterable[Case]) -> list[list[Case]]:
     """Batches first (they take longest), then every other case alone."""
     batches: dict[str, list[Case]] = defaultdict(list)
