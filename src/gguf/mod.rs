@@ -2,6 +2,7 @@
 //! that a wrong, broken or hostile file fails with a message naming the file and the fault.
 
 mod header;
+mod value;
 
 use std::fs::File;
 use std::io::Read;
@@ -12,9 +13,9 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 pub use header::{
-    ArrayRef, Header, HeaderError, TensorInfo, Value, ValueType, MAX_ALIGNMENT, MAX_DIMS,
-    MAX_METADATA, MAX_TENSORS,
+    Header, HeaderError, TensorInfo, MAX_ALIGNMENT, MAX_DIMS, MAX_METADATA, MAX_TENSORS,
 };
+pub use value::{ArrayRef, Value, ValueType};
 
 use crate::error::{Error, Result};
 use crate::quant::{RawTensor, WeightBytes};

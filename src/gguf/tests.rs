@@ -1,6 +1,6 @@
 //! The header parser on hand-built headers: each limit, and every truncation of a valid one.
 
-use super::header::{Header, HeaderError, Value, ValueType};
+use super::{Header, HeaderError, Value, ValueType};
 
 /// A GGUF v3 header under construction.
 #[derive(Default)]
