@@ -182,7 +182,12 @@ impl ChatTemplate {
         match sandbox::run(limits, interrupt, move || render.run()) {
             Ok(result) => result,
             Err(Stopped::Interrupted) => Err(Error::Interrupted),
+            // Not the template's fault (the system is short of threads): try again later.
+            Err(stopped @ Stopped::Thread(_)) => Err(Error::Template {
+                detail: stopped.to_string(),
+            }),
             Err(stopped) => {
+                // Over its memory or time, or a bug: the same would happen again.
                 let why = stopped.to_string();
                 if let Ok(mut slot) = self.stopped.lock() {
                     *slot = Some(why.clone());
