@@ -1,5 +1,5 @@
-//! `TokenStream`: the Python iterator over one generation. Each `__next__` releases the GIL
-//! for the model work and checks for Ctrl-C between prompt chunks and tokens.
+//! `TokenStream`: the Python iterator over one generation. Each `__next__` runs the model
+//! work off the Python thread, GIL released; Ctrl-C stops it at the next layer.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
