@@ -12,11 +12,12 @@ use crate::error::{Error, Result};
 use crate::sandbox::{self, Limits, Stopped};
 use crate::tokenizer::Phi3Tokenizer;
 
-/// The template's instruction budget: a fixed part plus a part per message. Real chat
-/// templates spend tens of instructions per message; a hostile one runs out of fuel in a
-/// fraction of a second.
-const FUEL_BASE: u64 = 2_000_000;
+/// The template's instruction budget: a fixed part plus a part per message, at most
+/// `FUEL_MAX`. Real chat templates spend ~10-200 instructions per message; a hostile one
+/// runs out of fuel in a fraction of a second.
+const FUEL_BASE: u64 = 100_000;
 const FUEL_PER_MESSAGE: u64 = 1_000;
+const FUEL_MAX: u64 = 2_000_000;
 /// Macro and include depth (real chat templates use none or one or two).
 const RECURSION_LIMIT: usize = 64;
 /// The longest prompt text a template may write: a fixed part plus a multiple of the
@@ -25,7 +26,7 @@ const OUTPUT_BASE: usize = 1 << 20;
 const OUTPUT_PER_CONTENT_BYTE: usize = 4;
 /// The longest template source accepted (real ones are 1-20 KB). minijinja's parser
 /// recurses once per `not` or filter in a chain: the deepest template this long needs
-/// 16-32 MiB of stack (measured, see the test below), and the sandbox gives it `STACK`.
+/// 16-32 MiB of stack (measured, see the test below), and compiles get `COMPILE_STACK`.
 pub const MAX_TEMPLATE_BYTES: usize = 256 << 10;
 /// Memory and time of a render or compilation, in the sandbox (`crate::sandbox`): fixed
 /// parts plus parts that scale with the conversation.
@@ -33,7 +34,14 @@ const MEMORY_BASE: usize = 128 << 20;
 const MEMORY_PER_CONTENT_BYTE: usize = 16;
 const TIME_BASE: Duration = Duration::from_secs(5);
 const TIME_PER_MESSAGE: Duration = Duration::from_micros(200);
-const STACK: usize = 128 << 20;
+const COMPILE_STACK: usize = 64 << 20;
+/// A render's stack grows with its fuel. Values can nest (`[[[x]]]`, built in a loop) up to
+/// about one level per instruction, and printing, comparing, serialising or dropping them
+/// recurses once per level (printing, the deepest, was measured at ~330 bytes per level):
+/// with 1 KiB per unit of fuel, no nesting the fuel can build overflows it. Only the pages
+/// used are committed.
+const STACK_BASE: usize = 32 << 20;
+const STACK_PER_FUEL: usize = 1 << 10;
 
 /// Phi-3's format, used when the GGUF carries no template of its own.
 pub const PHI3_CHAT_TEMPLATE: &str = "{% for message in messages %}\
@@ -93,11 +101,12 @@ impl ChatTemplate {
                 ),
             });
         }
+        warm_up_minijinja();
         let limits = Limits {
             memory: MEMORY_BASE
                 .saturating_add(source.len().saturating_mul(MEMORY_PER_CONTENT_BYTE)),
             time: TIME_BASE,
-            stack: STACK,
+            stack: COMPILE_STACK,
         };
         let env = sandbox::run(limits, &AtomicBool::new(false), move || compile(source)).map_err(
             |stopped| Error::Template {
@@ -158,8 +167,15 @@ impl ChatTemplate {
             return Err(poisoned(why));
         }
         let content_bytes: usize = contents.iter().map(String::len).sum();
+        let fuel = FUEL_BASE
+            .saturating_add(FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64))
+            .min(FUEL_MAX);
+        // Cloned here, not in the sandbox: the clone takes a lock of the shared environment,
+        // which a sandbox stopped at that moment would hold forever.
+        let mut env = (*self.env).clone();
+        env.set_fuel(Some(fuel));
         let render = Render {
-            env: Arc::clone(&self.env),
+            env,
             messages: messages
                 .iter()
                 .zip(contents)
@@ -168,7 +184,7 @@ impl ChatTemplate {
             add_generation_prompt,
             bos_token: tokenizer.bos_token().unwrap_or_default(),
             eos_token: tokenizer.eos_token().unwrap_or_default(),
-            fuel: FUEL_BASE.saturating_add(FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64)),
+            fuel,
             output_limit: content_bytes
                 .saturating_mul(OUTPUT_PER_CONTENT_BYTE)
                 .saturating_add(OUTPUT_BASE),
@@ -177,7 +193,7 @@ impl ChatTemplate {
             memory: MEMORY_BASE
                 .saturating_add(content_bytes.saturating_mul(MEMORY_PER_CONTENT_BYTE)),
             time: TIME_BASE.saturating_add(TIME_PER_MESSAGE.saturating_mul(messages.len() as u32)),
-            stack: STACK,
+            stack: STACK_BASE.saturating_add(STACK_PER_FUEL.saturating_mul(fuel as usize)),
         };
         match sandbox::run(limits, interrupt, move || render.run()) {
             Ok(result) => result,
@@ -224,6 +240,13 @@ impl ChatTemplate {
         let mut ids = Vec::new();
         let (mut last, mut strip_start) = (0, false);
         for (range, special) in tokenizer.find_special_tokens(&rendered) {
+            // Inside escaped message text: a token of one character cannot be broken by
+            // markers, so one between two markers is text.
+            let marked =
+                rendered[..range.start].ends_with(MARK) && rendered[range.end..].starts_with(MARK);
+            if marked {
+                continue;
+            }
             let text = &rendered[last..range.start];
             encode_span(tokenizer, text, strip_start, special.lstrip, &mut ids)?;
             ids.push(special.id);
@@ -237,6 +260,21 @@ impl ChatTemplate {
         }
         Ok(ids)
     }
+}
+
+/// Runs minijinja's process-wide one-time initialisers (default callbacks, the small-integer
+/// format cache) on an ordinary thread, so that a sandbox stopped inside one of them can
+/// never leave it locked for every other thread.
+fn warm_up_minijinja() {
+    static WARM: std::sync::Once = std::sync::Once::new();
+    WARM.call_once(|| {
+        let _ = Environment::empty();
+        let env = Environment::new();
+        let _ = env.render_str(
+            "{% autoescape true %}{{ 1 }}{{ 'x' }}{% endautoescape %}{{ 1 }}{{ 1.5 }}",
+            (),
+        );
+    });
 }
 
 /// The environment chat templates run in: Hugging Face's helpers, bounded recursion.
@@ -260,7 +298,7 @@ fn compile(source: String) -> Result<Environment<'static>> {
 
 /// One render, owning what it needs: it runs on the sandbox's thread.
 struct Render {
-    env: Arc<Environment<'static>>,
+    env: Environment<'static>,
     messages: Vec<(&'static str, String)>,
     add_generation_prompt: bool,
     bos_token: String,
@@ -277,10 +315,7 @@ impl Render {
             .map(|(role, content)| context! { role => role, content => content })
             .collect();
         let count = messages.len();
-        // The fuel is the environment's; a clone per render is cheap (templates are shared).
-        let mut env = (*self.env).clone();
-        env.set_fuel(Some(self.fuel));
-        let template = env.get_template("chat").map_err(|e| Error::Template {
+        let template = self.env.get_template("chat").map_err(|e| Error::Template {
             detail: e.to_string(),
         })?;
         let mut out = BoundedWriter {

@@ -21,8 +21,23 @@ pub(crate) fn extract<'py, T: FromPyObjectOwned<'py>>(
     let wrong_bool = obj.is_instance_of::<pyo3::types::PyBool>() && !expected.contains("bool");
     match obj.extract::<T>() {
         Ok(value) if !wrong_bool => Ok(value),
-        _ => Err(wrong_type(obj, name, expected)),
+        Ok(_) => Err(wrong_type(obj, name, expected)),
+        Err(e) => {
+            let e: PyErr = e.into();
+            // Ctrl-C or a failed allocation inside a user's `__index__` is not a wrong type.
+            if is_not_about_the_value(obj.py(), &e) {
+                Err(e)
+            } else {
+                Err(wrong_type(obj, name, expected))
+            }
+        }
     }
+}
+
+/// KeyboardInterrupt, SystemExit (not `Exception`s) and MemoryError pass through.
+fn is_not_about_the_value(py: Python<'_>, err: &PyErr) -> bool {
+    !err.is_instance_of::<pyo3::exceptions::PyException>(py)
+        || err.is_instance_of::<pyo3::exceptions::PyMemoryError>(py)
 }
 
 /// The `InvalidArgumentError` for a value of the wrong type.

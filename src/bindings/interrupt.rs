@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError};
 use std::time::Duration;
 
+use pyo3::exceptions::PyKeyboardInterrupt;
 use pyo3::prelude::*;
 
 use super::errors::IntoPyResult;
@@ -54,13 +55,17 @@ pub(crate) fn run<T: Send>(
                         // The work stops at its next check. If it finished first, its
                         // result (a token's text, say) is not thrown away: it is returned
                         // and the interrupt posted again, to be raised right after.
-                        return match py.detach(move || outcome.recv()) {
-                            Ok(Err(Error::Interrupted)) | Err(_) => Err(signal),
-                            Ok(result) => {
+                        let finished = py.detach(move || outcome.recv());
+                        let ctrl_c = signal.is_instance_of::<PyKeyboardInterrupt>(py);
+                        return match finished {
+                            // Only a Ctrl-C is posted again; another handler's exception
+                            // (SystemExit from SIGTERM, ...) is raised now.
+                            Ok(result) if ctrl_c && !matches!(result, Err(Error::Interrupted)) => {
                                 // SAFETY: called with the GIL held, as the API requires.
                                 unsafe { pyo3::ffi::PyErr_SetInterrupt() };
                                 Ok(result)
                             }
+                            _ => Err(signal),
                         };
                     }
                 }

@@ -73,7 +73,7 @@ impl Header {
                 "it is GGUF version 1, which llama.cpp dropped in 2023; convert the model again"
                     .into(),
             )),
-            v if v.swap_bytes() <= 3 => {
+            v if v > 3 && v.swap_bytes() <= 3 => {
                 return Err(HeaderError::Invalid(
                     "it is a big-endian GGUF; only little-endian files are supported".into(),
                 ))

@@ -85,15 +85,18 @@ impl GgufFile {
         self.header.metadata.get(key)
     }
 
-    /// The items of a string-array metadata value (invalid UTF-8 replaced).
-    pub fn metadata_strings(&self, key: &str) -> Option<Vec<String>> {
+    /// The items of a string-array metadata value (invalid UTF-8 replaced), if it has at
+    /// most `max_items`: strings in memory take several times their bytes in the file.
+    pub fn metadata_strings(&self, key: &str, max_items: usize) -> Option<Vec<String>> {
         match self.metadata(key)? {
-            Value::Array(array) if array.item == ValueType::String => Some(
-                array
-                    .strings(&self.map)
-                    .map(|s| String::from_utf8_lossy(s).into_owned())
-                    .collect(),
-            ),
+            Value::Array(array) if array.item == ValueType::String && array.len <= max_items => {
+                Some(
+                    array
+                        .strings(&self.map)
+                        .map(|s| String::from_utf8_lossy(s).into_owned())
+                        .collect(),
+                )
+            }
             _ => None,
         }
     }

@@ -130,6 +130,6 @@ fn read_metadata(file: &GgufFile) -> ModelMetadata {
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_id: id("tokenizer.ggml.eos_token_id"),
         eot_token_id: id("tokenizer.ggml.eot_token_id"),
-        tokens: file.metadata_strings("tokenizer.ggml.tokens"),
+        tokens: file.metadata_strings("tokenizer.ggml.tokens", config::MAX_VOCAB),
     }
 }

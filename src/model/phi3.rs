@@ -168,28 +168,32 @@ impl Phi3Model {
 
     /// Feeds `tokens` and returns the next-token logits after the last one, shape (vocab,).
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        let hidden = self.hidden_states(tokens)?;
-        let last = hidden.narrow(1, tokens.len() - 1, 1)?;
-        self.weights.output.forward(&last)?.flatten_all()
+        self.rolled_back_on_error(|model| {
+            let hidden = model.layers(tokens)?;
+            let last = hidden.narrow(1, tokens.len() - 1, 1)?;
+            model.weights.output.forward(&last)?.flatten_all()
+        })
     }
 
     /// Feeds `tokens` into the cache without computing logits (a prompt chunk that is not
     /// the last one: the output projection is a vocabulary-sized product).
     pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
-        self.hidden_states(tokens).map(drop)
+        self.rolled_back_on_error(|model| model.layers(tokens).map(drop))
     }
 
     /// Feeds `tokens` and returns the logits at every position, shape (tokens, vocab).
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        let hidden = self.hidden_states(tokens)?;
-        self.weights.output.forward(&hidden)?.squeeze(0)
+        self.rolled_back_on_error(|model| {
+            let hidden = model.layers(tokens)?;
+            model.weights.output.forward(&hidden)?.squeeze(0)
+        })
     }
 
-    /// The final-normed hidden states (1, tokens, hidden) after feeding `tokens`. A pass
-    /// that fails leaves the cache as it was, so the sequence can go on.
-    fn hidden_states(&mut self, tokens: &[u32]) -> Result<Tensor> {
+    /// Runs a pass; one that fails (or is interrupted) leaves the cache as it was, so the
+    /// sequence can go on, and a retry computes the same result.
+    fn rolled_back_on_error<T>(&mut self, pass: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let position = self.position();
-        let result = self.layers(tokens);
+        let result = pass(self);
         if result.is_err() {
             for cache in &mut self.caches {
                 cache.truncate(position);
@@ -198,6 +202,7 @@ impl Phi3Model {
         result
     }
 
+    /// The final-normed hidden states (1, tokens, hidden) after feeding `tokens`.
     fn layers(&mut self, tokens: &[u32]) -> Result<Tensor> {
         if tokens.is_empty() {
             candle_core::bail!("no tokens to feed the model")

@@ -305,6 +305,21 @@ HOSTILE_TEMPLATES = {
         "{% set ns = namespace(l=[0]) %}"
         "{% for i in range(64) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | length }}"
     ),
+    # Values nested nearly as deep as the fuel allows (2,000 x 40 levels, then one more
+    # instruction): printing, serialising, comparing and dropping them recurse once per
+    # level (the sandbox's stack grows with its fuel).
+    **{
+        f"nested_list_{use}": (
+            "{% set ns = namespace(x=0) %}{% for i in range(2000) %}"
+            "{% set ns.x = " + "[" * 40 + "ns.x" + "]" * 40 + " %}{% endfor %}" + expr
+        )
+        for use, expr in [
+            ("printed", "{{ ns.x }}"),
+            ("tojson", "{{ ns.x | tojson }}"),
+            ("compared", "{{ ns.x == ns.x }}"),
+            ("dropped", "x"),
+        ]
+    },
     "string_times_10^12": "{{ 'x' * 1000000000000 }}",
     "list_times_10^12": "{{ ([1] * 1000000000000) | length }}",
     "range_10^9_list": "{{ range(1000000000) | list | length }}",
