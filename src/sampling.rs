@@ -110,18 +110,21 @@ impl Sampler {
 
     /// Picks the next token from `logits` (vocab,), penalising the tail of `generated`.
     pub fn sample(&mut self, logits: &Tensor, generated: &[u32]) -> candle_core::Result<u32> {
-        // A NaN or an infinity anywhere makes the sum non-finite (one cheap pass).
-        if !logits.sum_all()?.to_scalar::<f32>()?.is_finite() {
-            candle_core::bail!(
-                "the model computed non-finite logits (NaN or infinity): the weights in the file are corrupt or were converted wrongly"
-            )
-        }
         let recent = &generated[generated.len().saturating_sub(self.repeat_last_n)..];
-        if self.repeat_penalty == 1.0 || recent.is_empty() {
-            return self.processor.sample(logits);
-        }
-        let penalised =
-            candle_transformers::utils::apply_repeat_penalty(logits, self.repeat_penalty, recent)?;
-        self.processor.sample(&penalised)
+        let sampled = if self.repeat_penalty == 1.0 || recent.is_empty() {
+            self.processor.sample(logits)
+        } else {
+            candle_transformers::utils::apply_repeat_penalty(logits, self.repeat_penalty, recent)
+                .and_then(|penalised| self.processor.sample(&penalised))
+        };
+        // Checked only when sampling failed, so the per-token path pays nothing: NaN or
+        // infinite logits are what makes Candle's sampler fail, with a message about
+        // "weights" that would point at the wrong thing.
+        sampled.map_err(|err| match logits.sum_all().and_then(|s| s.to_scalar::<f32>()) {
+            Ok(sum) if !sum.is_finite() => candle_core::Error::msg(
+                "the model computed non-finite logits (NaN or infinity): the weights in the file are corrupt or were converted wrongly",
+            ),
+            _ => err,
+        })
     }
 }
