@@ -6,10 +6,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::chat::{ChatMessage, ChatTemplate};
+use crate::chat::{ChatMessage, ChatTemplate, Role};
 use crate::error::{Error, Result};
 use crate::generation::{Generation, GenerationParams};
 use crate::model::{self, Phi3Config, Phi3Model, Phi3Weights};
+use crate::prefix_cache::{PrefixCache, DEFAULT_BUDGET_BYTES};
 use crate::source::{HubFile, DEFAULT_REVISION, DEFAULT_TOKENIZER_FILE, DEFAULT_TOKENIZER_REPO};
 use crate::tokenizer::Phi3Tokenizer;
 
@@ -72,6 +73,8 @@ pub struct Engine {
     model_path: PathBuf,
     load_time: Duration,
     threads: usize,
+    /// KV states of ended streams, for later prompts that start the same way.
+    prefix_cache: Arc<PrefixCache>,
 }
 
 impl Engine {
@@ -122,7 +125,18 @@ impl Engine {
             model_path,
             load_time: start.elapsed(),
             threads,
+            prefix_cache: Arc::new(PrefixCache::new(DEFAULT_BUDGET_BYTES)),
         })
+    }
+
+    /// Keeps at most `bytes` of ended streams' KV state for reuse; 0 keeps none.
+    pub fn with_prefix_cache(mut self, bytes: usize) -> Self {
+        self.prefix_cache = Arc::new(PrefixCache::new(bytes));
+        self
+    }
+
+    pub fn prefix_cache(&self) -> &PrefixCache {
+        &self.prefix_cache
     }
 
     pub fn config(&self) -> &Phi3Config {
@@ -193,17 +207,74 @@ impl Engine {
     }
 
     /// Prepares the assistant's reply to `messages`; setting `interrupt` stops the template
-    /// with `Error::Interrupted`.
+    /// with `Error::Interrupted`. With `truncate`, a conversation too long for the context
+    /// loses its oldest turns (system messages and the last message stay).
     pub fn chat(
         &self,
         messages: &[ChatMessage],
         params: &GenerationParams,
+        truncate: bool,
         interrupt: &AtomicBool,
     ) -> Result<Generation> {
-        let ids = self
-            .template()?
-            .encode(messages, true, &self.tokenizer, interrupt)?;
-        self.generate_ids(self.model_ids(ids)?, params)
+        let template = self.template()?;
+        let encode = |messages: &[ChatMessage]| {
+            template
+                .encode(messages, true, &self.tokenizer, interrupt)
+                .and_then(|ids| self.model_ids(ids))
+        };
+        let ids = encode(messages)?;
+        let context_length = self.config().context_length;
+        // With max_tokens None the reply fills what is left: at least one token must fit.
+        let fits = |ids: &[u32]| ids.len() + params.max_tokens.unwrap_or(1) <= context_length;
+        if !truncate || fits(&ids) {
+            return self.generate_ids(ids, params);
+        }
+        // Cut points: drop the first `j` non-system messages, so that a user message (or
+        // the last message) comes first. Fewer messages, fewer tokens: a binary search
+        // finds the fewest to drop in O(log n) renders.
+        let turns: Vec<usize> = (0..messages.len())
+            .filter(|&i| messages[i].role != Role::System)
+            .collect();
+        let cuts: Vec<usize> = (1..turns.len())
+            .filter(|&j| j + 1 == turns.len() || messages[turns[j]].role == Role::User)
+            .collect();
+        let keep = |j: usize| -> Vec<ChatMessage> {
+            let last_dropped = turns[j - 1];
+            messages
+                .iter()
+                .enumerate()
+                .filter(|&(i, m)| m.role == Role::System || i > last_dropped)
+                .map(|(_, m)| m.clone())
+                .collect()
+        };
+        let (mut low, mut high) = (0, cuts.len());
+        let mut best = None;
+        while low < high {
+            let mid = (low + high) / 2;
+            let ids = encode(&keep(cuts[mid]))?;
+            if fits(&ids) {
+                best = Some((cuts[mid], ids));
+                high = mid;
+            } else {
+                low = mid + 1;
+            }
+        }
+        match best {
+            Some((dropped, ids)) => {
+                let mut generation = self.generate_ids(ids, params)?;
+                generation.set_dropped_messages(dropped);
+                Ok(generation)
+            }
+            // Even the system messages and the last message alone do not fit: the error
+            // reports that smallest prompt.
+            None => {
+                let smallest = match cuts.last() {
+                    Some(&j) => encode(&keep(j))?,
+                    None => ids,
+                };
+                self.generate_ids(smallest, params)
+            }
+        }
     }
 
     pub fn generate_ids(&self, prompt: Vec<u32>, params: &GenerationParams) -> Result<Generation> {
@@ -212,6 +283,7 @@ impl Engine {
             Arc::clone(&self.tokenizer),
             prompt,
             params,
+            Some(Arc::clone(&self.prefix_cache)),
         )
     }
 }

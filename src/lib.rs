@@ -8,9 +8,11 @@ pub mod engine;
 pub mod error;
 pub mod generation;
 pub mod gguf;
+pub mod logprobs;
 pub mod model;
 // Kernels and raw weight storage stay inside the crate: their unsafe code relies on
 // invariants (CPU features, buffer sizes) that only the loader establishes.
+pub mod prefix_cache;
 mod quant;
 pub mod sampling;
 pub mod sandbox;
@@ -21,7 +23,7 @@ pub mod tokenizer;
 pub use chat::{ChatMessage, Role};
 pub use engine::{Engine, ModelSource};
 pub use error::{Error, Operation, Result};
-pub use generation::{FinishReason, Generation, GenerationParams, Step};
+pub use generation::{FinishReason, Generation, GenerationParams, Piece, Step};
 pub use sampling::SamplingParams;
 
 #[cfg(feature = "python")]

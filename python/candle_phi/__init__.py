@@ -19,8 +19,16 @@ if TYPE_CHECKING:
         ModelLoadError,
         TokenizerError,
     )
-    from candle_phi._native import Phi3Generator, TokenStream, __version__
-    from candle_phi.types import ChatMessage, FinishReason, Role
+    from candle_phi._native import (
+        Phi3Generator,
+        TokenEvent,
+        TokenEvents,
+        TokenLogprob,
+        TokenStream,
+        TopLogprob,
+        __version__,
+    )
+    from candle_phi.types import ChatMessage, FinishReason, GenerationOptions, Role
 
 __all__ = [
     "CandlePhiError",
@@ -28,12 +36,17 @@ __all__ = [
     "ContextLengthError",
     "FinishReason",
     "GenerationError",
+    "GenerationOptions",
     "InvalidArgumentError",
     "ModelLoadError",
     "Phi3Generator",
     "Role",
+    "TokenEvent",
+    "TokenEvents",
+    "TokenLogprob",
     "TokenStream",
     "TokenizerError",
+    "TopLogprob",
     "__version__",
 ]
 
@@ -46,9 +59,14 @@ _HOMES = {
     "TokenizerError": "_errors",
     "Phi3Generator": "_native",
     "TokenStream": "_native",
+    "TokenEvent": "_native",
+    "TokenEvents": "_native",
+    "TokenLogprob": "_native",
+    "TopLogprob": "_native",
     "__version__": "_native",
     "ChatMessage": "types",
     "FinishReason": "types",
+    "GenerationOptions": "types",
     "Role": "types",
 }
 

@@ -5,11 +5,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import final
 
-from typing_extensions import Self
+from typing_extensions import Self, Unpack
 
-from candle_phi.types import ChatMessage, FinishReason
+from candle_phi.types import ChatMessage, FinishReason, GenerationOptions
 
-__all__ = ["Phi3Generator", "TokenStream", "__version__"]
+__all__ = [
+    "Phi3Generator",
+    "TokenEvent",
+    "TokenEvents",
+    "TokenLogprob",
+    "TokenStream",
+    "TopLogprob",
+    "__version__",
+]
 
 __version__: str
 
@@ -33,6 +41,9 @@ class Phi3Generator:
         n_threads: Threads for the CPU kernels; None means one per physical core. Candle's
             thread pools are process-wide and sized once: the first generator sets the count,
             and a later one asking for another raises InvalidArgumentError.
+        prefix_cache_bytes: Most bytes of KV state kept from ended streams (default 4 GiB;
+            0 keeps none). A later prompt that starts with the same tokens (the next turn of
+            a chat) then computes only the rest; least recently used states go first.
 
     Raises:
         ModelLoadError: The model file is missing, not a valid ``phi3`` GGUF, or cannot be
@@ -53,70 +64,53 @@ class Phi3Generator:
         tokenizer_revision: str = "main",
         progress: bool = False,
         n_threads: int | None = None,
+        prefix_cache_bytes: int = 4294967296,
     ) -> Self: ...
     def generate(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        max_tokens: int | None = 256,
-        temperature: float = 0.8,
-        top_p: float | None = 0.95,
-        top_k: int | None = 40,
-        seed: int | None = None,
-        repeat_penalty: float = 1.1,
-        repeat_last_n: int = 64,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
+        self, prompt: str | Sequence[int], **options: Unpack[GenerationOptions]
     ) -> TokenStream:
         """Start generating from ``prompt``; iterate the stream for the text.
 
         The prompt is raw text, in which special-token text such as ``<|user|>`` becomes its
         control token, or a list of token ids taken as they are. Nothing is computed until
-        the stream is iterated.
+        the stream is iterated. A prompt that starts with tokens an ended stream of this
+        generator computed reuses their state (see ``prefix_cache_bytes``).
 
-        Args:
-            max_tokens: Most tokens to generate; None fills the rest of the context.
-            temperature: 0 means greedy (argmax) decoding.
-            top_p: Nucleus sampling mass in (0, 1]; None or 1 keeps every token.
-            top_k: Sample among the ``top_k`` most likely tokens; None keeps every token.
-            seed: The same seed always gives the same text; None draws a fresh seed.
-            repeat_penalty: Penalty (> 0, 1 is off) on the last ``repeat_last_n`` generated
-                tokens.
-            stop: Strings that end generation. The text ends just before the first one,
-                which is never yielded, not even in part.
-            stop_token_ids: Token ids that end generation besides the model's end tokens.
-            ignore_eos: Generate past the model's end tokens (for benchmarks).
+        Options (:class:`~candle_phi.types.GenerationOptions`, shared with :meth:`chat`):
+        ``max_tokens=256, temperature=0.8, top_p=0.95, top_k=40, min_p=0.0, seed=None,
+        repeat_penalty=1.1, repeat_last_n=64, presence_penalty=0.0, frequency_penalty=0.0,
+        logit_bias=None, stop=None, stop_token_ids=None, ignore_eos=False, logprobs=False,
+        top_logprobs=None``.
 
         Raises:
-            InvalidArgumentError: An argument is out of range or of the wrong type.
+            InvalidArgumentError: An option is out of range or of the wrong type.
             ContextLengthError: Prompt tokens plus ``max_tokens`` exceed the context length.
+            TypeError: An unknown option.
         """
 
     def chat(
         self,
         messages: Sequence[ChatMessage],
         *,
-        max_tokens: int | None = 256,
-        temperature: float = 0.8,
-        top_p: float | None = 0.95,
-        top_k: int | None = 40,
-        seed: int | None = None,
-        repeat_penalty: float = 1.1,
-        repeat_last_n: int = 64,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
+        truncate: bool = False,
+        **options: Unpack[GenerationOptions],
     ) -> TokenStream:
         """Start the assistant's reply to a conversation.
 
         ``messages`` are ``{"role": "system" | "user" | "assistant", "content": str}``
         dicts, rendered with the GGUF's ``tokenizer.chat_template`` when it has one, else in
         the Phi-3 format ``<|user|>\\n...<|end|>\\n<|assistant|>\\n``. Text inside a message
-        never becomes a control token. The other arguments are those of :meth:`generate`.
+        never becomes a control token. The options are those of :meth:`generate`. The next
+        turn of a conversation computes only its new tokens: the state of this one is kept.
+
+        Args:
+            truncate: When the conversation and ``max_tokens`` do not fit the context, leave
+                out its oldest turns (never system messages or the last message) instead
+                of raising ContextLengthError; ``TokenStream.dropped_messages`` says how many.
 
         Raises:
             InvalidArgumentError: A message is malformed or has an unknown role.
+            ContextLengthError: The conversation does not fit (even truncated).
         """
 
     def apply_chat_template(
@@ -170,27 +164,68 @@ class Phi3Generator:
     def load_time(self) -> float:
         """Seconds spent resolving and loading the model and tokenizer."""
 
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """The most bytes of ended streams' KV state kept for reuse (0: none)."""
+
+    @property
+    def prefix_cache_usage(self) -> tuple[int, int]:
+        """States kept for reuse now, and their bytes."""
+
 @final
 class TokenStream:
     """An iterator over the text of one generation, one token's worth per step.
 
     Each step releases the GIL while the model computes; Ctrl-C raises
-    ``KeyboardInterrupt`` between prompt chunks and tokens. Joined, the pieces are exactly
-    the decode of :attr:`token_ids`; a multi-byte character is never split.
+    ``KeyboardInterrupt`` between layers. Joined, the pieces are exactly the decode of
+    :attr:`token_ids`; a multi-byte character is never split. ``async for`` and
+    :meth:`aread` compute off the event loop; ``with`` closes the stream on exit.
     """
 
     def __iter__(self) -> Self: ...
     def __next__(self) -> str: ...
+    def __aiter__(self) -> Self: ...
+    async def __anext__(self) -> str:
+        """The next piece, computed in a worker thread; cancelling the awaiting task
+        cancels the generation."""
+
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc: object) -> bool: ...
     def read(self) -> str:
         """The rest of the text at once: exactly what iterating would have yielded."""
 
+    async def aread(self) -> str:
+        """:meth:`read`, computed off the event loop."""
+
+    def events(self) -> TokenEvents:
+        """The same generation as :class:`TokenEvent` s (text with its token ids and
+        log-probabilities), sharing its progress with this stream."""
+
+    def cancel(self) -> None:
+        """Stop the generation from any thread. The work in progress (a prompt chunk or a
+        token) stops at its next layer; the stream then ends with finish_reason
+        ``"cancelled"``. Its computed prefix stays reusable."""
+
+    def close(self) -> None:
+        """Cancel the generation if it runs and free its state now (the generator's prefix
+        cache may keep it for a later prompt)."""
+
     @property
     def finish_reason(self) -> FinishReason | None:
-        """``"stop"`` (end or stop token), ``"length"`` (``max_tokens``), None while running."""
+        """``"stop"`` (end or stop token), ``"length"`` (``max_tokens``), ``"cancelled"``,
+        None while running."""
 
     @property
     def prompt_tokens(self) -> int:
         """Tokens in the prompt."""
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose state came from an earlier stream instead of being computed."""
+
+    @property
+    def dropped_messages(self) -> int:
+        """Oldest messages ``chat(..., truncate=True)`` left out to fit the context."""
 
     @property
     def generated_tokens(self) -> int:
@@ -199,6 +234,10 @@ class TokenStream:
     @property
     def token_ids(self) -> list[int]:
         """The generated token ids so far."""
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """One entry per generated token with ``logprobs=True``, else None."""
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -210,7 +249,8 @@ class TokenStream:
 
     @property
     def prompt_tokens_per_second(self) -> float | None:
-        """Prompt processing speed, once the prompt is in."""
+        """Prompt tokens computed per second, once the prompt is in (reused ones not
+        counted)."""
 
     @property
     def generation_tokens_per_second(self) -> float | None:
@@ -219,3 +259,54 @@ class TokenStream:
     @property
     def seed(self) -> int:
         """The seed in use (drawn at random when none was given)."""
+
+@final
+class TokenEvents:
+    """Iterates a stream's generation as :class:`TokenEvent` s (also ``async for``)."""
+
+    def __iter__(self) -> Self: ...
+    def __next__(self) -> TokenEvent: ...
+    def __aiter__(self) -> Self: ...
+    async def __anext__(self) -> TokenEvent: ...
+    @property
+    def stream(self) -> TokenStream:
+        """The stream these events come from (its stats, ``cancel``, ``close``)."""
+
+@final
+class TokenEvent:
+    """A piece of generated text and the tokens it came from."""
+
+    @property
+    def text(self) -> str:
+        """The text these tokens released; "" only for a last event whose text fell to a
+        stop string."""
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated tokens behind ``text`` (end tokens excluded)."""
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """One entry per token id with ``logprobs=True``, else None."""
+
+@final
+class TokenLogprob:
+    """A generated token's natural-log probability under the model's raw distribution
+    (log-softmax of the logits before temperature, penalties and filters)."""
+
+    @property
+    def token_id(self) -> int: ...
+    @property
+    def logprob(self) -> float: ...
+    @property
+    def top_logprobs(self) -> list[TopLogprob]:
+        """The ``top_logprobs`` most likely tokens at this position, most likely first."""
+
+@final
+class TopLogprob:
+    """One of the most likely tokens at a position."""
+
+    @property
+    def token_id(self) -> int: ...
+    @property
+    def logprob(self) -> float: ...

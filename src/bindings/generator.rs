@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use super::args;
 use super::errors::IntoPyResult;
@@ -15,6 +16,7 @@ use crate::chat::ChatMessage;
 use crate::engine::{Engine, ModelSource};
 use crate::error::{Error, Operation};
 use crate::generation::Generation;
+use crate::prefix_cache::DEFAULT_BUDGET_BYTES;
 use crate::source::{
     HubFile, DEFAULT_MODEL_FILE, DEFAULT_MODEL_REPO, DEFAULT_REVISION, DEFAULT_TOKENIZER_FILE,
 };
@@ -56,7 +58,8 @@ impl PyPhi3Generator {
     #[pyo3(text_signature = "(model=None, *, tokenizer=None, \
         repo_id='microsoft/Phi-3-mini-4k-instruct-gguf', \
         filename='Phi-3-mini-4k-instruct-q4.gguf', revision='main', tokenizer_repo_id=None, \
-        tokenizer_revision='main', progress=False, n_threads=None)")]
+        tokenizer_revision='main', progress=False, n_threads=None, \
+        prefix_cache_bytes=4294967296)")]
     #[pyo3(signature = (
         model = None,
         *,
@@ -68,6 +71,7 @@ impl PyPhi3Generator {
         tokenizer_revision = DEFAULT_REVISION.to_string(),
         progress = false,
         n_threads = None,
+        prefix_cache_bytes = DEFAULT_BUDGET_BYTES as i64,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -81,7 +85,14 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::tokenizer_revision)] tokenizer_revision: String,
         #[pyo3(from_py_with = args::progress)] progress: bool,
         #[pyo3(from_py_with = args::n_threads)] n_threads: Option<i64>,
+        #[pyo3(from_py_with = args::prefix_cache_bytes)] prefix_cache_bytes: i64,
     ) -> PyResult<Self> {
+        let prefix_cache_bytes = args::non_negative(
+            py,
+            prefix_cache_bytes,
+            "prefix_cache_bytes",
+            "It must be >= 0 (0 keeps no state between calls)",
+        )?;
         let n_threads = n_threads
             .map(|n| args::non_negative(py, n, "n_threads", "It must be at least 1, or None"))
             .transpose()?;
@@ -103,60 +114,22 @@ impl PyPhi3Generator {
             Engine::load_interruptible(&model, tokenizer.as_ref(), progress, n_threads, &stop)
         })?;
         Ok(Self {
-            engine: Arc::new(engine),
+            engine: Arc::new(engine.with_prefix_cache(prefix_cache_bytes)),
         })
     }
 
     /// Starts generating from `prompt`: raw text (special-token text such as `<|user|>`
-    /// becomes the control token), or token ids. Nothing is computed until iterated.
-    #[pyo3(
-        text_signature = "(self, /, prompt, *, max_tokens=256, temperature=0.8, top_p=0.95, \
-        top_k=40, seed=None, repeat_penalty=1.1, repeat_last_n=64, stop=None, stop_token_ids=None, \
-        ignore_eos=False)"
-    )]
-    #[pyo3(signature = (
-        prompt,
-        *,
-        max_tokens = Some(256),
-        temperature = 0.8,
-        top_p = Some(0.95),
-        top_k = Some(40),
-        seed = None,
-        repeat_penalty = 1.1,
-        repeat_last_n = 64,
-        stop = None,
-        stop_token_ids = None,
-        ignore_eos = false,
-    ))]
-    #[allow(clippy::too_many_arguments)]
+    /// becomes the control token), or token ids. Nothing is computed until iterated. The
+    /// options (max_tokens, temperature, ...) are those of `chat`; see `GenerationOptions`.
+    #[pyo3(text_signature = "(self, /, prompt, **options)")]
+    #[pyo3(signature = (prompt, **options))]
     fn generate(
         &self,
         py: Python<'_>,
         #[pyo3(from_py_with = args::prompt)] prompt: args::Prompt,
-        #[pyo3(from_py_with = args::max_tokens)] max_tokens: Option<i64>,
-        #[pyo3(from_py_with = args::temperature)] temperature: f64,
-        #[pyo3(from_py_with = args::top_p)] top_p: Option<f64>,
-        #[pyo3(from_py_with = args::top_k)] top_k: Option<i64>,
-        #[pyo3(from_py_with = args::seed)] seed: Option<i64>,
-        #[pyo3(from_py_with = args::repeat_penalty)] repeat_penalty: f64,
-        #[pyo3(from_py_with = args::repeat_last_n)] repeat_last_n: i64,
-        #[pyo3(from_py_with = args::stop)] stop: Option<Vec<String>>,
-        #[pyo3(from_py_with = args::stop_token_ids)] stop_token_ids: Option<Vec<u32>>,
-        #[pyo3(from_py_with = args::ignore_eos)] ignore_eos: bool,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyTokenStream> {
-        let params = args::GenerationArgs {
-            max_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            repeat_penalty,
-            repeat_last_n,
-            stop,
-            stop_token_ids,
-            ignore_eos,
-        }
-        .into_params(py)?;
+        let params = args::GenerationOptions::from_kwargs("generate", options)?.into_params(py)?;
         self.start(py, Operation::Tokenizing, |engine, _| match prompt {
             args::Prompt::Text(text) => engine.generate(&text, &params),
             args::Prompt::Ids(ids) => engine.generate_ids(ids, &params),
@@ -164,57 +137,20 @@ impl PyPhi3Generator {
     }
 
     /// Starts the assistant's reply to `messages` (dicts with `role` and `content`), in the
-    /// model's chat format. Message text never becomes a control token.
-    #[pyo3(
-        text_signature = "(self, /, messages, *, max_tokens=256, temperature=0.8, top_p=0.95, \
-        top_k=40, seed=None, repeat_penalty=1.1, repeat_last_n=64, stop=None, stop_token_ids=None, \
-        ignore_eos=False)"
-    )]
-    #[pyo3(signature = (
-        messages,
-        *,
-        max_tokens = Some(256),
-        temperature = 0.8,
-        top_p = Some(0.95),
-        top_k = Some(40),
-        seed = None,
-        repeat_penalty = 1.1,
-        repeat_last_n = 64,
-        stop = None,
-        stop_token_ids = None,
-        ignore_eos = false,
-    ))]
-    #[allow(clippy::too_many_arguments)]
+    /// model's chat format. Message text never becomes a control token. With `truncate`, a
+    /// conversation too long for the context loses its oldest turns instead of raising.
+    #[pyo3(text_signature = "(self, /, messages, *, truncate=False, **options)")]
+    #[pyo3(signature = (messages, *, truncate = false, **options))]
     fn chat(
         &self,
         py: Python<'_>,
         #[pyo3(from_py_with = args::messages)] messages: Vec<ChatMessage>,
-        #[pyo3(from_py_with = args::max_tokens)] max_tokens: Option<i64>,
-        #[pyo3(from_py_with = args::temperature)] temperature: f64,
-        #[pyo3(from_py_with = args::top_p)] top_p: Option<f64>,
-        #[pyo3(from_py_with = args::top_k)] top_k: Option<i64>,
-        #[pyo3(from_py_with = args::seed)] seed: Option<i64>,
-        #[pyo3(from_py_with = args::repeat_penalty)] repeat_penalty: f64,
-        #[pyo3(from_py_with = args::repeat_last_n)] repeat_last_n: i64,
-        #[pyo3(from_py_with = args::stop)] stop: Option<Vec<String>>,
-        #[pyo3(from_py_with = args::stop_token_ids)] stop_token_ids: Option<Vec<u32>>,
-        #[pyo3(from_py_with = args::ignore_eos)] ignore_eos: bool,
+        #[pyo3(from_py_with = args::truncate)] truncate: bool,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyTokenStream> {
-        let params = args::GenerationArgs {
-            max_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            repeat_penalty,
-            repeat_last_n,
-            stop,
-            stop_token_ids,
-            ignore_eos,
-        }
-        .into_params(py)?;
+        let params = args::GenerationOptions::from_kwargs("chat", options)?.into_params(py)?;
         self.start(py, Operation::RenderingTemplate, |engine, stop| {
-            engine.chat(&messages, &params, stop)
+            engine.chat(&messages, &params, truncate, stop)
         })
     }
 
@@ -321,6 +257,18 @@ impl PyPhi3Generator {
     #[getter]
     fn n_threads(&self) -> usize {
         self.engine.threads()
+    }
+
+    /// The most bytes of ended streams' KV state kept for reuse (0: none).
+    #[getter]
+    fn prefix_cache_bytes(&self) -> usize {
+        self.engine.prefix_cache().budget()
+    }
+
+    /// Ended streams' states kept for reuse now, and their bytes.
+    #[getter]
+    fn prefix_cache_usage(&self) -> (usize, usize) {
+        self.engine.prefix_cache().usage()
     }
 
     /// Seconds spent resolving and loading the model and tokenizer.

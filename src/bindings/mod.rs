@@ -13,6 +13,10 @@ use pyo3::prelude::*;
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<generator::PyPhi3Generator>()?;
     m.add_class::<stream::PyTokenStream>()?;
+    m.add_class::<stream::PyTokenEvents>()?;
+    m.add_class::<stream::PyTokenEvent>()?;
+    m.add_class::<stream::PyTokenLogprob>()?;
+    m.add_class::<stream::PyTopLogprob>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

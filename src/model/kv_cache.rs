@@ -7,7 +7,7 @@ use candle_core::{Result, Tensor};
 /// at the span, so a typical request allocates once and a long one copies O(log n) times.
 const FIRST_CAPACITY: usize = 1024;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache {
     /// (batch, kv_heads, capacity, head_dim) buffers; rows past `len` are unused.
     buffers: Option<(Tensor, Tensor)>,
@@ -31,6 +31,28 @@ impl KvCache {
     /// Forgets every token from position `len` on (their rows are overwritten later).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+
+    /// Lets the cache grow to `max_len` tokens (a reused cache serves a new request).
+    pub fn set_max_len(&mut self, max_len: usize) {
+        self.max_len = max_len;
+    }
+
+    /// A cache of its own holding a copy of the first `len` tokens (the buffers of a clone
+    /// are shared, and appending writes into them).
+    pub fn copy_prefix(&self, len: usize, max_len: usize) -> Result<Self> {
+        let len = len.min(self.len);
+        let buffers = match &self.buffers {
+            Some((k, v)) if len > 0 => {
+                Some((k.narrow(2, 0, len)?.copy()?, v.narrow(2, 0, len)?.copy()?))
+            }
+            _ => None,
+        };
+        Ok(Self {
+            buffers,
+            len,
+            max_len,
+        })
     }
 
     pub fn capacity(&self) -> usize {

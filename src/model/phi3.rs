@@ -121,8 +121,9 @@ fn norm(source: &mut impl TensorSource, name: &str, eps: f64) -> crate::Result<R
     Ok(RmsNorm::new(weight, eps))
 }
 
-/// One sequence being computed: shared weights plus this sequence's own KV cache.
-#[derive(Debug, Clone)]
+/// One sequence being computed: shared weights plus this sequence's own KV cache. Not
+/// `Clone`: the cache's buffers would be shared, and appending writes into them.
+#[derive(Debug)]
 pub struct Phi3Model {
     weights: Arc<Phi3Weights>,
     rope: RotaryEmbedding,
@@ -145,6 +146,42 @@ impl Phi3Model {
             weights,
             rope,
             caches,
+            interrupt: None,
+        })
+    }
+
+    /// Whether this sequence's state can serve a new request spanning `span` positions:
+    /// LongRoPE models must rotate with the same factors.
+    pub fn serves_span(&self, span: usize) -> bool {
+        let w = &self.weights;
+        self.rope.long_factors
+            == RotaryEmbedding::uses_long_factors(&w.config, w.rope_factors.as_ref(), span)
+    }
+
+    /// This sequence's first `keep` tokens, continued for a request spanning `span`
+    /// positions (check [`Self::serves_span`] first).
+    pub fn resume(mut self, keep: usize, span: usize) -> Self {
+        let max_len = span.min(self.weights.config.context_length);
+        for cache in &mut self.caches {
+            cache.truncate(keep);
+            cache.set_max_len(max_len);
+        }
+        self.interrupt = None;
+        self
+    }
+
+    /// A new sequence with a copy of this one's first `keep` tokens, for a request spanning
+    /// `span` positions (check [`Self::serves_span`] first).
+    pub fn fork(&self, keep: usize, span: usize) -> Result<Self> {
+        let max_len = span.min(self.weights.config.context_length);
+        Ok(Self {
+            weights: Arc::clone(&self.weights),
+            rope: self.rope.clone(),
+            caches: self
+                .caches
+                .iter()
+                .map(|c| c.copy_prefix(keep, max_len))
+                .collect::<Result<_>>()?,
             interrupt: None,
         })
     }

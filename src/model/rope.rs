@@ -24,6 +24,8 @@ pub struct RotaryEmbedding {
     scale: f64,
     rope_dim: usize,
     head_dim: usize,
+    /// Whether LongRoPE's long factors were chosen.
+    pub long_factors: bool,
 }
 
 impl RotaryEmbedding {
@@ -37,13 +39,8 @@ impl RotaryEmbedding {
     ) -> Result<Self> {
         let half = config.rope_dim / 2;
         let base = f64::from(config.rope_freq_base);
-        let chosen = factors.map(|f| {
-            if span > config.rope_original_context {
-                &f.long
-            } else {
-                &f.short
-            }
-        });
+        let long_factors = Self::uses_long_factors(config, factors, span);
+        let chosen = factors.map(|f| if long_factors { &f.long } else { &f.short });
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
                 let factor = chosen.map_or(1.0, |f| f64::from(f[i]));
@@ -55,7 +52,17 @@ impl RotaryEmbedding {
             scale: attention_factor(config, factors.is_some()),
             rope_dim: config.rope_dim,
             head_dim: config.head_dim,
+            long_factors,
         })
+    }
+
+    /// LongRoPE's long factors serve sequences longer than the original context.
+    pub fn uses_long_factors(
+        config: &Phi3Config,
+        factors: Option<&RopeFactors>,
+        span: usize,
+    ) -> bool {
+        factors.is_some() && span > config.rope_original_context
     }
 
     /// cos and sin (seq_len, rope_dim / 2) for positions `offset..offset + seq_len`.
