@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -53,6 +54,7 @@ def test_stop_flag_and_verbose(hello: list[str]) -> None:
     assert result.returncode == 0
     assert result.stdout == "Hello\n"
     assert "tokens/s" in result.stderr and "stop" in result.stderr
+    assert "(0 cached)" in result.stderr
 
 
 def test_raw_prompt(generator: Phi3Generator) -> None:
@@ -99,6 +101,16 @@ def test_chat_repl(hello: list[str]) -> None:
     assert result.stdout == "Hello world\n" * 3
     assert "unknown parameter 'nonsense'" in result.stderr
     assert "hot" in result.stderr
+
+
+def test_chat_turns_reuse_the_history(hello: list[str]) -> None:
+    """--verbose reports cached prompt tokens: the second turn reads only its new ones."""
+    result = cli(*hello, "--chat", "--verbose", "--temperature", "0", stdin="Hi\nAnd again\n")
+    assert result.returncode == 0, result.stderr
+    cached = [int(n) for n in re.findall(r"\((\d+) cached\)", result.stderr)]
+    prompts = [int(n) for n in re.findall(r"prompt (\d+) tokens", result.stderr)]
+    assert len(cached) == 2 and cached[0] == 0
+    assert prompts[1] > prompts[0] and cached[1] >= prompts[0]
 
 
 def test_failed_turn_writes_nothing_to_stdout(hello: list[str]) -> None:

@@ -108,7 +108,8 @@ def report(stream: TokenStream, generator: Phi3Generator) -> None:
 
     ttft = stream.time_to_first_token
     print(
-        f"[load {generator.load_time:.2f} s | prompt {stream.prompt_tokens} tokens, "
+        f"[load {generator.load_time:.2f} s | prompt {stream.prompt_tokens} tokens "
+        f"({stream.cached_tokens} cached), "
         f"{rate(stream.prompt_tokens_per_second)} | generated {stream.generated_tokens} tokens, "
         f"{rate(stream.generation_tokens_per_second)} | first token "
         f"{'n/a' if ttft is None else f'{ttft:.2f} s'} | {stream.finish_reason}]",
@@ -220,6 +221,11 @@ def chat(generator: Phi3Generator, args: argparse.Namespace) -> int:
             pass  # stops this reply only; what was shown stays in the conversation
         except CandlePhiError as err:
             error = err
+        finally:
+            if stream is not None:
+                # Hands the conversation's state to the generator now, so that the next
+                # turn (even after Ctrl-C) computes only its new tokens.
+                stream.close()
         if reply or error is None:
             sys.stdout.write("\n")  # ends the reply's line; stdout holds replies only
             sys.stdout.flush()

@@ -122,3 +122,43 @@ fn invalid_settings_are_named() {
         }
     }
 }
+
+/// The default settings take the same path as before min-p, OpenAI penalties and biases
+/// existed: Candle's repeat penalty, then its `LogitsProcessor`, draw for draw.
+#[test]
+fn defaults_sample_as_candles_processor_does() {
+    use candle_transformers::generation::{LogitsProcessor, Sampling};
+    let params = SamplingParams {
+        seed: Some(3),
+        temperature: 1.5,
+        ..Default::default()
+    };
+    let mut ours = Sampler::new(&params).unwrap();
+    let mut candle = LogitsProcessor::from_sampling(
+        3,
+        Sampling::TopKThenTopP {
+            k: 40,
+            p: 0.95,
+            temperature: 1.5,
+        },
+    );
+    let logits = Tensor::new(
+        &(0..200)
+            .map(|i| ((i * 37) % 101) as f32 / 17.0)
+            .collect::<Vec<_>>()[..],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut generated = Vec::new();
+    for _ in 0..100 {
+        let penalised = candle_transformers::utils::apply_repeat_penalty(
+            &logits,
+            1.1,
+            &generated[generated.len().saturating_sub(64)..],
+        )
+        .unwrap();
+        let expected = candle.sample(&penalised).unwrap();
+        assert_eq!(ours.sample(&logits, &generated).unwrap(), expected);
+        generated.push(expected);
+    }
+}
