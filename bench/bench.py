@@ -59,7 +59,7 @@ def q4_k_m_types(num_layers: int) -> dict[str, str]:
 
 
 def make_model() -> tuple[Path, Path]:
-    import phi3_fixtures as fx
+    import phi3_fixtures as fx  # type: ignore[import-not-found, unused-ignore]
 
     OUT.mkdir(exist_ok=True)
     model, tokenizer = OUT / "phi3-mini-shapes-q4_k_m.gguf", OUT / "tokenizer.json"
@@ -67,7 +67,7 @@ def make_model() -> tuple[Path, Path]:
         fx.write_tokenizer_json(tokenizer)
     if not model.exists():
         print(f"writing {model.name} (once) ...", file=sys.stderr)
-        config = fx.TinyPhi3Config(**PHI3_MINI)  # type: ignore[arg-type]
+        config = fx.TinyPhi3Config(**PHI3_MINI)  # type: ignore[arg-type, unused-ignore]
         partial = model.with_suffix(".partial")
         fx.write_phi3_gguf(
             partial,
@@ -135,7 +135,7 @@ def work_candle(model: Path, tokenizer: Path, threads: int) -> dict[str, float]:
 
 
 def work_llama(model: Path, tokenizer: Path, threads: int) -> dict[str, float]:
-    from llama_cpp import Llama
+    from llama_cpp import Llama  # type: ignore[import-not-found, unused-ignore]
 
     start = time.perf_counter()
     llm = Llama(
@@ -175,26 +175,41 @@ def run_worker(
     env = dict(os.environ)
     if kernels:
         env["CANDLE_PHI_KERNELS"] = kernels
-    out = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--worker",
-            engine,
-            "--model",
-            str(model),
-            "--tokenizer",
-            str(tokenizer),
-            "--threads",
-            str(threads),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=1800,
-        env=env,
-    )
+    command = [sys.executable, __file__, "--worker", engine, "--model", str(model)]
+    command += ["--tokenizer", str(tokenizer), "--threads", str(threads)]
+    return run_json(command, env=env)
+
+
+def run_json(
+    command: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    timeout: float = 1800,
+) -> dict[str, Any]:
+    """Run a worker process; its result is the JSON object on the last line of its stdout.
+    A failed worker's stderr is shown before the error is raised."""
+    try:
+        out = subprocess.run(
+            command,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.CalledProcessError as error:
+        print(error.stderr, file=sys.stderr)
+        raise
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def read_through(path: Path) -> None:
+    """Read a file once, so that memory-mapping engines find it in the page cache."""
+    with path.open("rb") as f:
+        while f.read(1 << 24):
+            pass
 
 
 def run_rust_loop(model: Path, tokenizer: Path, threads: int) -> float:
@@ -300,10 +315,7 @@ def main() -> int:
         return 0
 
     model, tokenizer = make_model()
-    # Both engines memory-map the file; read it once so that neither pays the disk.
-    with model.open("rb") as f:
-        while f.read(1 << 24):
-            pass
+    read_through(model)  # both engines memory-map the file: neither pays the disk
     engines = ["candle-phi"] if args.skip_llama else ["candle-phi", "llama.cpp"]
     results: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
     for run in range(args.runs):
