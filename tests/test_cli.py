@@ -103,6 +103,13 @@ def test_chat_repl(hello: list[str]) -> None:
     assert "hot" in result.stderr
 
 
+def test_sampling_flags_reach_the_engine(hello: list[str]) -> None:
+    greedy = cli(*hello, "Hi", "--temperature", "0", "--min-p", "0.5", "--presence-penalty", "0.1")
+    assert greedy.returncode == 0 and greedy.stdout == "Hello world\n"
+    bad = cli(*hello, "Hi", "--frequency-penalty", "3")
+    assert bad.returncode == 1 and "frequency_penalty" in bad.stderr
+
+
 def test_chat_turns_reuse_the_history(hello: list[str]) -> None:
     """--verbose reports cached prompt tokens: the second turn reads only its new ones."""
     result = cli(*hello, "--chat", "--verbose", "--temperature", "0", stdin="Hi\nAnd again\n")

@@ -43,9 +43,12 @@ PARAMETERS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "temperature": (float, 0.8),
     "top_p": (_optional(float), 0.95),
     "top_k": (_optional(int), 40),
+    "min_p": (float, 0.0),
     "seed": (_optional(int), None),
     "repeat_penalty": (float, 1.1),
     "repeat_last_n": (int, 64),
+    "presence_penalty": (float, 0.0),
+    "frequency_penalty": (float, 0.0),
 }
 
 
