@@ -1,8 +1,9 @@
-//! Sampling settings, checked once, and the sampler: our logit transforms (penalties, bias,
-//! min-p) in front of Candle's `LogitsProcessor` (temperature, top-k, top-p, the draw).
+//! Sampling settings, checked once, and the sampler: penalties, bias and min-p on the
+//! logits, then top-k, temperature, top-p and a seeded draw.
 
 use candle_core::Tensor;
-use candle_transformers::generation::{LogitsProcessor, Sampling};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 
@@ -28,11 +29,11 @@ pub struct SamplingParams {
     /// How many of the last generated tokens the penalty looks at; 0 is off.
     pub repeat_last_n: usize,
     /// OpenAI's: subtracted once from the logit of every token generated so far.
-    pub presence_penalty: f32,
+    pub presence_penalty: f64,
     /// OpenAI's: subtracted from a token's logit once per time it was generated.
-    pub frequency_penalty: f32,
+    pub frequency_penalty: f64,
     /// Added to the logits of these token ids; [`BAN_BIAS`] bans the token.
-    pub logit_bias: Vec<(u32, f32)>,
+    pub logit_bias: Vec<(u32, f64)>,
 }
 
 impl Default for SamplingParams {
@@ -114,32 +115,24 @@ impl SamplingParams {
         }
         Ok(())
     }
-
-    fn sampling(&self) -> Sampling {
-        let temperature = self.temperature;
-        if temperature == 0.0 {
-            return Sampling::ArgMax;
-        }
-        let top_p = self.top_p.filter(|&p| p < 1.0);
-        match (self.top_k, top_p) {
-            (None, None) => Sampling::All { temperature },
-            (Some(k), None) => Sampling::TopK { k, temperature },
-            (None, Some(p)) => Sampling::TopP { p, temperature },
-            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
-        }
-    }
 }
 
 pub struct Sampler {
-    processor: LogitsProcessor,
+    rng: StdRng,
+    temperature: f64,
+    top_k: Option<usize>,
+    /// Below 1, or `None`.
+    top_p: Option<f64>,
+    /// ln(min_p): a token whose logit is further than this below the best one is dropped.
+    min_log_p: Option<f32>,
     repeat_penalty: f32,
     repeat_last_n: usize,
     presence_penalty: f32,
     frequency_penalty: f32,
     logit_bias: Vec<(u32, f32)>,
-    /// ln(min_p): a token whose logit is further than this below the best one is dropped.
-    min_log_p: Option<f32>,
     seed: u64,
+    /// Candidate token ids, kept between tokens to spare a vocabulary-sized allocation.
+    candidates: Vec<u32>,
 }
 
 impl Sampler {
@@ -147,14 +140,22 @@ impl Sampler {
         params.validate()?;
         let seed = params.seed.unwrap_or_else(rand::random);
         Ok(Self {
-            processor: LogitsProcessor::from_sampling(seed, params.sampling()),
+            rng: StdRng::seed_from_u64(seed),
+            temperature: params.temperature,
+            top_k: params.top_k,
+            top_p: params.top_p.filter(|&p| p < 1.0),
+            min_log_p: (params.min_p > 0.0).then(|| params.min_p.ln() as f32),
             repeat_penalty: params.repeat_penalty,
             repeat_last_n: params.repeat_last_n,
-            presence_penalty: params.presence_penalty,
-            frequency_penalty: params.frequency_penalty,
-            logit_bias: params.logit_bias.clone(),
-            min_log_p: (params.min_p > 0.0).then(|| params.min_p.ln() as f32),
+            presence_penalty: params.presence_penalty as f32,
+            frequency_penalty: params.frequency_penalty as f32,
+            logit_bias: params
+                .logit_bias
+                .iter()
+                .map(|&(id, bias)| (id, bias as f32))
+                .collect(),
             seed,
+            candidates: Vec::new(),
         })
     }
 
@@ -164,51 +165,120 @@ impl Sampler {
     }
 
     /// Picks the next token from `logits` (vocab,), given the tokens generated so far.
-    pub fn sample(&mut self, logits: &Tensor, generated: &[u32]) -> candle_core::Result<u32> {
-        let recent = &generated[generated.len().saturating_sub(self.repeat_last_n)..];
-        let repeat = self.repeat_penalty != 1.0 && !recent.is_empty();
-        let openai = (self.presence_penalty != 0.0 || self.frequency_penalty != 0.0)
-            && !generated.is_empty();
-        let sampled = if repeat || openai || !self.logit_bias.is_empty() || self.min_log_p.is_some()
-        {
-            logits.to_vec1::<f32>().and_then(|mut values| {
-                if repeat {
-                    apply_repeat_penalty(&mut values, self.repeat_penalty, recent);
-                }
-                if openai {
-                    self.apply_openai_penalties(&mut values, generated);
-                }
-                for &(id, bias) in &self.logit_bias {
-                    if let Some(logit) = values.get_mut(id as usize) {
-                        *logit = if bias <= BAN_BIAS {
-                            f32::NEG_INFINITY
-                        } else {
-                            *logit + bias
-                        };
-                    }
-                }
-                if let Some(min_log_p) = self.min_log_p {
-                    apply_min_p(&mut values, min_log_p);
-                }
-                let n = values.len();
-                self.processor
-                    .sample(&Tensor::from_vec(values, n, logits.device())?)
-            })
-        } else {
-            self.processor.sample(logits)
+    ///
+    /// Logits that differ in their last bits (the same prompt computed in other chunks, as
+    /// prefix reuse does) give the same token for the same seed, short of a draw landing
+    /// within that difference of a boundary.
+    pub fn sample(&mut self, logits: &Tensor, generated: &[u32]) -> Result<u32> {
+        let mut values = logits.to_vec1::<f32>().map_err(Error::generation)?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Generation {
+                detail: "the model computed non-finite logits (NaN or infinity): the weights in the file are corrupt or were converted wrongly".into(),
+            });
+        }
+        self.transform(&mut values, generated);
+        let banned_all = || Error::Generation {
+            detail:
+                "no token is left to sample: logit_bias banned every token; lift some of the bans"
+                    .into(),
         };
-        // Checked only when sampling failed, so the per-token path pays nothing: NaN or
-        // infinite logits are what makes Candle's sampler fail, with a message about
-        // "weights" that would point at the wrong thing.
-        sampled.map_err(|err| match logits.sum_all().and_then(|s| s.to_scalar::<f32>()) {
-            Ok(sum) if !sum.is_finite() => candle_core::Error::msg(
-                "the model computed non-finite logits (NaN or infinity): the weights in the file are corrupt or were converted wrongly",
-            ),
-            Ok(_) if !self.logit_bias.is_empty() => candle_core::Error::msg(format!(
-                "{err}; logit_bias may have banned every token the other settings allow"
-            )),
-            _ => err,
-        })
+        if self.temperature == 0.0 {
+            // The first of equal maxima: the lowest id.
+            let best = values
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.is_finite())
+                .fold(None, |best: Option<(usize, f32)>, (i, &v)| match best {
+                    Some((_, b)) if b >= v => best,
+                    _ => Some((i, v)),
+                });
+            return best.map(|(i, _)| i as u32).ok_or_else(banned_all);
+        }
+        let candidates = &mut self.candidates;
+        candidates.clear();
+        candidates.extend((0..values.len() as u32).filter(|&i| values[i as usize].is_finite()));
+        if candidates.is_empty() {
+            return Err(banned_all());
+        }
+        // Most likely first, ties by lower id: a total order.
+        let order = |a: &u32, b: &u32| {
+            values[*b as usize]
+                .total_cmp(&values[*a as usize])
+                .then(a.cmp(b))
+        };
+        if let Some(k) = self.top_k.filter(|&k| k < candidates.len()) {
+            candidates.select_nth_unstable_by(k - 1, order);
+            candidates.truncate(k);
+        }
+        if self.top_p.is_some() {
+            candidates.sort_unstable_by(order);
+        }
+        // Softmax at the temperature, over the candidates only.
+        let best = candidates
+            .iter()
+            .map(|&i| values[i as usize])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let inv_t = 1.0 / self.temperature;
+        let weights: Vec<f64> = candidates
+            .iter()
+            .map(|&i| (f64::from(values[i as usize] - best) * inv_t).exp())
+            .collect();
+        let total: f64 = weights.iter().sum();
+        // Top-p: the most likely candidates until their mass reaches p (the one that
+        // crosses it included).
+        let mut kept = weights.len();
+        if let Some(p) = self.top_p {
+            let mut mass = 0.0;
+            for (n, w) in weights.iter().enumerate() {
+                if mass >= p * total {
+                    kept = n;
+                    break;
+                }
+                mass += w;
+            }
+        }
+        // The draw walks the kept tokens in id order: last-bit differences then move its
+        // boundaries by as little, where an order by probability would swap near-equal
+        // tokens.
+        let mut kept: Vec<(u32, f64)> = candidates[..kept]
+            .iter()
+            .copied()
+            .zip(weights[..kept].iter().copied())
+            .collect();
+        kept.sort_unstable_by_key(|&(id, _)| id);
+        let kept_total: f64 = kept.iter().map(|&(_, w)| w).sum();
+        let mut draw = self.rng.random::<f64>() * kept_total;
+        for &(id, w) in &kept {
+            if draw < w {
+                return Ok(id);
+            }
+            draw -= w;
+        }
+        // Rounding left the draw past the end: the last token.
+        Ok(kept[kept.len() - 1].0)
+    }
+
+    /// Penalties, biases and min-p on the logits, in that order.
+    fn transform(&self, values: &mut [f32], generated: &[u32]) {
+        let recent = &generated[generated.len().saturating_sub(self.repeat_last_n)..];
+        if self.repeat_penalty != 1.0 {
+            apply_repeat_penalty(values, self.repeat_penalty, recent);
+        }
+        if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
+            self.apply_openai_penalties(values, generated);
+        }
+        for &(id, bias) in &self.logit_bias {
+            if let Some(logit) = values.get_mut(id as usize) {
+                *logit = if bias <= BAN_BIAS {
+                    f32::NEG_INFINITY
+                } else {
+                    *logit + bias
+                };
+            }
+        }
+        if let Some(min_log_p) = self.min_log_p {
+            apply_min_p(values, min_log_p);
+        }
     }
 
     fn apply_openai_penalties(&self, logits: &mut [f32], generated: &[u32]) {
@@ -224,7 +294,7 @@ impl Sampler {
     }
 }
 
-/// llama.cpp's (and Candle's) repeat penalty, once per distinct recent token.
+/// llama.cpp's repeat penalty, once per distinct recent token.
 fn apply_repeat_penalty(logits: &mut [f32], penalty: f32, recent: &[u32]) {
     let mut seen = std::collections::HashSet::new();
     for &id in recent {

@@ -325,7 +325,7 @@ pub(crate) struct GenerationOptions {
     repeat_last_n: i64,
     presence_penalty: f64,
     frequency_penalty: f64,
-    logit_bias: Vec<(u32, f32)>,
+    logit_bias: Vec<(u32, f64)>,
     stop: Option<Vec<String>>,
     stop_token_ids: Option<Vec<u32>>,
     ignore_eos: bool,
@@ -368,7 +368,7 @@ converters! {
 }
 
 /// `logit_bias`: a mapping of token id to a float from -100 to 100.
-fn logit_bias(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(u32, f32)>> {
+fn logit_bias(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(u32, f64)>> {
     let expected = "a dict of token id (int) to bias (float), or None";
     if obj.is_none() {
         return Ok(Vec::new());
@@ -379,16 +379,24 @@ fn logit_bias(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(u32, f32)>> {
     let keys = items(&mapping.keys()?.into_any(), "logit_bias", expected)?;
     keys.iter()
         .map(|key| {
-            let id: i64 = extract(key, "logit_bias", "a dict whose keys are token ids (ints)")?;
-            let name = format!("logit_bias[{id}]");
-            let id = u32::try_from(id).map_err(|_| {
+            let out_of_range = || {
                 to_py_err(
                     obj.py(),
-                    Error::invalid_argument(&name, id, "Token ids are ints from 0 to 2**32 - 1"),
+                    Error::invalid_argument(
+                        "logit_bias",
+                        format!("a key {}", repr(key)),
+                        "Token ids are ints from 0 to 2**32 - 1",
+                    ),
                 )
-            })?;
+            };
+            if key.is_instance_of::<pyo3::types::PyInt>() && key.extract::<i64>().is_err() {
+                return Err(out_of_range());
+            }
+            let id: i64 = extract(key, "logit_bias", "a dict whose keys are token ids (ints)")?;
+            let name = format!("logit_bias[{id}]");
+            let id = u32::try_from(id).map_err(|_| out_of_range())?;
             let bias: f64 = extract(&mapping.get_item(key)?, &name, "a float from -100 to 100")?;
-            Ok((id, bias as f32))
+            Ok((id, bias))
         })
         .collect()
 }
@@ -504,8 +512,8 @@ impl GenerationOptions {
                 seed,
                 repeat_penalty: self.repeat_penalty as f32,
                 repeat_last_n,
-                presence_penalty: self.presence_penalty as f32,
-                frequency_penalty: self.frequency_penalty as f32,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
                 logit_bias: self.logit_bias,
             },
             stop_token_ids: self.stop_token_ids.unwrap_or_default(),

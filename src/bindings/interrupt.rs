@@ -17,6 +17,25 @@ use crate::error::{Error, Operation};
 /// How often the waiting thread looks for a pending signal.
 const POLL: Duration = Duration::from_millis(20);
 
+/// The ident of Python's main thread, the one signal handlers run on; read when the module
+/// is imported, so that asking never runs Python code (which a pending Ctrl-C would
+/// interrupt, losing it).
+static MAIN_THREAD: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+pub(crate) fn record_main_thread(py: Python<'_>) -> PyResult<()> {
+    let main = py.import("threading")?.call_method0("main_thread")?;
+    let ident: u64 = main.getattr("ident")?.extract()?;
+    let _ = MAIN_THREAD.set(ident);
+    Ok(())
+}
+
+fn on_main_thread() -> bool {
+    // SAFETY: reads the calling thread's ident; no Python state is touched.
+    let current = u64::from(unsafe { pyo3::ffi::PyThread_get_thread_ident() });
+    // Unknown (never recorded): poll as on the main thread, slower but never deaf.
+    MAIN_THREAD.get().is_none_or(|&main| main == current)
+}
+
 /// Runs `work` on a worker thread; on Ctrl-C, sets `interrupt` (the engine checks it between
 /// layers, chunks and tensors), waits for the work to stop, and raises KeyboardInterrupt.
 /// A panic in `work` becomes the `Error::Internal` of `operation`. Work that needs no
@@ -42,6 +61,16 @@ pub(crate) fn run<T: Send>(
             return Ok(Err(Error::Internal {
                 operation,
                 detail: format!("cannot start a thread: {e}"),
+            }));
+        }
+        if !on_main_thread() {
+            // Only the main thread sees signals: another one (an event loop's executor, a
+            // user's thread) waits without taking the GIL back every few milliseconds.
+            return Ok(py.detach(move || outcome.recv()).unwrap_or_else(|_| {
+                Err(Error::Internal {
+                    operation,
+                    detail: "the worker thread ended without a result".into(),
+                })
             }));
         }
         loop {

@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 
 #[pymodule(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    interrupt::record_main_thread(m.py())?;
     m.add_class::<generator::PyPhi3Generator>()?;
     m.add_class::<stream::PyTokenStream>()?;
     m.add_class::<stream::PyTokenEvents>()?;

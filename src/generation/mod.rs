@@ -298,10 +298,7 @@ impl Generation {
                 detail: "no logits to sample from".into(),
             });
         };
-        let token = self
-            .sampler
-            .sample(&logits, &self.generated)
-            .map_err(Error::generation)?;
+        let token = self.sampler.sample(&logits, &self.generated)?;
         let now = Instant::now();
         let first = *self.first_token_at.get_or_insert(now);
         self.stats.time_to_first_token = Some(first - started);

@@ -427,6 +427,15 @@ PATHS = [
     "'/'", "'/dev/null'", "'/dev/zero'", "'/nonexistent/x'", "'x' * 10**5",
     "pathlib.Path('\\udcff')",
 ]  # fmt: skip
+LOGIT_BIASES = [
+    "None", "{}", "{0: 1.0}", "{-1: 1}", "{10**20: 1}", "{2**32: 1}", "{32064: 1}",
+    "{0: float('nan')}", "{0: float('inf')}", "{0: 10**400}", "{0: True}", "{True: 1}",
+    "{'a': 1}", "{1.5: 1}", "{None: 1}", "{0: None}", "{0: '1'}", "[1]", "[(0, 1.0)]", "'x'",
+    "object()", "HugeLen()", "{i: 1.0 for i in range(10**5)}",
+    "{numpy.int64(5): numpy.float32(-100.0)}", "{numpy.uint64(2**64 - 1): 1.0}",
+    # Every token banned (none left to sample or to take greedily), or every one raised.
+    "{i: -100 for i in range(32064)}", "{i: 100 for i in range(32064)}",
+]  # fmt: skip
 HUB_STRINGS = [
     "''", "'\\ud800'", "'../../etc'", "'a/b/c/d'", "'a' * 10**5", "None", "1", "object()",
 ]  # fmt: skip
@@ -456,11 +465,27 @@ def _argument_cases() -> list[Case]:
             *(call(stop=v) for v in STOPS),
             *(call(stop_token_ids=v) for v in [*TOKEN_IDS, "list(range(32064))", "range(10**9)"]),
             *(call(ignore_eos=v) for v in BOOLS),
+            *(
+                call(**{p: v})
+                for p in ("min_p", "presence_penalty", "frequency_penalty")
+                for v in FLOATS
+            ),
+            call(min_p="1.0", temperature="5.0"),
+            *(call(logit_bias=v) for v in LOGIT_BIASES),
+            *(call(logit_bias=v, temperature="0") for v in LOGIT_BIASES[-2:]),
+            *(call(logprobs=v) for v in BOOLS),
+            *(call(logprobs="True", top_logprobs=v) for v in [*INTS, "None", "20", "21"]),
+            call(top_logprobs="3"),  # without logprobs
         ],
         "chat": [
             *(f"gen.chat({v}, max_tokens=2, seed=0).read()" for v in MESSAGE_LISTS),
             "gen.chat(MESSAGES, max_tokens=2, stop=['\\ud800']).read()",
             "gen.chat(MESSAGES, max_tokens=2, temperature=float('nan')).read()",
+            *(f"gen.chat(MESSAGES, truncate={v}, max_tokens=2, seed=0).read()" for v in BOOLS),
+            "gen.chat(MESSAGES * 1000, truncate=True, max_tokens=2, seed=0).read()",
+            "gen.chat(MESSAGES[:1] + MESSAGES[1:] * 5000, truncate=True, max_tokens=2).read()",
+            "gen.chat(MESSAGES, max_tokens=2, logit_bias={0: float('nan')}).read()",
+            "gen.chat(MESSAGES, max_tokens=2, logprobs=True, top_logprobs=20).read()",
         ],
         "apply_chat_template": [
             *(f"gen.apply_chat_template({v})" for v in MESSAGE_LISTS),
