@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import phi3_fixtures as fx
 import pytest
-from candle_phi import Phi3Generator, TokenStream
+from candle_phi import GenerationOptions, Phi3Generator, TokenStream
 from candle_phi.types import ChatMessage
 
 BASE = fx.TinyPhi3Config(num_kv_heads=2, context_length=256)
@@ -213,3 +213,22 @@ def fresh_tokens(gen: Phi3Generator, prompt: list[int]) -> list[int]:
     stream = gen.generate(prompt, max_tokens=6, temperature=0)
     stream.read()
     return stream.token_ids
+
+
+def test_the_same_seed_gives_the_same_text_with_reuse(
+    model_files: dict[str, Path], tokenizer_path: Path
+) -> None:
+    """Reused state gives logits that differ from a fresh run's in their last bits (the
+    prompt is computed in other chunks); sampling must not turn that into other tokens."""
+    cached = Phi3Generator(model_files["f32"], tokenizer=tokenizer_path)
+    fresh = Phi3Generator(model_files["f32"], tokenizer=tokenizer_path, prefix_cache_bytes=0)
+    prompt = conversation_ids(cached, 40)
+    cached.generate(prompt[:-3], max_tokens=1).read()
+    for seed in range(40):
+        options: GenerationOptions = {"max_tokens": 12, "seed": seed, "temperature": 1.0}
+        reused = cached.generate(prompt, **options)
+        reused.read()
+        assert reused.cached_tokens > 0
+        alone = fresh.generate(prompt, **options)
+        alone.read()
+        assert reused.token_ids == alone.token_ids, seed
