@@ -11,6 +11,7 @@ use pyo3::types::PyDict;
 use super::args;
 use super::errors::IntoPyResult;
 use super::interrupt;
+use super::options;
 use super::stream::PyTokenStream;
 use crate::chat::ChatMessage;
 use crate::engine::{Engine, ModelSource};
@@ -129,7 +130,8 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::prompt)] prompt: args::Prompt,
         options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyTokenStream> {
-        let params = args::GenerationOptions::from_kwargs("generate", options)?.into_params(py)?;
+        let params =
+            options::GenerationOptions::from_kwargs("generate", options)?.into_params(py)?;
         self.start(py, Operation::Tokenizing, |engine, _| match prompt {
             args::Prompt::Text(text) => engine.generate(&text, &params),
             args::Prompt::Ids(ids) => engine.generate_ids(ids, &params),
@@ -148,7 +150,7 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::truncate)] truncate: bool,
         options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyTokenStream> {
-        let params = args::GenerationOptions::from_kwargs("chat", options)?.into_params(py)?;
+        let params = options::GenerationOptions::from_kwargs("chat", options)?.into_params(py)?;
         self.start(py, Operation::RenderingTemplate, |engine, stop| {
             engine.chat(&messages, &params, truncate, stop)
         })

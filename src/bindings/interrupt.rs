@@ -31,6 +31,7 @@ pub(crate) fn record_main_thread(py: Python<'_>) -> PyResult<()> {
 
 fn on_main_thread() -> bool {
     // SAFETY: reads the calling thread's ident; no Python state is touched.
+    #[allow(clippy::useless_conversion)] // c_ulong is u32 on Windows
     let current = u64::from(unsafe { pyo3::ffi::PyThread_get_thread_ident() });
     // Unknown (never recorded): poll as on the main thread, slower but never deaf.
     MAIN_THREAD.get().is_none_or(|&main| main == current)

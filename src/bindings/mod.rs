@@ -5,6 +5,7 @@ mod args;
 mod errors;
 mod generator;
 mod interrupt;
+mod options;
 mod stream;
 
 use pyo3::prelude::*;

@@ -3,8 +3,10 @@
 
 use candle_core::{Result, Tensor};
 
-/// First allocation, in tokens (or the whole span if shorter); growth then doubles, capped
-/// at the span, so a typical request allocates once and a long one copies O(log n) times.
+/// First allocation, in tokens (or the whole room if shorter); growth then doubles, up to
+/// the context length, so a sequence copies O(log n) times however often it is continued
+/// (a chat's next turn, through prefix reuse). Buffers are allocated zeroed, which the OS
+/// maps lazily: capacity not yet written costs address space, not memory.
 const FIRST_CAPACITY: usize = 1024;
 
 #[derive(Debug)]
@@ -12,15 +14,19 @@ pub struct KvCache {
     /// (batch, kv_heads, capacity, head_dim) buffers; rows past `len` are unused.
     buffers: Option<(Tensor, Tensor)>,
     len: usize,
+    /// The most tokens the current request may hold.
     max_len: usize,
+    /// The most tokens a buffer is ever sized for (the context length).
+    room: usize,
 }
 
 impl KvCache {
-    pub fn new(max_len: usize) -> Self {
+    pub fn new(max_len: usize, room: usize) -> Self {
         Self {
             buffers: None,
             len: 0,
             max_len,
+            room: room.max(max_len),
         }
     }
 
@@ -41,6 +47,7 @@ impl KvCache {
     /// A cache of its own holding a copy of the first `len` tokens (the buffers of a clone
     /// are shared, and appending writes into them).
     pub fn copy_prefix(&self, len: usize, max_len: usize) -> Result<Self> {
+        let room = self.room.max(max_len);
         let len = len.min(self.len);
         let buffers = match &self.buffers {
             Some((k, v)) if len > 0 => {
@@ -52,6 +59,7 @@ impl KvCache {
             buffers,
             len,
             max_len,
+            room,
         })
     }
 
@@ -90,7 +98,7 @@ impl KvCache {
         let capacity = needed
             .max(2 * self.capacity())
             .max(FIRST_CAPACITY)
-            .min(self.max_len);
+            .min(self.room);
         let (b, h, _, d) = k.dims4()?;
         let new_k = Tensor::zeros((b, h, capacity, d), k.dtype(), k.device())?;
         let new_v = Tensor::zeros((b, h, capacity, v.dim(3)?), v.dtype(), v.device())?;

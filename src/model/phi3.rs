@@ -138,9 +138,10 @@ impl Phi3Model {
     pub fn new(weights: Arc<Phi3Weights>, span: usize) -> Result<Self> {
         let config = &weights.config;
         let rope = RotaryEmbedding::new(config, weights.rope_factors.as_ref(), span, &Device::Cpu)?;
-        // The cache never needs more than the sequence's span.
+        // This request never needs more than its span; a later one continuing the sequence
+        // (prefix reuse) may need up to the context.
         let caches = (0..config.num_layers)
-            .map(|_| KvCache::new(span.min(config.context_length)))
+            .map(|_| KvCache::new(span.min(config.context_length), config.context_length))
             .collect();
         Ok(Self {
             weights,
@@ -197,10 +198,16 @@ impl Phi3Model {
         self.caches.first().map_or(0, KvCache::len)
     }
 
-    /// Bytes currently allocated for this sequence's KV cache.
+    /// Tokens the KV buffers are sized for now (allocated; written only as far as held).
+    pub fn kv_capacity(&self) -> usize {
+        self.caches.first().map_or(0, KvCache::capacity)
+    }
+
+    /// Bytes of the KV state of the tokens this sequence holds (its buffers' capacity past
+    /// them is not written, so the OS has not given it memory).
     pub fn kv_cache_bytes(&self) -> usize {
-        let per_token = self.weights.config.kv_bytes_per_token() / self.caches.len().max(1);
-        self.caches.iter().map(|c| c.capacity() * per_token).sum()
+        self.position()
+            .saturating_mul(self.weights.config.kv_bytes_per_token())
     }
 
     /// Feeds `tokens` and returns the next-token logits after the last one, shape (vocab,).

@@ -142,13 +142,14 @@ fn sliding_window_changes_only_far_positions() {
 }
 
 #[test]
-fn kv_cache_is_bounded_by_the_span_and_grows_with_use() {
+fn kv_cache_grows_with_use_up_to_the_context() {
     let short = config();
     let per_token = short.kv_bytes_per_token();
     let mut m = model(short.clone(), GgmlDType::Q8_0);
-    assert_eq!(m.kv_cache_bytes(), 0);
+    assert_eq!((m.kv_cache_bytes(), m.kv_capacity()), (0, 0));
     m.forward(&tokens(10, short.vocab_size)).unwrap();
-    assert_eq!(m.kv_cache_bytes(), short.context_length * per_token); // the whole (short) span
+    assert_eq!(m.kv_cache_bytes(), 10 * per_token); // the tokens held
+    assert_eq!(m.kv_capacity(), short.context_length); // the whole (short) context
 
     let long = Phi3Config {
         context_length: 3000,
@@ -156,12 +157,13 @@ fn kv_cache_is_bounded_by_the_span_and_grows_with_use() {
     };
     let mut m = model(long.clone(), GgmlDType::Q8_0);
     m.forward(&tokens(10, long.vocab_size)).unwrap();
-    assert_eq!(m.kv_cache_bytes(), 1024 * per_token);
+    assert_eq!(m.kv_capacity(), 1024);
     m.forward(&tokens(1100, long.vocab_size)).unwrap();
-    assert_eq!(m.kv_cache_bytes(), 2048 * per_token);
+    assert_eq!(m.kv_capacity(), 2048);
     m.forward(&tokens(1000, long.vocab_size)).unwrap();
-    assert_eq!(m.kv_cache_bytes(), 3000 * per_token); // doubling stops at the span
-    m.forward(&tokens(890, long.vocab_size)).unwrap(); // 3000 tokens: the span is full
+    assert_eq!(m.kv_capacity(), 3000); // doubling stops at the context
+    assert_eq!(m.kv_cache_bytes(), 2110 * per_token);
+    m.forward(&tokens(890, long.vocab_size)).unwrap(); // 3000 tokens: the context is full
     let err = m.forward(&[1]).unwrap_err().to_string();
     assert!(err.contains("context length"), "{err}");
 }

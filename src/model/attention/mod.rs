@@ -8,6 +8,9 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod tiled;
+
 /// Attention of `seq` new queries at positions `offset..offset + seq` to the cached keys,
 /// each query seeing the keys at or before its position, within `window` if there is one.
 pub struct CausalAttention {
@@ -132,7 +135,41 @@ impl CausalAttention {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn head_simd(&self, head: &Head<'_>, out: &mut [f32]) {
-        self.head::<true>(head, out)
+        use tiled::TILE;
+        let head_dim = head.q.dims[3];
+        if out.len() < 2 * head_dim {
+            return self.head::<true>(head, out); // one query (decode): nothing to share
+        }
+        let mut scratch = tiled::Scratch::default();
+        for (t, out) in out.chunks_mut(TILE * head_dim).enumerate() {
+            let count = out.len() / head_dim;
+            let position = |r: usize| self.offset + t * TILE + r;
+            let live = |r: usize| r < count;
+            let tile = tiled::Tile {
+                queries: std::array::from_fn(|r| {
+                    head.q
+                        .row(head.b, head.h, t * TILE + if live(r) { r } else { 0 })
+                }),
+                count,
+                key: |j| head.k.row(head.b, head.kv_h, j),
+                value: |j| head.v.row(head.b, head.kv_h, j),
+                // Positions fit i32: the context is at most 2^24 tokens.
+                first: std::array::from_fn(|r| match live(r) {
+                    true => self.first_key(position(r)) as i32,
+                    false => 1,
+                }),
+                last: std::array::from_fn(|r| if live(r) { position(r) as i32 } else { 0 }),
+                scale: self.scale,
+            };
+            // SAFETY: the caller checked AVX2, FMA and the head size; rows are head_dim
+            // long; each live query sees at least its own key, which is in the cache.
+            tiled::attend(&tile, &mut scratch, out);
+        }
+    }
+
+    /// The first key a query at `pos` sees: all before it, or its window's.
+    fn first_key(&self, pos: usize) -> usize {
+        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
     }
 
     /// Every query of one head: `out` is (seq, head_dim).
@@ -142,7 +179,7 @@ impl CausalAttention {
         let mut scores = vec![0f32; self.offset + out.len() / head_dim];
         for (i, out) in out.chunks_exact_mut(head_dim).enumerate() {
             let pos = self.offset + i;
-            let first = self.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let first = self.first_key(pos);
             let query = Query {
                 q: head.q.row(head.b, head.h, i),
                 key: |j| head.k.row(head.b, head.kv_h, j),
@@ -298,7 +335,7 @@ mod simd {
     /// e^x for x ≤ 0: 2^n · e^r with n = round(x·log2 e) and r = x − n·ln 2 (in two parts,
     /// so r keeps its precision), |r| ≤ ½ ln 2, and e^r from its Taylor series to degree 7.
     #[inline(always)]
-    unsafe fn exp(x: __m256) -> __m256 {
+    pub(super) unsafe fn exp(x: __m256) -> __m256 {
         // Below this, e^x is under f32's smallest normal; the result is then ~0, as it should be.
         let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
         let n = _mm256_round_ps(
@@ -417,6 +454,80 @@ mod tests {
             }
         }
     }
+    /// Prompt chunks go through the eight-query tiles: they equal the portable one-query
+    /// path for every tile shape (full, partial), offset, window and grouped heads.
+    #[test]
+    fn tiled_and_per_query_attention_agree() {
+        use candle_core::{Device, Tensor};
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let noise = |seed: u32, n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2000)
+                .map(|v| v as f32 / 500.0 - 2.0)
+                .collect()
+        };
+        let (heads, kv_heads) = (4, 2);
+        for (seq, offset, window, d) in [
+            (8, 0, None, 24),
+            (13, 5, None, 32),
+            (21, 40, Some(10), 16),
+            (2, 0, None, 8),
+            (17, 100, Some(50), 96),
+            (30, 3, Some(4), 8),
+        ] {
+            let kv_len = offset + seq;
+            let (qd, kd, vd) = (
+                noise(1, heads * seq * d),
+                noise(2, kv_heads * kv_len * d),
+                noise(3, kv_heads * kv_len * d),
+            );
+            let tensor = |data: &[f32], h: usize, n: usize| {
+                Tensor::from_vec(data.to_vec(), (1, h, n, d), &Device::Cpu).unwrap()
+            };
+            let op = super::CausalAttention {
+                offset,
+                window,
+                scale: 0.2,
+            };
+            let fast = tensor(&qd, heads, seq)
+                .apply_op3_no_bwd(
+                    &tensor(&kd, kv_heads, kv_len),
+                    &tensor(&vd, kv_heads, kv_len),
+                    &op,
+                )
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for h in 0..heads {
+                let kv_h = h / (heads / kv_heads);
+                for i in 0..seq {
+                    let pos = offset + i;
+                    let query = Query {
+                        q: &qd[(h * seq + i) * d..][..d],
+                        key: |j| &kd[(kv_h * kv_len + j) * d..][..d],
+                        value: |j| &vd[(kv_h * kv_len + j) * d..][..d],
+                        keys: op.first_key(pos)..pos + 1,
+                        scale: 0.2,
+                    };
+                    let mut scores = vec![0f32; query.keys.len()];
+                    let mut expected = vec![0f32; d];
+                    let total = query.attend(&mut scores, &mut expected);
+                    let got = &fast[(h * seq + i) * d..][..d];
+                    for (e, g) in expected.iter().zip(got) {
+                        assert!(
+                            (e / total - g).abs() < 1e-5,
+                            "{seq} {offset} {window:?} {d}: {e} vs {g}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn vector_exp_is_accurate() {
         if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
