@@ -1,16 +1,16 @@
 """Automatic KV prefix reuse in a multi-turn chat: candle-phi against llama.cpp, same run.
 
-    python bench/chat_reuse.py            # 2 runs, 2 threads; writes bench/.out/chat_reuse.json
+    python bench/chat_reuse.py            # 3 runs, 2 threads; writes bench/.out/chat_reuse.json
     python bench/chat_reuse.py --quick    # a ~300-token history, to try the script out
 
 The chat: a system prompt and user/assistant turns of deterministic filler English, ~2,000
 tokens of history, then a new ~30-token user message. Each run first plays the previous turn
 as a trained model would (a ~40-token reply whose text tokenizes back to the same ids; see
-previous_turn()), then times the first token of the reply to the new message. Cases, each a
-time to first token (TTFT), prompt included:
+previous_turn()), then times the first token of the reply to each of --turns new messages
+(each after the same history). Cases, each a time to first token (TTFT), prompt included:
 
 - no reuse: the whole conversation from scratch (candle-phi with prefix_cache_bytes=0,
-  llama.cpp after reset()).
+  llama.cpp after reset()); over a minute per engine, so timed in --no-reuse-runs runs only.
 - prefix reused: right after the previous turn on the same generator (candle-phi's prefix
   cache, at its default size) or the same Llama (generate() keeps the longest common prefix
   with what it evaluated last): only the tokens past that prefix are computed.
@@ -23,7 +23,7 @@ and llama.cpp is fed the ids (llama.cpp's own template and tokenizer for this GG
 differ); llama.cpp evaluates the previous turn's same ids. candle-phi's TTFT
 runs from the chat() call, template and tokenization included; llama.cpp's from generate()
 on ids. Each engine runs in a fresh subprocess per run, engines alternating; figures are
-median (min-max) over the runs. llama-cpp-python is imported only in its subprocess, run by
+median (min-max) over every sample of every run. llama-cpp-python is imported only in its subprocess, run by
 --llama-python (default: /work/venv-llama/bin/python when it exists). Not part of the tests.
 """
 
@@ -140,6 +140,15 @@ def greedy(max_tokens: int) -> GenerationOptions:
     return {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "repeat_penalty": 1.0}
 
 
+def size_of(gen: Phi3Generator) -> Callable[[str], int]:
+    return lambda text: len(gen.tokenize(text, add_special_tokens=False))
+
+
+def samples(firsts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several first-token measurements of one case: their times, and the first's counts."""
+    return {**firsts[0], "ttft_s": [float(f["ttft_s"]) for f in firsts]}
+
+
 def candle_first_token(gen: Phi3Generator, messages: list[ChatMessage]) -> dict[str, Any]:
     start = time.perf_counter()
     with gen.chat(messages, **greedy(1)) as stream:
@@ -194,19 +203,28 @@ def work_candle(model: Path, tokenizer: Path, args: argparse.Namespace) -> dict[
         "prompt_tokens": len(ids["previous"]),
         "reply_tokens": len(ids["reply"]),
     }
-    conversation: list[ChatMessage] = [*previous, ids.pop("reply_message"), new]
-    result["reuse"] = candle_first_token(gen, conversation)
+    reply = ids.pop("reply_message")
+    news = [new] + [
+        {"role": "user", "content": fitted(random.Random(1000 + i), size_of(gen), args.new_tokens)}
+        for i in range(1, args.turns)
+    ]
+    # Each new turn after the same history: the history's state is reused every time.
+    reuse = [candle_first_token(gen, [*previous, reply, n]) for n in news]
     del stream, gen  # the stream holds the generator: both go, and their memory
 
     gen = Phi3Generator(model, tokenizer=tokenizer, n_threads=args.threads, prefix_cache_bytes=0)
     with gen.generate([1, 300, 301, 302], **greedy(1)) as stream:
         stream.read()  # touch the weights
-    result["alone"] = candle_first_token(gen, [new])
-    result["no_reuse"] = candle_first_token(gen, conversation)
-    ids["final"] = result["reuse"].pop("prompt_ids")
-    ids["alone"] = result["alone"].pop("prompt_ids")
-    if result["no_reuse"].pop("prompt_ids") != ids["final"]:
-        raise RuntimeError("the same conversation gave two different prompts")
+    alone = [candle_first_token(gen, [n]) for n in news]
+    ids["finals"] = [r.pop("prompt_ids") for r in reuse]
+    ids["alones"] = [r.pop("prompt_ids") for r in alone]
+    result["reuse"], result["alone"] = samples(reuse), samples(alone)
+    if args.no_reuse:
+        no_reuse = candle_first_token(gen, [*previous, reply, new])
+        if no_reuse.pop("prompt_ids") != ids["finals"][0]:
+            raise RuntimeError("the same conversation gave two different prompts")
+        result["no_reuse"] = samples([no_reuse])
+    conversation = [*previous, reply, new]
     result["ids"] = ids
     result["messages"] = len(conversation)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -234,7 +252,7 @@ def llama_first_token(llm: Any, ids: list[int]) -> dict[str, Any]:
     return {"ttft_s": elapsed, "prompt_tokens": len(ids), "cached_tokens": kept}
 
 
-def work_llama(model: Path, threads: int, ids: dict[str, list[int]]) -> dict[str, Any]:
+def work_llama(model: Path, threads: int, ids: dict[str, Any], no_reuse: bool) -> dict[str, Any]:
     import llama_cpp  # type: ignore[import-not-found, unused-ignore]
 
     start = time.perf_counter()
@@ -251,11 +269,15 @@ def work_llama(model: Path, threads: int, ids: dict[str, list[int]]) -> dict[str
     start = time.perf_counter()
     llm.eval(ids["previous"] + ids["reply"])  # the same state candle-phi's turn leaves
     result["previous_turn"] = {"s": time.perf_counter() - start}
-    result["reuse"] = llama_first_token(llm, ids["final"])
-    llm.reset()
-    result["alone"] = llama_first_token(llm, ids["alone"])
-    llm.reset()
-    result["no_reuse"] = llama_first_token(llm, ids["final"])
+    result["reuse"] = samples([llama_first_token(llm, final) for final in ids["finals"]])
+    alone = []
+    for prompt in ids["alones"]:
+        llm.reset()
+        alone.append(llama_first_token(llm, prompt))
+    result["alone"] = samples(alone)
+    if no_reuse:
+        llm.reset()
+        result["no_reuse"] = samples([llama_first_token(llm, ids["finals"][0])])
     result["version"] = llama_cpp.__version__
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
@@ -264,18 +286,27 @@ def work_llama(model: Path, threads: int, ids: dict[str, list[int]]) -> dict[str
 # --------------------------------------------------------------------------- report
 
 
+def measured(runs: list[dict[str, Any]], case: str) -> list[dict[str, Any]]:
+    return [r[case] for r in runs if case in r]
+
+
 def cached_summary(runs: list[dict[str, Any]], case: str) -> str:
-    values = [int(r[case]["cached_tokens"]) for r in runs]
+    values = [int(m["cached_tokens"]) for m in measured(runs, case)]
     return str(values[0]) if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
 
+def all_ttft(runs: list[dict[str, Any]], case: str) -> list[float]:
+    """Every sample of `case`, all runs pooled."""
+    return [t for m in measured(runs, case) for t in m["ttft_s"]]
+
+
 def median_ttft(runs: list[dict[str, Any]], case: str) -> float:
-    return statistics.median(float(r[case]["ttft_s"]) for r in runs)
+    return statistics.median(all_ttft(runs, case))
 
 
-def reusable_prefix(ids: dict[str, list[int]]) -> str:
+def reusable_prefix(ids: dict[str, Any]) -> str:
     """What of the final prompt the previous turn's tokens (prompt and reply) begin."""
-    previous, reply, final = ids["previous"], ids["reply"], ids["final"]
+    previous, reply, final = ids["previous"], ids["reply"], ids["finals"][0]
     shared = common_prefix(previous + reply, final)
     line = f"Shared with the previous turn's tokens: the final prompt's first {shared} tokens"
     if shared < len(previous):
@@ -302,7 +333,8 @@ def report(
         "weights).",
         f"Chat: {first['messages']} messages; history {previous + reply} tokens (the previous "
         f"turn's prompt {previous} + its reply {reply}); new user message "
-        f"{len(ids['alone'])} tokens alone, {len(ids['final'])} with the history.",
+        f"{len(ids['alones'][0])} tokens alone, {len(ids['finals'][0])} with the history "
+        f"({args.turns} new messages of about that size per run, each after the same history).",
         reusable_prefix(ids),
         "",
         "| case | prompt tokens | candle-phi TTFT (s) | cached | "
@@ -312,9 +344,9 @@ def report(
     for case, label in CASES:
         cells = [label, str(first[case]["prompt_tokens"])]
         for runs in (ours, theirs):
-            if runs:
-                ttft = [float(r[case]["ttft_s"]) for r in runs]
-                cells += [bench.summary(ttft), cached_summary(runs, case)]
+            if runs and all_ttft(runs, case):
+                ttft = all_ttft(runs, case)
+                cells += [f"{bench.summary(ttft)} n={len(ttft)}", cached_summary(runs, case)]
             else:
                 cells += ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -360,11 +392,22 @@ def report(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--history-tokens", type=int, default=2000)
     parser.add_argument("--new-tokens", type=int, default=30)
     parser.add_argument("--reply-tokens", type=int, default=40)
+    parser.add_argument(
+        "--turns", type=int, default=5, help="new messages timed per run (default %(default)s)"
+    )
+    parser.add_argument(
+        "--no-reuse-runs",
+        type=int,
+        default=1,
+        help="runs that also time the whole conversation without reuse, which takes over a "
+        "minute per engine (default %(default)s)",
+    )
+    parser.add_argument("--no-reuse", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--quick", action="store_true", help="a ~300-token history (overrides --history-tokens)"
     )
@@ -384,7 +427,7 @@ def main() -> int:
         print(json.dumps(work_candle(args.model, args.tokenizer, args)))
         return 0
     if args.worker == "llama.cpp":
-        print(json.dumps(work_llama(args.model, args.threads, json.load(sys.stdin))))
+        print(json.dumps(work_llama(args.model, args.threads, json.load(sys.stdin), args.no_reuse)))
         return 0
 
     model, tokenizer = bench.make_model()
@@ -400,7 +443,9 @@ def main() -> int:
             command += ["--tokenizer", str(tokenizer), "--threads", str(args.threads)]
             command += ["--history-tokens", str(args.history_tokens)]
             command += ["--new-tokens", str(args.new_tokens)]
-            command += ["--reply-tokens", str(args.reply_tokens)]
+            command += ["--reply-tokens", str(args.reply_tokens), "--turns", str(args.turns)]
+            if run < args.no_reuse_runs:
+                command.append("--no-reuse")
             stdin = json.dumps(ids) if engine == "llama.cpp" else None
             result = bench.run_json(command, stdin=stdin, timeout=3600)
             if engine == "candle-phi":
@@ -410,8 +455,10 @@ def main() -> int:
                     print("warning: candle-phi's ids differ from run 1's", file=sys.stderr)
             results[engine].append(result)
             times = ", ".join(
-                f"{case} {result[case]['ttft_s']:.2f} s ({result[case]['cached_tokens']} cached)"
+                f"{case} {statistics.median(result[case]['ttft_s']):.2f} s "
+                f"({result[case]['cached_tokens']} cached)"
                 for case, _ in CASES
+                if case in result
             )
             print(f"run {run + 1}/{args.runs} {engine}: {times}", file=sys.stderr)
 
