@@ -23,8 +23,9 @@ and llama.cpp is fed the ids (llama.cpp's own template and tokenizer for this GG
 differ); llama.cpp evaluates the previous turn's same ids. candle-phi's TTFT
 runs from the chat() call, template and tokenization included; llama.cpp's from generate()
 on ids. Each engine runs in a fresh subprocess per run, engines alternating; figures are
-median (min-max) over every sample of every run. llama-cpp-python is imported only in its subprocess, run by
---llama-python (default: /work/venv-llama/bin/python when it exists). Not part of the tests.
+median (min-max) over every sample of every run. llama-cpp-python is imported only in its
+subprocess, run by --llama-python (default: /work/venv-llama/bin/python when it exists).
+Not part of the tests.
 """
 
 from __future__ import annotations
