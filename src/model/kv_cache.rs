@@ -5,9 +5,9 @@ use candle_core::{Result, Tensor};
 
 /// First allocation, in tokens (or the whole room if shorter); growth then doubles, up to
 /// the context length, so a sequence copies O(log n) times however often it is continued
-/// (a chat's next turn, through prefix reuse). Buffers are allocated zeroed, which the OS
-/// maps lazily: capacity not yet written costs address space, not memory.
-const FIRST_CAPACITY: usize = 1024;
+/// (a chat's next turn, through prefix reuse), and holds at most twice what it uses.
+/// Small, because allocated memory is memory: the allocator zeroes buffers it reuses.
+const FIRST_CAPACITY: usize = 256;
 
 #[derive(Debug)]
 pub struct KvCache {
@@ -50,9 +50,7 @@ impl KvCache {
         let room = self.room.max(max_len);
         let len = len.min(self.len);
         let buffers = match &self.buffers {
-            Some((k, v)) if len > 0 => {
-                Some((k.narrow(2, 0, len)?.copy()?, v.narrow(2, 0, len)?.copy()?))
-            }
+            Some((k, v)) if len > 0 => Some((own_rows(k, len)?, own_rows(v, len)?)),
             _ => None,
         };
         Ok(Self {
@@ -108,5 +106,18 @@ impl KvCache {
         }
         self.buffers = Some((new_k, new_v));
         Ok(())
+    }
+}
+
+/// The first `len` positions of a (batch, heads, capacity, head_dim) buffer in storage of
+/// their own, sized to them: `copy` alone would clone the whole buffer behind the view.
+fn own_rows(buffer: &Tensor, len: usize) -> Result<Tensor> {
+    let rows = buffer.narrow(2, 0, len)?;
+    if rows.is_contiguous() {
+        // The view is the whole buffer, or one head's leading rows: a copy of the storage
+        // is then no larger than needed (or the buffer's single head).
+        rows.copy()
+    } else {
+        rows.contiguous()
     }
 }

@@ -203,11 +203,10 @@ impl Phi3Model {
         self.caches.first().map_or(0, KvCache::capacity)
     }
 
-    /// Bytes of the KV state of the tokens this sequence holds (its buffers' capacity past
-    /// them is not written, so the OS has not given it memory).
+    /// Bytes allocated for this sequence's KV cache.
     pub fn kv_cache_bytes(&self) -> usize {
-        self.position()
-            .saturating_mul(self.weights.config.kv_bytes_per_token())
+        let per_token = self.weights.config.kv_bytes_per_token() / self.caches.len().max(1);
+        self.caches.iter().map(|c| c.capacity() * per_token).sum()
     }
 
     /// Feeds `tokens` and returns the next-token logits after the last one, shape (vocab,).

@@ -148,8 +148,10 @@ fn kv_cache_grows_with_use_up_to_the_context() {
     let mut m = model(short.clone(), GgmlDType::Q8_0);
     assert_eq!((m.kv_cache_bytes(), m.kv_capacity()), (0, 0));
     m.forward(&tokens(10, short.vocab_size)).unwrap();
-    assert_eq!(m.kv_cache_bytes(), 10 * per_token); // the tokens held
-    assert_eq!(m.kv_capacity(), short.context_length); // the whole (short) context
+    assert_eq!(m.kv_capacity(), 256); // the first allocation
+    assert_eq!(m.kv_cache_bytes(), 256 * per_token);
+    m.forward(&tokens(250, short.vocab_size)).unwrap();
+    assert_eq!(m.kv_capacity(), short.context_length); // doubling stops at the context
 
     let long = Phi3Config {
         context_length: 3000,
@@ -157,13 +159,16 @@ fn kv_cache_grows_with_use_up_to_the_context() {
     };
     let mut m = model(long.clone(), GgmlDType::Q8_0);
     m.forward(&tokens(10, long.vocab_size)).unwrap();
-    assert_eq!(m.kv_capacity(), 1024);
-    m.forward(&tokens(1100, long.vocab_size)).unwrap();
-    assert_eq!(m.kv_capacity(), 2048);
+    assert_eq!(m.kv_capacity(), 256);
+    m.forward(&tokens(300, long.vocab_size)).unwrap();
+    assert_eq!(m.kv_capacity(), 512);
+    m.forward(&tokens(800, long.vocab_size)).unwrap();
+    assert_eq!(m.kv_capacity(), 1110); // a chunk larger than double: just what it needs
     m.forward(&tokens(1000, long.vocab_size)).unwrap();
-    assert_eq!(m.kv_capacity(), 3000); // doubling stops at the context
-    assert_eq!(m.kv_cache_bytes(), 2110 * per_token);
+    assert_eq!(m.kv_capacity(), 2220);
     m.forward(&tokens(890, long.vocab_size)).unwrap(); // 3000 tokens: the context is full
+    assert_eq!(m.kv_capacity(), 3000); // doubling stops at the context
+    assert_eq!(m.kv_cache_bytes(), 3000 * per_token);
     let err = m.forward(&[1]).unwrap_err().to_string();
     assert!(err.contains("context length"), "{err}");
 }
