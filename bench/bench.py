@@ -134,19 +134,25 @@ def work_candle(model: Path, tokenizer: Path, threads: int) -> dict[str, float]:
     return result
 
 
-def work_llama(model: Path, tokenizer: Path, threads: int) -> dict[str, float]:
+def load_llama(model: Path, threads: int, n_ctx: int) -> tuple[Any, float]:
+    """llama.cpp on `model` as both benchmarks run it, and its load time in seconds."""
     from llama_cpp import Llama  # type: ignore[import-not-found, unused-ignore]
 
     start = time.perf_counter()
     llm = Llama(
         str(model),
-        n_ctx=1024,
+        n_ctx=n_ctx,
         n_batch=512,
         n_threads=threads,
         n_threads_batch=threads,
         verbose=False,
     )
-    result = {"load_s": time.perf_counter() - start}
+    return llm, time.perf_counter() - start
+
+
+def work_llama(model: Path, tokenizer: Path, threads: int) -> dict[str, float]:
+    llm, load_s = load_llama(model, threads, n_ctx=1024)
+    result = {"load_s": load_s}
     for n in PROMPT_SIZES:
         llm.reset()
         start = time.perf_counter()

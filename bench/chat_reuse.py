@@ -256,16 +256,8 @@ def llama_first_token(llm: Any, ids: list[int]) -> dict[str, Any]:
 def work_llama(model: Path, threads: int, ids: dict[str, Any], no_reuse: bool) -> dict[str, Any]:
     import llama_cpp  # type: ignore[import-not-found, unused-ignore]
 
-    start = time.perf_counter()
-    llm = llama_cpp.Llama(
-        str(model),
-        n_ctx=4096,
-        n_batch=512,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
-    result: dict[str, Any] = {"load_s": time.perf_counter() - start}
+    llm, load_s = bench.load_llama(model, threads, n_ctx=4096)
+    result: dict[str, Any] = {"load_s": load_s}
     # The previous turn as candle-phi played it: its prompt and reply ids, evaluated.
     start = time.perf_counter()
     llm.eval(ids["previous"] + ids["reply"])  # the same state candle-phi's turn leaves

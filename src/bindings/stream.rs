@@ -56,8 +56,9 @@ impl PyTokenStream {
         self.inspect(py, Generation::stats)
     }
 
-    /// Steps until a piece of text (or the end) comes out.
-    fn next_event(&self, py: Python<'_>) -> PyResult<Option<Event>> {
+    /// Steps until a piece of text (or the end) comes out; with `tokens`, also its token
+    /// ids and log-probabilities (the plain text iteration does not copy them).
+    fn next_event(&self, py: Python<'_>, tokens: bool) -> PyResult<Option<Event>> {
         loop {
             let event =
                 interrupt::run(py, Operation::Generating, &self.controls.interrupt, || {
@@ -65,6 +66,11 @@ impl PyTokenStream {
                     Ok(match generation.step()? {
                         Step::Working => None,
                         Step::Finished => Some(None),
+                        Step::Text(piece) if !tokens => Some(Some(Event {
+                            text: piece.text,
+                            token_ids: Vec::new(),
+                            logprobs: None,
+                        })),
                         Step::Text(piece) => Some(Some(Event {
                             token_ids: generation.generated_ids()[piece.tokens.clone()].to_vec(),
                             logprobs: generation
@@ -89,7 +95,7 @@ impl PyTokenStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
-        while let Some(event) = self.next_event(py)? {
+        while let Some(event) = self.next_event(py, false)? {
             // A last piece can be empty: its tokens' text fell to a stop string.
             if !event.text.is_empty() {
                 return Ok(Some(event.text));
@@ -255,13 +261,17 @@ impl PyTokenEvents {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyTokenEvent>> {
-        Ok(self.stream.get().next_event(py)?.map(|e| PyTokenEvent {
-            text: e.text,
-            token_ids: e.token_ids,
-            logprobs: e
-                .logprobs
-                .map(|l| l.iter().map(PyTokenLogprob::from).collect()),
-        }))
+        Ok(self
+            .stream
+            .get()
+            .next_event(py, true)?
+            .map(|e| PyTokenEvent {
+                text: e.text,
+                token_ids: e.token_ids,
+                logprobs: e
+                    .logprobs
+                    .map(|l| l.iter().map(PyTokenLogprob::from).collect()),
+            }))
     }
 
     fn __aiter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {

@@ -116,25 +116,14 @@ impl Generation {
         }
         let config = &weights.config;
         let vocab_size = config.vocab_size;
-        let check_ids = |name: &str, mut ids: Box<dyn Iterator<Item = u32> + '_>| match ids
-            .find(|&id| id as usize >= vocab_size)
-        {
-            Some(bad) => Err(Error::invalid_argument(
-                name,
-                bad,
-                format!("Token ids must be below the vocabulary size {vocab_size}"),
-            )),
-            None => Ok(()),
-        };
-        check_ids("prompt", Box::new(prompt.iter().copied()))?;
+        check_ids("prompt", prompt.iter().copied(), vocab_size)?;
         check_ids(
             "stop_token_ids",
-            Box::new(params.stop_token_ids.iter().copied()),
+            params.stop_token_ids.iter().copied(),
+            vocab_size,
         )?;
-        check_ids(
-            "logit_bias",
-            Box::new(params.sampling.logit_bias.iter().map(|&(id, _)| id)),
-        )?;
+        let biased = params.sampling.logit_bias.iter().map(|&(id, _)| id);
+        check_ids("logit_bias", biased, vocab_size)?;
         if let Some(top) = params.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
             return Err(Error::invalid_argument(
                 "top_logprobs",
@@ -404,6 +393,18 @@ impl Generation {
             // `put` checks that the cache holds exactly these tokens.
             cache.put(tokens, model);
         }
+    }
+}
+
+/// The first id of `ids` past the vocabulary, as the error naming `name`.
+fn check_ids(name: &str, mut ids: impl Iterator<Item = u32>, vocab_size: usize) -> Result<()> {
+    match ids.find(|&id| id as usize >= vocab_size) {
+        Some(bad) => Err(Error::invalid_argument(
+            name,
+            bad,
+            format!("Token ids must be below the vocabulary size {vocab_size}"),
+        )),
+        None => Ok(()),
     }
 }
 
