@@ -4,6 +4,7 @@ mod attention;
 mod config;
 mod embedding;
 mod kv_cache;
+mod pass;
 mod phi3;
 mod rope;
 
@@ -12,6 +13,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub use config::Phi3Config;
+pub use pass::{forward as forward_batch, Output, Segment};
 pub use phi3::{Phi3Model, Phi3Weights, TensorSource, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT};
 pub use rope::RopeFactors;
 

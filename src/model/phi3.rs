@@ -4,38 +4,38 @@
 //! the RoPE base, cannot rotate part of a head, needs `output.weight`, and allocates an f32
 //! KV cache for the whole context up front.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use candle_core::{Device, Module, Result, Tensor, D};
+use candle_core::{Device, Result, Tensor};
 use candle_nn::RmsNorm;
 
-use super::attention::CausalAttention;
 use super::config::Phi3Config;
 use super::embedding::Embedding;
 use super::kv_cache::KvCache;
+use super::pass::{self, Output, Segment};
 use super::rope::{RopeFactors, RotaryEmbedding};
 use crate::quant::{Kernels, Linear, RawTensor};
 
 #[derive(Debug)]
-struct Layer {
-    attn_norm: RmsNorm,
-    attn_qkv: Linear,
-    attn_output: Linear,
-    ffn_norm: RmsNorm,
+pub(super) struct Layer {
+    pub(super) attn_norm: RmsNorm,
+    pub(super) attn_qkv: Linear,
+    pub(super) attn_output: Linear,
+    pub(super) ffn_norm: RmsNorm,
     /// Gate and up projections fused: the first `intermediate_size` rows are the gate.
-    ffn_up: Linear,
-    ffn_down: Linear,
+    pub(super) ffn_up: Linear,
+    pub(super) ffn_down: Linear,
 }
 
 /// The immutable weights of one model, shared (`Arc`) by every stream of a generator.
 #[derive(Debug)]
 pub struct Phi3Weights {
     pub config: Phi3Config,
-    embeddings: Embedding,
-    layers: Vec<Layer>,
-    output_norm: RmsNorm,
-    output: Linear,
+    pub(super) embeddings: Embedding,
+    pub(super) layers: Vec<Layer>,
+    pub(super) output_norm: RmsNorm,
+    pub(super) output: Linear,
     rope_factors: Option<RopeFactors>,
 }
 
@@ -211,139 +211,55 @@ impl Phi3Model {
 
     /// Feeds `tokens` and returns the next-token logits after the last one, shape (vocab,).
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        self.rolled_back_on_error(|model| {
-            let hidden = model.layers(tokens)?;
-            let last = hidden.narrow(1, tokens.len() - 1, 1)?;
-            model.weights.output.forward(&last)?.flatten_all()
-        })
+        self.pass_alone(tokens, Output::Last)
+            .and_then(|t| t.ok_or_else(|| candle_core::Error::Msg("no logits".into())))
     }
 
     /// Feeds `tokens` into the cache without computing logits (a prompt chunk that is not
     /// the last one: the output projection is a vocabulary-sized product).
     pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
-        self.rolled_back_on_error(|model| model.layers(tokens).map(drop))
+        self.pass_alone(tokens, Output::Nothing).map(drop)
     }
 
     /// Feeds `tokens` and returns the logits at every position, shape (tokens, vocab).
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        self.rolled_back_on_error(|model| {
-            let hidden = model.layers(tokens)?;
-            model.weights.output.forward(&hidden)?.squeeze(0)
-        })
+        self.pass_alone(tokens, Output::All)
+            .and_then(|t| t.ok_or_else(|| candle_core::Error::Msg("no logits".into())))
     }
 
-    /// Runs a pass; one that fails (or is interrupted) leaves the cache as it was, so the
-    /// sequence can go on, and a retry computes the same result.
-    fn rolled_back_on_error<T>(&mut self, pass: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        let position = self.position();
-        let result = pass(self);
-        if result.is_err() {
-            for cache in &mut self.caches {
-                cache.truncate(position);
-            }
-        }
+    /// A pass of this sequence alone. One that fails (or is interrupted) leaves the cache as
+    /// it was, so the sequence can go on, and a retry computes the same result.
+    fn pass_alone(&mut self, tokens: &[u32], output: Output) -> Result<Option<Tensor>> {
+        let mut segment = [Segment {
+            model: self,
+            tokens,
+            output,
+        }];
+        let [result] = <[_; 1]>::try_from(pass::forward(&mut segment))
+            .map_err(|_| candle_core::Error::Msg("a pass of one gave another count".into()))?;
         result
     }
 
-    /// The final-normed hidden states (1, tokens, hidden) after feeding `tokens`.
-    fn layers(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        if tokens.is_empty() {
-            candle_core::bail!("no tokens to feed the model")
-        }
-        let weights = Arc::clone(&self.weights);
-        let config = &weights.config;
-        let offset = self.position();
-        if offset + tokens.len() > config.context_length {
-            candle_core::bail!(
-                "{} tokens exceed the context length of {}",
-                offset + tokens.len(),
-                config.context_length
-            )
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= config.vocab_size) {
-            candle_core::bail!(
-                "token id {bad} is outside the model's vocabulary of {}",
-                config.vocab_size
-            )
-        }
-        let mut xs = weights.embeddings.lookup(tokens)?.unsqueeze(0)?;
-        let (cos, sin) = self.rope.tables(offset, tokens.len())?;
-        let rope = Rope {
-            embedding: &self.rope,
-            cos: &cos,
-            sin: &sin,
-        };
-        for (layer, cache) in weights.layers.iter().zip(self.caches.iter_mut()) {
-            if let Some(flag) = &self.interrupt {
-                if flag.load(Ordering::Relaxed) {
-                    candle_core::bail!("interrupted")
-                }
-            }
-            let attn = attention(layer, cache, config, &rope, &xs)?;
-            xs = (xs + attn)?;
-            let ffn = feed_forward(layer, config, &xs)?;
-            xs = (xs + ffn)?;
-        }
-        weights.output_norm.forward(&xs)
+    pub(super) fn weights(&self) -> &Arc<Phi3Weights> {
+        &self.weights
     }
-}
 
-/// The rotation of the positions in one forward pass, shared by all layers.
-struct Rope<'a> {
-    embedding: &'a RotaryEmbedding,
-    cos: &'a Tensor,
-    sin: &'a Tensor,
-}
-
-impl Rope<'_> {
-    fn apply(&self, xs: &Tensor) -> Result<Tensor> {
-        self.embedding.apply(xs, self.cos, self.sin)
+    pub(super) fn rope(&self) -> &RotaryEmbedding {
+        &self.rope
     }
-}
 
-fn attention(
-    layer: &Layer,
-    cache: &mut KvCache,
-    config: &Phi3Config,
-    rope: &Rope<'_>,
-    xs: &Tensor,
-) -> Result<Tensor> {
-    let (b, seq_len, _) = xs.dims3()?;
-    let (n_head, n_kv, hd) = (config.num_heads, config.num_kv_heads, config.head_dim);
-    let qkv = layer.attn_qkv.forward(&layer.attn_norm.forward(xs)?)?;
-    let heads = |start: usize, n: usize| -> Result<Tensor> {
-        qkv.narrow(D::Minus1, start * hd, n * hd)?
-            .reshape((b, seq_len, n, hd))?
-            .transpose(1, 2)
-    };
-    let q = rope.apply(&heads(0, n_head)?)?;
-    let k = rope.apply(&heads(n_head, n_kv)?)?;
-    let v = heads(n_head + n_kv, n_kv)?;
-    let (k, v) = cache.append(&k, &v)?;
-    let kv_len = k.dim(2)?;
+    pub(super) fn cache_mut(&mut self, layer: usize) -> &mut KvCache {
+        &mut self.caches[layer]
+    }
 
-    let attention = CausalAttention {
-        offset: kv_len - seq_len,
-        window: config.sliding_window,
-        scale: 1.0 / (hd as f32).sqrt(),
-    };
-    let out = q
-        .contiguous()?
-        .apply_op3_no_bwd(&k, &v, &attention)?
-        .transpose(1, 2)?
-        .reshape((b, seq_len, n_head * hd))?;
-    layer.attn_output.forward(&out)
-}
+    pub(crate) fn interrupt_flag(&self) -> Option<&Arc<AtomicBool>> {
+        self.interrupt.as_ref()
+    }
 
-fn feed_forward(layer: &Layer, config: &Phi3Config, xs: &Tensor) -> Result<Tensor> {
-    let up = layer.ffn_up.forward(&layer.ffn_norm.forward(xs)?)?;
-    let gate = up.narrow(D::Minus1, 0, config.intermediate_size)?;
-    let up = up.narrow(
-        D::Minus1,
-        config.intermediate_size,
-        config.intermediate_size,
-    )?;
-    layer
-        .ffn_down
-        .forward(&(candle_nn::ops::silu(&gate)? * up)?)
+    /// Forgets every token from `position` on (a pass rolled back).
+    pub(crate) fn truncate(&mut self, position: usize) {
+        for cache in &mut self.caches {
+            cache.truncate(position);
+        }
+    }
 }
