@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::batch::Batcher;
 use crate::chat::{ChatMessage, ChatTemplate, Role};
 use crate::error::{Error, Result};
 use crate::generation::{Generation, GenerationParams};
@@ -75,6 +76,8 @@ pub struct Engine {
     threads: usize,
     /// KV states of ended streams, for later prompts that start the same way.
     prefix_cache: Arc<PrefixCache>,
+    /// Runs the forward passes of every stream, batching those that step together.
+    batcher: Arc<Batcher>,
 }
 
 impl Engine {
@@ -126,6 +129,7 @@ impl Engine {
             load_time: start.elapsed(),
             threads,
             prefix_cache: Arc::new(PrefixCache::new(DEFAULT_BUDGET_BYTES)),
+            batcher: Arc::default(),
         })
     }
 
@@ -137,6 +141,11 @@ impl Engine {
 
     pub fn prefix_cache(&self) -> &PrefixCache {
         &self.prefix_cache
+    }
+
+    /// The scheduler of this engine's forward passes (active streams, batch sizes).
+    pub fn batcher(&self) -> &Batcher {
+        &self.batcher
     }
 
     pub fn config(&self) -> &Phi3Config {
@@ -284,6 +293,7 @@ impl Engine {
             prompt,
             params,
             Some(Arc::clone(&self.prefix_cache)),
+            &self.batcher,
         )
     }
 }

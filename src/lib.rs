@@ -3,6 +3,7 @@
 //! The engine is plain Rust, one module per concern; the PyO3 bindings live in `bindings`
 //! behind the `python` feature so that `cargo test` never links libpython.
 
+pub mod batch;
 pub mod chat;
 pub mod engine;
 pub mod error;

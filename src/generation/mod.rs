@@ -6,16 +6,17 @@ mod params;
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::Tensor;
 
 pub use params::{FinishReason, GenerationParams, Stats};
 
+use crate::batch::{Batcher, Done, Seat};
 use crate::error::{Error, Result};
 use crate::logprobs::{token_logprob, TokenLogprob, MAX_TOP_LOGPROBS};
-use crate::model::{Phi3Model, Phi3Weights};
+use crate::model::{Output, Phi3Model, Phi3Weights};
 use crate::prefix_cache::PrefixCache;
 use crate::sampling::Sampler;
 use crate::stop::{StopOutcome, StopStrings};
@@ -45,13 +46,16 @@ pub enum Step {
     Finished,
 }
 
-/// The flags another thread uses to stop a generation.
+/// What another thread reaches of a generation while a step runs: the flags that stop it,
+/// and its progress.
 #[derive(Debug, Clone, Default)]
 pub struct Controls {
     /// Stops the step in progress (Ctrl-C); the generation can go on afterwards.
     pub interrupt: Arc<AtomicBool>,
     /// Ends the generation with `FinishReason::Cancelled` at the next layer.
     pub cancel: Arc<AtomicBool>,
+    /// The stats as of the last step, readable without waiting for the step under way.
+    progress: Arc<Mutex<Stats>>,
 }
 
 impl Controls {
@@ -65,6 +69,15 @@ impl Controls {
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
     }
+
+    /// The generation's stats as of its last step.
+    pub fn progress(&self) -> Stats {
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, stats: Stats) {
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = stats;
+    }
 }
 
 pub struct Generation {
@@ -72,6 +85,8 @@ pub struct Generation {
     model: Option<Phi3Model>,
     /// Where the state goes when the generation ends, if anywhere.
     prefix_cache: Option<Arc<PrefixCache>>,
+    /// This stream's place in the engine's batched passes; given up when it ends.
+    seat: Option<Seat>,
     sampler: Sampler,
     text: TextStream,
     stop: StopStrings,
@@ -106,6 +121,7 @@ impl Generation {
         prompt: Vec<u32>,
         params: &GenerationParams,
         prefix_cache: Option<Arc<PrefixCache>>,
+        batcher: &Arc<Batcher>,
     ) -> Result<Self> {
         if prompt.is_empty() {
             return Err(Error::invalid_argument(
@@ -163,9 +179,11 @@ impl Generation {
             seed: sampler.seed(),
             ..Stats::default()
         };
+        controls.publish(stats);
         Ok(Self {
             model: Some(model),
             prefix_cache,
+            seat: Some(batcher.seat()),
             sampler,
             text: TextStream::new(tokenizer),
             stop,
@@ -208,6 +226,7 @@ impl Generation {
     /// Records how many old chat messages were left out to fit the context.
     pub fn set_dropped_messages(&mut self, count: usize) {
         self.stats.dropped_messages = count;
+        self.controls.publish(self.stats);
     }
 
     pub fn prompt_ids(&self) -> &[u32] {
@@ -234,6 +253,12 @@ impl Generation {
     }
 
     pub fn step(&mut self) -> Result<Step> {
+        let step = self.step_unpublished();
+        self.controls.publish(self.stats);
+        step
+    }
+
+    fn step_unpublished(&mut self) -> Result<Step> {
         if self.done {
             return Ok(Step::Finished);
         }
@@ -256,30 +281,23 @@ impl Generation {
         if self.generated.len() >= self.max_tokens {
             return self.flush(FinishReason::Length);
         }
-        let Some(model) = self.model.as_mut() else {
-            return Err(Error::Generation {
-                detail: "this stream's state was released".into(),
-            });
-        };
         if self.prefilled < self.prompt.len() {
             let end = (self.prefilled + PREFILL_CHUNK).min(self.prompt.len());
             let chunk_start = Instant::now();
-            let chunk = &self.prompt[self.prefilled..end];
+            let chunk = self.prompt[self.prefilled..end].to_vec();
             // Only the last chunk's logits are sampled from.
-            let fed = if end == self.prompt.len() {
-                model.forward(chunk).map(Some)
-            } else {
-                model.feed(chunk).map(|()| None)
+            let output = match end == self.prompt.len() {
+                true => Output::Last,
+                false => Output::Nothing,
             };
-            self.logits = fed.map_err(|e| self.model_error(e))?;
+            self.logits = self.pass(chunk, output)?;
             self.stats.prompt_time += chunk_start.elapsed();
             self.prefilled = end;
             return Ok(Step::Working);
         }
 
         if let Some(token) = self.unfed {
-            let logits = model.forward(&[token]);
-            self.logits = Some(logits.map_err(|e| self.model_error(e))?);
+            self.logits = self.pass(vec![token], Output::Last)?;
             self.unfed = None;
         }
         let Some(logits) = self.logits.take() else {
@@ -307,6 +325,18 @@ impl Generation {
             Some(text) => self.release(text),
             None => Step::Working,
         })
+    }
+
+    /// Feeds `tokens` in the engine's next batched pass.
+    fn pass(&mut self, tokens: Vec<u32>, output: Output) -> Result<Option<Tensor>> {
+        let (Some(model), Some(seat)) = (self.model.take(), self.seat.as_ref()) else {
+            return Err(Error::Generation {
+                detail: "this stream's state was released".into(),
+            });
+        };
+        let Done { model, result } = seat.step(model, tokens, output);
+        self.model = Some(model);
+        result.map_err(|e| self.model_error(e))
     }
 
     /// Hands out the generated tokens not yet reported, with `text`.
@@ -369,6 +399,7 @@ impl Generation {
         self.done = true;
         self.logits = None;
         self.release_state();
+        self.controls.publish(self.stats);
     }
 
     /// The tokens the model's cache holds: the prompt as far as it was fed, then every
@@ -385,6 +416,7 @@ impl Generation {
     }
 
     fn release_state(&mut self) {
+        self.seat = None;
         let Some(model) = self.model.take() else {
             return;
         };

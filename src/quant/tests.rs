@@ -204,3 +204,33 @@ fn simd_quantization_is_candles() {
         .collect();
     assert_eq!(ours, theirs.data().unwrap().to_vec());
 }
+
+/// Continuous batching stacks the rows of several streams: each row's product must not
+/// depend on the rows beside it, or a stream's tokens would depend on who else runs.
+/// VNNI is bit-exact; AVX2 sums a group of 4 rows in another order, within the last bit.
+#[test]
+fn each_row_is_the_same_alone_or_among_others() {
+    let (rows, cols) = (24, 2 * QK_K);
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        let weights = random_blocks(dtype, rows, cols, 5);
+        for kernels in kernels_to_test() {
+            for m in [2, 3, 8, 9, 17, 40] {
+                let x = noise(m as u64, m * cols);
+                let together = ours(&weights, kernels, &x, m);
+                for (i, row) in x.chunks_exact(cols).enumerate() {
+                    let alone = ours(&weights, kernels, row, 1);
+                    let diff = alone
+                        .iter()
+                        .zip(&together[i * rows..(i + 1) * rows])
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    let scale = alone.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    assert!(
+                        diff <= 1e-6 * scale,
+                        "{dtype:?} {kernels:?}: row {i} of {m} differs by {diff} (scale {scale})"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Continuous batching: the streams of one engine that step at the same time share one
+//! forward pass over the weights.
+//!
+//! Each stream's thread hands its step (a prompt chunk, or the token it just sampled) to
+//! the engine's `Batcher` and waits. The first thread to find no pass running leads: it
+//! takes every step waiting, up to a row budget, runs them as one pass, hands each its
+//! result, and returns with its own. Threads that came meanwhile form the next pass. So a
+//! stream joins between passes and leaves when it ends, sampling stays on each stream's own
+//! thread, and nothing runs when no stream steps.
+//!
+//! Streams that were served by the last pass and come back quickly (their threads only
+//! sample and hand the text over) are waited for, briefly, so that they keep sharing a pass
+//! instead of splitting into passes of one; a stream whose consumer is slower is not.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Operation};
+use crate::model::{self, Output, Phi3Model, Segment};
+
+/// How long a leader waits for the streams of the last pass to come back. Their threads
+/// sample a token and hand its text over in microseconds; a decode pass of Phi-3-mini takes
+/// ~60 ms, so this costs at most a few percent, and usually nothing (all come back first).
+const GATHER: Duration = Duration::from_millis(3);
+/// How often a waiting stream checks its interrupt flag while its step is not yet in a pass.
+const POLL: Duration = Duration::from_millis(5);
+/// Most token rows in one pass: decode steps are one row each; prompt chunks join while
+/// they fit, so that a burst of new prompts does not stall the streams already decoding
+/// behind one huge pass. A step larger than this runs in a pass of its own.
+pub const MAX_PASS_ROWS: usize = 256;
+
+/// A stream's place with the batcher: counted as active while it lives.
+pub struct Seat {
+    id: u64,
+    batcher: Arc<Batcher>,
+}
+
+impl Seat {
+    /// Feeds `tokens` to `model` in the next pass (see [`Batcher::step`]).
+    pub fn step(&self, model: Phi3Model, tokens: Vec<u32>, output: Output) -> Done {
+        self.batcher.step(self, model, tokens, output)
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.batcher.leave(self.id);
+    }
+}
+
+/// Passes held back by [`Batcher::hold`] until this is dropped.
+pub struct Hold<'a>(&'a Batcher);
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.0.lock().leading = false;
+        self.0.wake.notify_all();
+    }
+}
+
+/// What a step gets back: its sequence state, and the logits it asked for or the error.
+pub struct Done {
+    pub model: Phi3Model,
+    pub result: candle_core::Result<Option<Tensor>>,
+}
+
+struct Job {
+    ticket: u64,
+    seat: u64,
+    model: Phi3Model,
+    tokens: Vec<u32>,
+    output: Output,
+}
+
+/// What the batcher knows of a stream between its steps.
+#[derive(Default)]
+struct Member {
+    /// When its last step was handed back (None while it waits or has never stepped).
+    returned: Option<Instant>,
+    /// How long it took to come back last time.
+    turnaround: Option<Duration>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: Vec<Job>,
+    done: HashMap<u64, Done>,
+    members: HashMap<u64, Member>,
+    leading: bool,
+    next_ticket: u64,
+}
+
+impl State {
+    /// Whether a stream of the last pass that usually comes back quickly has not yet.
+    fn awaits_member(&self, now: Instant) -> bool {
+        self.members.iter().any(|(seat, m)| {
+            let quick = m.turnaround.is_none_or(|t| t <= GATHER);
+            let recent = m.returned.is_some_and(|r| now - r < GATHER);
+            quick && recent && !self.queue.iter().any(|j| j.seat == *seat)
+        })
+    }
+
+    /// The steps of the next pass: decode steps first (one row each, always in), then the
+    /// waiting prompt chunks in arrival order while they fit the row budget.
+    fn take_pass(&mut self) -> Vec<Job> {
+        let mut rows = 0;
+        let mut taken = Vec::new();
+        let mut left = Vec::new();
+        let (single, chunks): (Vec<Job>, Vec<Job>) =
+            self.queue.drain(..).partition(|j| j.tokens.len() == 1);
+        for job in single.into_iter().chain(chunks) {
+            if taken.is_empty() || rows + job.tokens.len() <= MAX_PASS_ROWS {
+                rows += job.tokens.len();
+                taken.push(job);
+            } else {
+                left.push(job);
+            }
+        }
+        self.queue = left;
+        taken
+    }
+}
+
+/// The scheduler of one engine's forward passes.
+#[derive(Default)]
+pub struct Batcher {
+    state: Mutex<State>,
+    wake: Condvar,
+    active: AtomicUsize,
+    next_seat: AtomicU64,
+    passes: AtomicU64,
+    batched_steps: AtomicU64,
+}
+
+impl Batcher {
+    /// A seat for a new stream; it counts as active until the seat is dropped.
+    pub fn seat(self: &Arc<Self>) -> Seat {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        Seat {
+            id: self.next_seat.fetch_add(1, Ordering::Relaxed),
+            batcher: Arc::clone(self),
+        }
+    }
+
+    /// Streams started and not yet ended.
+    pub fn active_streams(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Passes run so far, and the steps they served (their ratio is the mean batch size).
+    pub fn pass_counts(&self) -> (u64, u64) {
+        (
+            self.passes.load(Ordering::Relaxed),
+            self.batched_steps.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Holds passes back while the guard lives: steps queue up, and the first pass after
+    /// it runs them together (waits for a pass under way to end first).
+    pub fn hold(&self) -> Hold<'_> {
+        let mut state = self.lock();
+        while state.leading {
+            state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.leading = true;
+        Hold(self)
+    }
+
+    /// Steps waiting for a pass.
+    pub fn queued(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    fn leave(&self, seat: u64) {
+        self.lock().members.remove(&seat);
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        // A leader may be waiting for this stream.
+        self.wake.notify_all();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is consistent between statements: a panic elsewhere leaves it usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Feeds `tokens` to `model` in the next pass, with whatever other streams step then.
+    pub fn step(&self, seat: &Seat, model: Phi3Model, tokens: Vec<u32>, output: Output) -> Done {
+        let mut state = self.lock();
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        let now = Instant::now();
+        let member = state.members.entry(seat.id).or_default();
+        if let Some(returned) = member.returned.take() {
+            member.turnaround = Some(now - returned);
+        }
+        state.queue.push(Job {
+            ticket,
+            seat: seat.id,
+            model,
+            tokens,
+            output,
+        });
+        self.wake.notify_all();
+        loop {
+            if let Some(done) = state.done.remove(&ticket) {
+                return done;
+            }
+            if !state.leading {
+                state.leading = true;
+                state = self.gather(state);
+                let pass = state.take_pass();
+                drop(state);
+                let finished = run_pass(pass);
+                self.passes.fetch_add(1, Ordering::Relaxed);
+                self.batched_steps
+                    .fetch_add(finished.len() as u64, Ordering::Relaxed);
+                state = self.lock();
+                let now = Instant::now();
+                for (ticket, seat, done) in finished {
+                    if let Some(member) = state.members.get_mut(&seat) {
+                        member.returned = Some(now);
+                    }
+                    state.done.insert(ticket, done);
+                }
+                state.leading = false;
+                self.wake.notify_all();
+                continue;
+            }
+            // Interrupted (Ctrl-C, cancel) before a pass took this step: leave the queue.
+            if let Some(at) = state.queue.iter().position(|j| j.ticket == ticket) {
+                let job = &state.queue[at];
+                if job
+                    .model
+                    .interrupt_flag()
+                    .is_some_and(|f| f.load(Ordering::Relaxed))
+                {
+                    let job = state.queue.remove(at);
+                    return Done {
+                        model: job.model,
+                        result: Err(candle_core::Error::Msg("interrupted".into())),
+                    };
+                }
+            }
+            state = self
+                .wake
+                .wait_timeout(state, POLL)
+                .map_or_else(|e| e.into_inner().0, |(s, _)| s);
+        }
+    }
+
+    /// Waits, up to GATHER, for the streams of the last pass that usually come back quickly.
+    fn gather<'a>(&'a self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        let deadline = Instant::now() + GATHER;
+        loop {
+            let now = Instant::now();
+            if now >= deadline || !state.awaits_member(now) {
+                return state;
+            }
+            state = self
+                .wake
+                .wait_timeout(state, deadline - now)
+                .map_or_else(|e| e.into_inner().0, |(s, _)| s);
+        }
+    }
+}
+
+/// Runs `jobs` as one pass; a panic fails each of them instead of unwinding past the
+/// waiting threads (each cache is rolled back to where its step began).
+fn run_pass(mut jobs: Vec<Job>) -> Vec<(u64, u64, Done)> {
+    let starts: Vec<usize> = jobs.iter().map(|j| j.model.position()).collect();
+    let results = catch_unwind(AssertUnwindSafe(|| {
+        let mut segments: Vec<Segment<'_>> = jobs
+            .iter_mut()
+            .map(|j| Segment {
+                model: &mut j.model,
+                tokens: &j.tokens,
+                output: j.output,
+            })
+            .collect();
+        model::forward_batch(&mut segments)
+    }));
+    let results = match results {
+        Ok(results) => results,
+        Err(panic) => {
+            let error = Error::from_panic(Operation::Generating, panic).to_string();
+            for (job, &start) in jobs.iter_mut().zip(&starts) {
+                job.model.truncate(start);
+            }
+            (0..jobs.len())
+                .map(|_| Err(candle_core::Error::Msg(error.clone())))
+                .collect()
+        }
+    };
+    jobs.into_iter()
+        .zip(results)
+        .map(|(job, result)| {
+            (
+                job.ticket,
+                job.seat,
+                Done {
+                    model: job.model,
+                    result,
+                },
+            )
+        })
+        .collect()
+}
