@@ -171,6 +171,13 @@ class Phi3Generator:
     @property
     def prefix_cache_usage(self) -> tuple[int, int]:
         """States kept for reuse now, and their bytes."""
+    @property
+    def active_streams(self) -> int:
+        """Streams started and not yet ended (finished, cancelled, closed or dropped)."""
+    @property
+    def pass_counts(self) -> tuple[int, int]:
+        """Forward passes run so far and the stream steps they served: streams stepped at
+        the same time share a pass, so steps / passes is the mean batch size."""
 
 @final
 class TokenStream:

@@ -273,6 +273,19 @@ impl PyPhi3Generator {
         self.engine.prefix_cache().usage()
     }
 
+    /// Streams started and not yet ended (finished, cancelled, closed or dropped).
+    #[getter]
+    fn active_streams(&self) -> usize {
+        self.engine.batcher().active_streams()
+    }
+
+    /// Forward passes run so far and the stream steps they served: concurrent streams
+    /// share passes, so steps / passes is the mean batch size.
+    #[getter]
+    fn pass_counts(&self) -> (u64, u64) {
+        self.engine.batcher().pass_counts()
+    }
+
     /// Seconds spent resolving and loading the model and tokenizer.
     #[getter]
     fn load_time(&self) -> f64 {

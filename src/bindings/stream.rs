@@ -52,8 +52,10 @@ impl PyTokenStream {
         py.detach(|| self.lock().map(|g| f(&g))).py_err(py)
     }
 
-    fn stats(&self, py: Python<'_>) -> PyResult<Stats> {
-        self.inspect(py, Generation::stats)
+    /// The stats as of the last step: never waits for a step under way, so another thread
+    /// watches a long prompt progress.
+    fn stats(&self, _py: Python<'_>) -> PyResult<Stats> {
+        Ok(self.controls.progress())
     }
 
     /// Steps until a piece of text (or the end) comes out; with `tokens`, also its token
