@@ -80,11 +80,16 @@ def gqa_generator(gqa_model_path: Path, tokenizer_path: Path) -> Phi3Generator:
 
 
 @pytest.fixture(scope="session")
-def slow_generator(fixture_dir: Path, tokenizer_path: Path) -> Phi3Generator:
+def slow_model_path(fixture_dir: Path) -> Path:
     path = fixture_dir / "slow-phi3.gguf"
     fx.write_phi3_gguf(path, SLOW_CONFIG, seed=3)
+    return path
+
+
+@pytest.fixture(scope="session")
+def slow_generator(slow_model_path: Path, tokenizer_path: Path) -> Phi3Generator:
     # No prefix reuse: its tests need every prompt computed in full.
-    return Phi3Generator(path, tokenizer=tokenizer_path, prefix_cache_bytes=0)
+    return Phi3Generator(slow_model_path, tokenizer=tokenizer_path, prefix_cache_bytes=0)
 
 
 @pytest.fixture(scope="session")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import _thread
-import signal
+import json
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-import pytest
 from candle_phi import Phi3Generator
 from conftest import CHAT_PROMPT
 
@@ -67,43 +67,66 @@ def test_threads_share_one_generator(gqa_generator: Phi3Generator) -> None:
     assert threaded == solo
 
 
-@pytest.fixture()
-def sigint_raises() -> Iterator[None]:
-    """SIGINT raises KeyboardInterrupt during the test, whatever this process inherited.
+# Run in a child process, so that a signal landing late (after the prompt) cannot interrupt
+# pytest itself: the child reports what it saw as one JSON line.
+LONG_PROMPT_CHILD = """
+import _thread, json, signal, sys, threading
+from candle_phi import Phi3Generator
 
-    A background job of a non-interactive shell (`pytest &`) starts with SIGINT ignored, and
-    then `_thread.interrupt_main()` does nothing at all.
-    """
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
+model, tokenizer, prompt, short_prompt = sys.argv[1:5]
+gen = Phi3Generator(model, tokenizer=tokenizer, prefix_cache_bytes=0)
+stream = gen.generate(prompt, max_tokens=5, temperature=0)
+finished = threading.Event()
+sent = threading.Event()
+
+def interrupt_once_the_prompt_runs():
+    # Stats are read without waiting for the step under way: this sees the first chunk in
+    # while the next ones are computed.
+    while stream.prompt_tokens_per_second is None:
+        if finished.wait(0.001):
+            return
+    sent.set()
+    _thread.interrupt_main()
+
+helper = threading.Thread(target=interrupt_once_the_prompt_runs)
+helper.start()
+outcome = "no interrupt"
+try:
+    for _ in stream:
+        pass
+except KeyboardInterrupt:
+    outcome = "interrupted"
+finished.set()
+helper.join()
+report = {
+    "outcome": outcome,
+    "sent": sent.is_set(),
+    "time_to_first_token": stream.time_to_first_token,
+    "generated_tokens": stream.generated_tokens,
+}
+# The generator is still usable: a new stream generates.
+again = gen.generate(short_prompt, max_tokens=3, ignore_eos=True, seed=1)
+again.read()
+report["again"] = [again.generated_tokens, again.finish_reason]
+print(json.dumps(report))
+"""
 
 
-def test_ctrl_c_during_a_long_prompt(slow_generator: Phi3Generator, sigint_raises: None) -> None:
+def test_ctrl_c_during_a_long_prompt(slow_model_path: Path, tokenizer_path: Path) -> None:
     """Ctrl-C while the prompt is being processed stops it before its end (no wall clock:
-    the signal is sent once a first prompt chunk is in, and the prompt has many more)."""
-    stream = slow_generator.generate(LONGEST_PROMPT, max_tokens=5, temperature=0)
-    finished = threading.Event()
-
-    def interrupt_once_the_prompt_runs() -> None:
-        # prompt_tokens_per_second is set by the first prompt chunk.
-        while stream.prompt_tokens_per_second is None:
-            if finished.wait(0.001):
-                return
-        _thread.interrupt_main()
-
-    helper = threading.Thread(target=interrupt_once_the_prompt_runs)
-    helper.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            for _ in stream:
-                pass
-    finally:
-        finished.set()
-        helper.join()
-    assert stream.time_to_first_token is None, "the prompt finished before the interrupt"
-    assert stream.generated_tokens == 0
-    # The generator is still usable: a new stream generates.
-    again = slow_generator.generate(CHAT_PROMPT, max_tokens=3, ignore_eos=True, seed=1)
-    again.read()
-    assert again.generated_tokens == 3 and again.finish_reason == "length"
+    the signal is sent once a first prompt chunk is in, and the prompt has ~60 more)."""
+    args = [str(slow_model_path), str(tokenizer_path), LONGEST_PROMPT, CHAT_PROMPT]
+    result = subprocess.run(
+        [sys.executable, "-c", LONG_PROMPT_CHILD, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["sent"], report
+    assert report["outcome"] == "interrupted", f"the prompt finished before the signal: {report}"
+    assert report["time_to_first_token"] is None, report
+    assert report["generated_tokens"] == 0, report
+    assert report["again"] == [3, "length"], report
