@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="candle-phi",
         description="Generate text with a quantized Phi-3 GGUF model on Candle.",
-        epilog="With no prompt and a terminal on stdin, a chat starts.",
+        epilog="With no prompt and a terminal on stdin, a chat starts. "
+        "'candle-phi serve --help': the OpenAI-compatible server.",
     )
     parser.add_argument("prompt", nargs="?", help="the prompt; read from stdin when piped")
     parser.add_argument("--version", action="version", version=f"candle-phi {__version__}")
@@ -249,6 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from candle_phi.server.cli import main as serve
+
+        return serve(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     interactive = args.chat or (args.prompt is None and sys.stdin.isatty())
