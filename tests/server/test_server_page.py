@@ -66,7 +66,7 @@ def test_a_typed_message_gets_a_streamed_reply(served: Served, browser: webdrive
 def test_stop_ends_a_reply_and_keeps_what_was_shown(
     served_slow: Served, browser: webdriver.Chrome
 ) -> None:
-    before = served_slow.generator.active_streams
+    before, steps = served_slow.generator.active_streams, served_slow.generator.pass_counts[1]
     browser.get(served_slow.url + "/")
     browser.find_element(By.ID, "input").send_keys("Tell me a long story")
     browser.find_element(By.ID, "send").click()
@@ -78,3 +78,5 @@ def test_stop_ends_a_reply_and_keeps_what_was_shown(
     served_slow.wait_idle()  # the server cancelled the generation: the page left
     assert reply.text
     assert served_slow.generator.active_streams == before
+    # Not stopped, the reply would have filled the 4096-token context.
+    assert served_slow.generator.pass_counts[1] - steps < 2000
