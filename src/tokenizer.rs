@@ -272,17 +272,43 @@ impl TextStream {
 
     /// Adds one token; returns the text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
-        tokenizers::tokenizer::step_decode_stream(
+        let context = self.ids.clone();
+        let stepped = tokenizers::tokenizer::step_decode_stream(
             &self.tokenizer.tokenizer,
             vec![id],
             true,
             &mut self.ids,
             &mut self.prefix,
             &mut self.prefix_index,
-        )
-        .map_err(|e| Error::Tokenization {
-            detail: e.to_string(),
-        })
+        );
+        match stepped {
+            Ok(text) => Ok(text),
+            Err(_) => {
+                self.ids = context;
+                self.ids.push(id);
+                self.resync()
+            }
+        }
+    }
+
+    /// Continues after text already released has changed in the full decode, which
+    /// `tokenizers`' ByteFallback does when a byte token turns a run of bytes invalid: the
+    /// valid `<0x1A>` released alone decodes as U+FFFD once `<0xDA>` follows it. Released
+    /// text cannot be taken back, so this releases what follows the part the two decodes
+    /// share, and only there do the joined pieces differ from the full decode.
+    fn resync(&mut self) -> Result<Option<String>> {
+        let text = self.tokenizer.decode(&self.ids, true)?;
+        let shared: usize = text
+            .char_indices()
+            .zip(self.prefix.chars())
+            .take_while(|((_, a), b)| a == b)
+            .map(|((_, a), _)| a.len_utf8())
+            .sum();
+        let released = text[shared..].to_string();
+        self.ids.drain(..self.prefix_index);
+        self.prefix = self.tokenizer.decode(&self.ids, true)?;
+        self.prefix_index = self.ids.len();
+        Ok((!released.is_empty()).then_some(released))
     }
 
     /// Text still held back at the end (an incomplete character decodes as U+FFFD, exactly

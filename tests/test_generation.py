@@ -135,6 +135,25 @@ def test_multibyte_utf8_streams_exactly(
     assert [p.strip() for p in pieces if p.strip()] == list(text)
 
 
+def test_a_byte_that_turns_released_bytes_invalid_does_not_fail_the_stream(
+    scripted: Callable[[list[int]], Phi3Generator], generator: Phi3Generator
+) -> None:
+    # <0x1A> is valid UTF-8 alone and is released at once; <0xDA> after it makes the run
+    # invalid, and `tokenizers` then decodes both bytes as U+FFFD. Sampling met this.
+    ctrl, lead = 3 + 0x1A, 3 + 0xDA
+    word = generator.tokenize("hockey", add_special_tokens=False)[-1]
+    tab = 3 + ord("\t")
+    gen = scripted([ctrl, lead, word, tab, END])
+    stream = gen.generate(CHAT_PROMPT, temperature=0)
+    pieces = list(stream)
+    assert stream.finish_reason == "stop"
+    assert stream.token_ids == [ctrl, lead, word, tab]
+    whole = gen.detokenize(stream.token_ids, skip_special_tokens=True)
+    assert whole.startswith("\ufffd\ufffd") and whole.endswith("hockey\t")
+    # The released "\x1a" stays; what follows is the full decode's text after it.
+    assert "".join(pieces) == "\x1a" + whole
+
+
 def test_spaces_and_punctuation_are_not_held_back(
     scripted: Callable[[list[int]], Phi3Generator], token_id: Callable[[str], int]
 ) -> None:

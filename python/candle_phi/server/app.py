@@ -8,6 +8,7 @@ import hmac
 import html
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -23,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from candle_phi import Phi3Generator
-from candle_phi.server.errors import APIError
+from candle_phi.server.errors import APIError, bad_request
 from candle_phi.server.requests import parse, read_json
 from candle_phi.server.responses import Reply
 from candle_phi.server.runner import Generation, Runner
@@ -34,6 +35,7 @@ log = logging.getLogger("candle_phi.server")
 # Paths anyone may read: the liveness probe, and the chat page (static; it holds no data and
 # asks for the key itself, since a browser cannot send a bearer header when navigating).
 OPEN_PATHS = frozenset({"/health", "/"})
+MAX_IDLE_WAIT_S = 600.0
 
 
 def create_app(generator: Phi3Generator, settings: ServerSettings | None = None) -> Starlette:
@@ -85,6 +87,17 @@ def create_app(generator: Phi3Generator, settings: ServerSettings | None = None)
         return JSONResponse(model_card())
 
     async def health(request: Request) -> Response:
+        # ?wait_idle=S answers once nothing runs or waits (or after S seconds): a replica
+        # drained before a restart, or a test waiting for cancelled requests to end.
+        wait = request.query_params.get("wait_idle")
+        if wait is not None:
+            try:
+                seconds = float(wait)
+            except ValueError:
+                seconds = math.nan
+            if not 0 <= seconds <= MAX_IDLE_WAIT_S:
+                raise bad_request("wait_idle", f"wait_idle must be 0 to {MAX_IDLE_WAIT_S} s")
+            await runner.idle(seconds)
         return JSONResponse(
             {
                 "status": "ok",

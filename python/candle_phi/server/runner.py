@@ -38,6 +38,8 @@ class Runner:
         )
         self._live: set[TokenStream] = set()
         self._changed = threading.Condition()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def start(self, job: Job) -> Generation:
         """Admit ``job`` and create its stream; raises APIError for what the client sent."""
@@ -54,11 +56,13 @@ class Runner:
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             )
         self.waiting += 1
+        self._idle.clear()
         try:
             await self._slots.acquire()
         finally:
             self.waiting -= 1
         self.running += 1
+        self._settle()
         loop = asyncio.get_running_loop()
         try:
             stream = await loop.run_in_executor(self._threads, self._create, job)
@@ -95,6 +99,19 @@ class Runner:
     def _leave(self) -> None:
         self.running -= 1
         self._slots.release()
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.running == 0 and self.waiting == 0:
+            self._idle.set()
+
+    async def idle(self, timeout: float) -> bool:
+        """Wait (on the event loop) until no request runs or waits, at most ``timeout`` s."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            return False
+        return True
 
     def _ended(self, stream: TokenStream, loop: asyncio.AbstractEventLoop) -> None:
         with self._changed:
