@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-
+sys.path.insert(0, str(Path(__file__).parent / "server"))
 import phi3_fixtures as fx
 from candle_phi import Phi3Generator
+
+pytest_plugins = ["serving"]  # the server tests' fixtures, from tests/server/
 
 END = fx.SPECIAL_TOKENS["<|end|>"]
 ENDOFTEXT = fx.SPECIAL_TOKENS["<|endoftext|>"]

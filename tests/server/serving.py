@@ -1,4 +1,6 @@
-"""Servers for the tests: the real app under uvicorn, in a thread, on a free loopback port."""
+"""Servers for the tests: the real app under uvicorn in a thread, or `candle-phi serve` in a
+child process, on a free loopback port. A pytest plugin of tests/conftest.py (a conftest.py
+here would shadow that one's name for `from conftest import ...`)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 import uvicorn
 from candle_phi import Phi3Generator
 from candle_phi.server import ServerSettings, create_app
@@ -121,3 +124,16 @@ def serve_process(*args: str, env: dict[str, str] | None = None) -> Iterator[Ser
         yield served
     finally:
         served.stop()
+
+
+@pytest.fixture(scope="module")
+def served(generator: Phi3Generator) -> Iterator[Served]:
+    with serve(generator) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def served_slow(slow_generator: Phi3Generator) -> Iterator[Served]:
+    """A model slow enough that a request is still running when the test acts on it."""
+    with serve(slow_generator, ServerSettings(model_name="slow", max_concurrency=4)) as s:
+        yield s

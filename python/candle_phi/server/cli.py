@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import socket
@@ -11,11 +10,11 @@ import sys
 from collections.abc import Sequence
 
 from candle_phi import CandlePhiError, Phi3Generator
+from candle_phi.server import memory
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 API_KEY_ENV = "CANDLE_PHI_API_KEY"
-M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,19 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def fewer_malloc_arenas() -> None:
-    """glibc gives threads that allocate at once arenas of their own, up to 8 per core; with
-    a worker thread per request beside Rust's pools, the process's memory then creeps up
-    under load. Two arenas keep it flat (the MALLOC_ARENA_MAX=2 that servers are advised)."""
-    if sys.platform != "linux" or "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_ARENA_MAX, 2)
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator has its own ways
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         import uvicorn
@@ -105,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_ERROR
     args = build_parser().parse_args(argv)
-    fewer_malloc_arenas()
+    memory.limit_arenas()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

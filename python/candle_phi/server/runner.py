@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from candle_phi import CandlePhiError, ContextLengthError, Phi3Generator, TokenEvent, TokenStream
+from candle_phi.server import memory
 from candle_phi.server.errors import APIError, from_engine
 from candle_phi.server.requests import Job
 from candle_phi.server.settings import ServerSettings
@@ -40,6 +41,7 @@ class Runner:
         self._changed = threading.Condition()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._trimming = False
 
     async def start(self, job: Job) -> Generation:
         """Admit ``job`` and create its stream; raises APIError for what the client sent."""
@@ -59,10 +61,12 @@ class Runner:
         self._idle.clear()
         try:
             await self._slots.acquire()
-        finally:
+        except BaseException:  # the client left while waiting
             self.waiting -= 1
+            self._settle()
+            raise
+        self.waiting -= 1
         self.running += 1
-        self._settle()
         loop = asyncio.get_running_loop()
         try:
             stream = await loop.run_in_executor(self._threads, self._create, job)
@@ -102,6 +106,17 @@ class Runner:
         self._settle()
 
     def _settle(self) -> None:
+        """On the loop: when the last request ends, trim memory, then say idle."""
+        if self.running or self.waiting or self._trimming:
+            return
+        # A burst is over: give back what it freed, on a worker (all are free now).
+        self._trimming = True
+        loop = asyncio.get_running_loop()
+        trimmed = self._threads.submit(memory.trim)
+        trimmed.add_done_callback(lambda _: _post(loop, self._trimmed))
+
+    def _trimmed(self) -> None:
+        self._trimming = False
         if self.running == 0 and self.waiting == 0:
             self._idle.set()
 
