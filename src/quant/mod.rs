@@ -26,6 +26,8 @@ pub enum Kernels {
     /// Ours, AVX2 with AVX-VNNI (chosen at run time, so one portable build runs the best
     /// a CPU has).
     AvxVnni,
+    /// The same, with AVX-512 VNNI's encoding of `vpdpbusd` (no AVX-VNNI needed).
+    Avx512Vnni,
     /// Ours, AVX2.
     Avx2,
     /// Ours, portable Rust.
@@ -35,8 +37,9 @@ pub enum Kernels {
 }
 
 impl Kernels {
-    const ALL: [Kernels; 4] = [
+    const ALL: [Kernels; 5] = [
         Kernels::AvxVnni,
+        Kernels::Avx512Vnni,
         Kernels::Avx2,
         Kernels::Scalar,
         Kernels::Candle,
@@ -46,6 +49,7 @@ impl Kernels {
     pub fn name(self) -> &'static str {
         match self {
             Kernels::AvxVnni => "avx-vnni",
+            Kernels::Avx512Vnni => "avx512-vnni",
             Kernels::Avx2 => "avx2",
             Kernels::Scalar => "scalar",
             Kernels::Candle => "candle",
@@ -96,6 +100,9 @@ impl Kernels {
         {
             if x86::has_avx_vnni() {
                 kernels.push(Kernels::AvxVnni);
+            }
+            if x86::has_avx512_vnni() {
+                kernels.push(Kernels::Avx512Vnni);
             }
             if x86::has_avx2() {
                 kernels.push(Kernels::Avx2);
@@ -209,7 +216,9 @@ impl QMatrix {
             .for_each(|(a, x)| match kernels {
                 // SAFETY: these kernels are only selected where the CPU has AVX2.
                 #[cfg(target_arch = "x86_64")]
-                Kernels::Avx2 | Kernels::AvxVnni => unsafe { x86::quantize_q8k(x, a) },
+                Kernels::Avx2 | Kernels::AvxVnni | Kernels::Avx512Vnni => unsafe {
+                    x86::quantize_q8k(x, a)
+                },
                 _ => quantize_q8k(x, a),
             });
         let acts: Vec<&[BlockQ8K]> = acts.chunks_exact(blocks_per_row).collect();
@@ -262,7 +271,7 @@ impl QMatrix {
             match self.kernels {
                 // SAFETY: AVX2 as the kernels; the writes stay within this task's columns.
                 #[cfg(target_arch = "x86_64")]
-                Kernels::Avx2 | Kernels::AvxVnni => unsafe {
+                Kernels::Avx2 | Kernels::AvxVnni | Kernels::Avx512Vnni => unsafe {
                     x86::transpose(local, m, dst, self.rows)
                 },
                 _ => {
@@ -282,7 +291,7 @@ impl QMatrix {
     /// The activations in groups of eight rows, interleaved, for the VNNI kernels (whole
     /// groups only; the rest go row by row).
     fn interleave(&self, acts: &[&[BlockQ8K]], blocks_per_row: usize) -> Vec<BlockQ8Kx8> {
-        if self.kernels != Kernels::AvxVnni {
+        if !matches!(self.kernels, Kernels::AvxVnni | Kernels::Avx512Vnni) {
             return Vec::new();
         }
         acts.chunks_exact(8)
@@ -330,6 +339,8 @@ impl QMatrix {
             // the same number of blocks; the tile is within TILE_ROWS × TILE_ACTS.
             #[cfg(target_arch = "x86_64")]
             Kernels::AvxVnni => unsafe { x86::tile_avx_vnni(w, acts, groups, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx512Vnni => unsafe { x86::tile_avx512_vnni(w, acts, groups, out) },
             #[cfg(target_arch = "x86_64")]
             Kernels::Avx2 => unsafe { x86::tile_avx2(w, acts, out) },
             _ => {

@@ -153,7 +153,7 @@ fn raw_tensors_hold_exactly_their_shape() {
 #[test]
 fn kernels_the_cpu_lacks_are_never_used() {
     let q4k = random_blocks(GgmlDType::Q4K, 4, QK_K, 5);
-    for kernels in [Kernels::AvxVnni, Kernels::Avx2] {
+    for kernels in [Kernels::AvxVnni, Kernels::Avx512Vnni, Kernels::Avx2] {
         let matrix = QMatrix::new(&q4k, kernels);
         assert_eq!(
             matrix.is_some(),

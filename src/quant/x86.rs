@@ -1,5 +1,6 @@
 //! x86 products of K-quant weight rows with Q8_K activation rows, in two builds chosen at
-//! run time: AVX2, and AVX2 with AVX-VNNI.
+//! run time: AVX2, and AVX2 with VNNI (AVX-VNNI, or AVX-512 VNNI's encoding of the same
+//! 256-bit instruction).
 //!
 //! The weights are read in the file's own block layout (no repacked copy). A tile of weight
 //! rows meets a tile of activation rows one 256-value block column at a time, so that
@@ -30,6 +31,36 @@ pub fn has_avx_vnni() -> bool {
     has_avx2() && is_x86_feature_detected!("avxvnni")
 }
 
+/// The same 256-bit `vpdpbusd`, EVEX-encoded: CPUs with AVX-512 VNNI but no AVX-VNNI (some
+/// Zen 4 and Ice Lake / Cascade Lake servers, and virtual machines that hide AVX-VNNI).
+pub fn has_avx512_vnni() -> bool {
+    has_avx2() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+}
+
+/// `acc + Σ4 a_u8 · b_i8` per i32 lane: `vpdpbusd` in one of its two encodings.
+pub trait Vnni {
+    unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
+}
+
+/// VEX-encoded (AVX-VNNI).
+pub struct Vex;
+/// EVEX-encoded (AVX-512 VNNI with VL), on 256-bit registers.
+pub struct Evex;
+
+impl Vnni for Vex {
+    #[inline(always)]
+    unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(acc, a, b)
+    }
+}
+
+impl Vnni for Evex {
+    #[inline(always)]
+    unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, a, b)
+    }
+}
+
 /// `out[j * ys.len() + i] = w[j] · ys[i]`, with AVX2.
 ///
 /// Safety: the CPU must have AVX2, FMA and F16C (`has_avx2`); every row of `w` and `ys` has
@@ -50,10 +81,33 @@ pub unsafe fn tile_avx_vnni<B: Avx2Block>(
     groups: &[&[BlockQ8Kx8]],
     out: &mut [f32],
 ) {
+    tile_vnni::<Vex, B>(w, ys, groups, out)
+}
+
+/// `tile_avx_vnni` with AVX-512 VNNI's encoding (`has_avx512_vnni`): the same results.
+///
+/// Safety: as for `tile_avx_vnni`, on a CPU with `has_avx512_vnni`.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub unsafe fn tile_avx512_vnni<B: Avx2Block>(
+    w: &[&[B]],
+    ys: &[&[BlockQ8K]],
+    groups: &[&[BlockQ8Kx8]],
+    out: &mut [f32],
+) {
+    tile_vnni::<Evex, B>(w, ys, groups, out)
+}
+
+#[inline(always)]
+unsafe fn tile_vnni<V: Vnni, B: Avx2Block>(
+    w: &[&[B]],
+    ys: &[&[BlockQ8K]],
+    groups: &[&[BlockQ8Kx8]],
+    out: &mut [f32],
+) {
     let m = ys.len();
     let covered = 8 * groups.len();
     if covered > 0 {
-        tile_interleaved(w, groups, m, out);
+        tile_interleaved::<V, B>(w, groups, m, out);
     }
     if covered < m {
         let rest = &ys[covered..];
@@ -82,7 +136,11 @@ pub trait Avx2Block {
     unsafe fn dots<const R: usize>(&self, p: &Prepared, ys: [&BlockQ8K; R]) -> [__m256i; R];
 
     /// `acc[g]` (lane r: row r of group g) += this block · the group's block, with VNNI.
-    unsafe fn interleaved_dots<const G: usize>(&self, ys: [&BlockQ8Kx8; G], acc: &mut [__m256; G]);
+    unsafe fn interleaved_dots<V: Vnni, const G: usize>(
+        &self,
+        ys: [&BlockQ8Kx8; G],
+        acc: &mut [__m256; G],
+    );
 }
 
 /// `acc + madd(a, b)`.
@@ -199,7 +257,7 @@ unsafe fn single_row<B: Avx2Block>(x: &B, p: &Prepared, y: &BlockQ8K, acc: &mut 
 /// `out[j * m + 8g + r]` for the rows of the interleaved groups, all (up to four) at once so
 /// that each broadcast weight serves up to 32 rows.
 #[inline(always)]
-unsafe fn tile_interleaved<B: Avx2Block>(
+unsafe fn tile_interleaved<V: Vnni, B: Avx2Block>(
     w: &[&[B]],
     groups: &[&[BlockQ8Kx8]],
     m: usize,
@@ -219,10 +277,15 @@ unsafe fn tile_interleaved<B: Avx2Block>(
             let acc = acc.as_mut_ptr().add(j * GROUPS);
             let y = |g: usize| groups.get_unchecked(g).get_unchecked(b);
             match n {
-                4 => x.interleaved_dots([y(0), y(1), y(2), y(3)], &mut *(acc as *mut [__m256; 4])),
-                3 => x.interleaved_dots([y(0), y(1), y(2)], &mut *(acc as *mut [__m256; 3])),
-                2 => x.interleaved_dots([y(0), y(1)], &mut *(acc as *mut [__m256; 2])),
-                1 => x.interleaved_dots([y(0)], &mut *(acc as *mut [__m256; 1])),
+                4 => x.interleaved_dots::<V, _>(
+                    [y(0), y(1), y(2), y(3)],
+                    &mut *(acc as *mut [__m256; 4]),
+                ),
+                3 => {
+                    x.interleaved_dots::<V, _>([y(0), y(1), y(2)], &mut *(acc as *mut [__m256; 3]))
+                }
+                2 => x.interleaved_dots::<V, _>([y(0), y(1)], &mut *(acc as *mut [__m256; 2])),
+                1 => x.interleaved_dots::<V, _>([y(0)], &mut *(acc as *mut [__m256; 1])),
                 _ => {}
             }
         }
@@ -237,7 +300,7 @@ unsafe fn tile_interleaved<B: Avx2Block>(
 /// Q4_K/Q5_K with VNNI: `weights(c, k)` gives the four u8 values at 4k.. of chunk c's
 /// low-nibble and high-nibble sub-blocks, broadcast to all eight lanes.
 #[inline(always)]
-unsafe fn k_quant_interleaved<const G: usize>(
+unsafe fn k_quant_interleaved<V: Vnni, const G: usize>(
     packed: &[u8; 12],
     (d, dmin): (f32, f32),
     ys: [&BlockQ8Kx8; G],
@@ -253,8 +316,8 @@ unsafe fn k_quant_interleaved<const G: usize>(
             let (wl, wh) = weights(c, k);
             for g in 0..G {
                 let qs = &ys[g].qs;
-                lo[g] = _mm256_dpbusd_avx_epi32(lo[g], wl, load(qs[16 * c + k].as_ptr()));
-                hi[g] = _mm256_dpbusd_avx_epi32(hi[g], wh, load(qs[16 * c + 8 + k].as_ptr()));
+                lo[g] = V::dpbusd(lo[g], wl, load(qs[16 * c + k].as_ptr()));
+                hi[g] = V::dpbusd(hi[g], wh, load(qs[16 * c + 8 + k].as_ptr()));
             }
         }
         let scale_lo = _mm256_set1_epi32(i32::from(scales[2 * c]));
@@ -399,10 +462,14 @@ unsafe fn k_quant_dots<const R: usize>(
 
 impl Avx2Block for BlockQ4K {
     #[inline(always)]
-    unsafe fn interleaved_dots<const G: usize>(&self, ys: [&BlockQ8Kx8; G], acc: &mut [__m256; G]) {
+    unsafe fn interleaved_dots<V: Vnni, const G: usize>(
+        &self,
+        ys: [&BlockQ8Kx8; G],
+        acc: &mut [__m256; G],
+    ) {
         let low4 = _mm256_set1_epi8(0x0F);
         let factors = (f32_of(self.d), f32_of(self.dmin));
-        k_quant_interleaved(&self.scales, factors, ys, acc, |c, k| {
+        k_quant_interleaved::<V, G>(&self.scales, factors, ys, acc, |c, k| {
             let q = broadcast4(self.qs.as_ptr().add(32 * c + 4 * k));
             (
                 _mm256_and_si256(q, low4),
@@ -438,7 +505,11 @@ impl BlockQ4K {
 
 impl Avx2Block for BlockQ5K {
     #[inline(always)]
-    unsafe fn interleaved_dots<const G: usize>(&self, ys: [&BlockQ8Kx8; G], acc: &mut [__m256; G]) {
+    unsafe fn interleaved_dots<V: Vnni, const G: usize>(
+        &self,
+        ys: [&BlockQ8Kx8; G],
+        acc: &mut [__m256; G],
+    ) {
         // Five-bit values take a dozen operations to assemble four at a time; unpacked once
         // per block into a buffer, each four are then one broadcast load.
         let mut values = Unpacked([[0; 32]; 8]);
@@ -448,7 +519,7 @@ impl Avx2Block for BlockQ5K {
             _mm256_store_si256(values.0[2 * c + 1].as_mut_ptr() as *mut __m256i, hi);
         }
         let factors = (f32_of(self.d), f32_of(self.dmin));
-        k_quant_interleaved(&self.scales, factors, ys, acc, |c, k| {
+        k_quant_interleaved::<V, G>(&self.scales, factors, ys, acc, |c, k| {
             (
                 broadcast4(values.0[2 * c].as_ptr().add(4 * k)),
                 broadcast4(values.0[2 * c + 1].as_ptr().add(4 * k)),
@@ -486,7 +557,11 @@ impl BlockQ5K {
 
 impl Avx2Block for BlockQ6K {
     #[inline(always)]
-    unsafe fn interleaved_dots<const G: usize>(&self, ys: [&BlockQ8Kx8; G], acc: &mut [__m256; G]) {
+    unsafe fn interleaved_dots<V: Vnni, const G: usize>(
+        &self,
+        ys: [&BlockQ8Kx8; G],
+        acc: &mut [__m256; G],
+    ) {
         // Unpacked once per block, in value order, into a buffer; each four weights are then
         // one broadcast load. Sub-blocks are 16 values: four dwords per scale.
         let mut values = Unpacked([[0; 32]; 8]);
@@ -504,8 +579,8 @@ impl Avx2Block for BlockQ6K {
                 let wh = broadcast4(values.0[t].as_ptr().add(16 + 4 * k));
                 for g in 0..G {
                     let qs = &ys[g].qs;
-                    lo[g] = _mm256_dpbusd_avx_epi32(lo[g], wl, load(qs[8 * t + k].as_ptr()));
-                    hi[g] = _mm256_dpbusd_avx_epi32(hi[g], wh, load(qs[8 * t + 4 + k].as_ptr()));
+                    lo[g] = V::dpbusd(lo[g], wl, load(qs[8 * t + k].as_ptr()));
+                    hi[g] = V::dpbusd(hi[g], wh, load(qs[8 * t + 4 + k].as_ptr()));
                 }
             }
             let scale_lo = _mm256_set1_epi32(i32::from(self.scales[2 * t]));
