@@ -147,9 +147,9 @@ const TILE_ACTS: usize = 32;
 
 /// A block type every kernel of this build handles.
 #[cfg(target_arch = "x86_64")]
-trait KernelBlock: WeightBlock + scalar::ScalarBlock + x86::Avx2Block {}
+trait KernelBlock: WeightBlock + scalar::ScalarBlock + x86::VnniBlock {}
 #[cfg(target_arch = "x86_64")]
-impl<T: WeightBlock + scalar::ScalarBlock + x86::Avx2Block> KernelBlock for T {}
+impl<T: WeightBlock + scalar::ScalarBlock + x86::VnniBlock> KernelBlock for T {}
 #[cfg(not(target_arch = "x86_64"))]
 trait KernelBlock: WeightBlock + scalar::ScalarBlock {}
 #[cfg(not(target_arch = "x86_64"))]

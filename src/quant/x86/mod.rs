@@ -1,6 +1,5 @@
-//! x86 products of K-quant weight rows with Q8_K activation rows, in two builds chosen at
-//! run time: AVX2, and AVX2 with VNNI (AVX-VNNI, or AVX-512 VNNI's encoding of the same
-//! 256-bit instruction).
+//! x86 products of K-quant weight rows with Q8_K activation rows, in builds chosen at run
+//! time: AVX2 here, and AVX2 with VNNI in `vnni.rs`.
 //!
 //! The weights are read in the file's own block layout (no repacked copy). A tile of weight
 //! rows meets a tile of activation rows one 256-value block column at a time, so that
@@ -9,56 +8,19 @@
 //! AVX2: each 32 values of a row take one `maddubs` (unsigned weight × signed activation,
 //! pairs summed to i16) and one `madd` by the sub-block scale (to i32); four activation
 //! rows share each unpacking of a weight block, and their sums are reduced together.
-//!
-//! AVX-VNNI (in groups of eight activation rows): the activations are
-//! interleaved (`BlockQ8Kx8`) so that one `vpdpbusd` multiplies four broadcast weights with
-//! the same four positions of eight rows, summing into one i32 lane per row; each broadcast
-//! serves four such groups. A sub-block's scale then applies once per eight rows: half the
-//! multiplies of the AVX2 path.
 
 use std::arch::x86_64::*;
 
-use super::blocks::{scales_and_mins, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8Kx8};
+use super::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 use super::{TILE_ACTS, TILE_ROWS};
+
+mod vnni;
+pub use vnni::{has_avx512_vnni, has_avx_vnni, tile_avx512_vnni, tile_avx_vnni, VnniBlock};
 
 pub fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
-}
-
-pub fn has_avx_vnni() -> bool {
-    has_avx2() && is_x86_feature_detected!("avxvnni")
-}
-
-/// The same 256-bit `vpdpbusd`, EVEX-encoded: CPUs with AVX-512 VNNI but no AVX-VNNI (some
-/// Zen 4 and Ice Lake / Cascade Lake servers, and virtual machines that hide AVX-VNNI).
-pub fn has_avx512_vnni() -> bool {
-    has_avx2() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
-}
-
-/// `acc + Σ4 a_u8 · b_i8` per i32 lane: `vpdpbusd` in one of its two encodings.
-pub trait Vnni {
-    unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
-}
-
-/// VEX-encoded (AVX-VNNI).
-pub struct Vex;
-/// EVEX-encoded (AVX-512 VNNI with VL), on 256-bit registers.
-pub struct Evex;
-
-impl Vnni for Vex {
-    #[inline(always)]
-    unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
-        _mm256_dpbusd_avx_epi32(acc, a, b)
-    }
-}
-
-impl Vnni for Evex {
-    #[inline(always)]
-    unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, a, b)
-    }
 }
 
 /// `out[j * ys.len() + i] = w[j] · ys[i]`, with AVX2.
@@ -68,56 +30,6 @@ impl Vnni for Evex {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn tile_avx2<B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mut [f32]) {
     tile(w, ys, out)
-}
-
-/// As `tile_avx2`, with AVX-VNNI (`has_avx_vnni`) for the first `8 * groups.len()`
-/// activation rows, given interleaved in `groups` too; the rest go through the AVX2 path.
-///
-/// Safety: as for `tile_avx2`, and `groups[g]` interleaves rows `8g..8g+8` of `ys`.
-#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-pub unsafe fn tile_avx_vnni<B: Avx2Block>(
-    w: &[&[B]],
-    ys: &[&[BlockQ8K]],
-    groups: &[&[BlockQ8Kx8]],
-    out: &mut [f32],
-) {
-    tile_vnni::<Vex, B>(w, ys, groups, out)
-}
-
-/// `tile_avx_vnni` with AVX-512 VNNI's encoding (`has_avx512_vnni`): the same results.
-///
-/// Safety: as for `tile_avx_vnni`, on a CPU with `has_avx512_vnni`.
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-pub unsafe fn tile_avx512_vnni<B: Avx2Block>(
-    w: &[&[B]],
-    ys: &[&[BlockQ8K]],
-    groups: &[&[BlockQ8Kx8]],
-    out: &mut [f32],
-) {
-    tile_vnni::<Evex, B>(w, ys, groups, out)
-}
-
-#[inline(always)]
-unsafe fn tile_vnni<V: Vnni, B: Avx2Block>(
-    w: &[&[B]],
-    ys: &[&[BlockQ8K]],
-    groups: &[&[BlockQ8Kx8]],
-    out: &mut [f32],
-) {
-    let m = ys.len();
-    let covered = 8 * groups.len();
-    if covered > 0 {
-        tile_interleaved::<V, B>(w, groups, m, out);
-    }
-    if covered < m {
-        let rest = &ys[covered..];
-        let n = rest.len();
-        let mut part = [0f32; TILE_ROWS * TILE_ACTS];
-        tile(w, rest, &mut part[..w.len() * n]);
-        for (j, values) in part[..w.len() * n].chunks_exact(n).enumerate() {
-            out[j * m + covered..(j + 1) * m].copy_from_slice(values);
-        }
-    }
 }
 
 /// What a weight block contributes besides its values: Σ_r = yd·(d·dots − dm·offsets),
@@ -134,13 +46,6 @@ pub trait Avx2Block {
     unsafe fn prepare(&self) -> Prepared;
     /// Σ scale·q·y over the block for each activation block, as 8 i32 partial sums.
     unsafe fn dots<const R: usize>(&self, p: &Prepared, ys: [&BlockQ8K; R]) -> [__m256i; R];
-
-    /// `acc[g]` (lane r: row r of group g) += this block · the group's block, with VNNI.
-    unsafe fn interleaved_dots<V: Vnni, const G: usize>(
-        &self,
-        ys: [&BlockQ8Kx8; G],
-        acc: &mut [__m256; G],
-    );
 }
 
 /// `acc + madd(a, b)`.
@@ -254,107 +159,9 @@ unsafe fn single_row<B: Avx2Block>(x: &B, p: &Prepared, y: &BlockQ8K, acc: &mut 
     *acc = _mm256_fnmadd_ps(offs, _mm256_set1_ps(p.dm * y.d), *acc);
 }
 
-/// `out[j * m + 8g + r]` for the rows of the interleaved groups, all (up to four) at once so
-/// that each broadcast weight serves up to 32 rows.
-#[inline(always)]
-unsafe fn tile_interleaved<V: Vnni, B: Avx2Block>(
-    w: &[&[B]],
-    groups: &[&[BlockQ8Kx8]],
-    m: usize,
-    out: &mut [f32],
-) {
-    const GROUPS: usize = TILE_ACTS / 8;
-    let n = groups.len();
-    let mut acc = [_mm256_setzero_ps(); TILE_ROWS * GROUPS];
-    let blocks = w.first().map_or(0, |row| row.len());
-    // What the unchecked indexing below relies on.
-    debug_assert!(w.len() <= TILE_ROWS && n <= GROUPS);
-    debug_assert!(w.iter().all(|row| row.len() == blocks));
-    debug_assert!(groups.iter().all(|g| g.len() >= blocks));
-    for b in 0..blocks {
-        for (j, row) in w.iter().enumerate() {
-            let x = row.get_unchecked(b);
-            let acc = acc.as_mut_ptr().add(j * GROUPS);
-            let y = |g: usize| groups.get_unchecked(g).get_unchecked(b);
-            match n {
-                4 => x.interleaved_dots::<V, _>(
-                    [y(0), y(1), y(2), y(3)],
-                    &mut *(acc as *mut [__m256; 4]),
-                ),
-                3 => {
-                    x.interleaved_dots::<V, _>([y(0), y(1), y(2)], &mut *(acc as *mut [__m256; 3]))
-                }
-                2 => x.interleaved_dots::<V, _>([y(0), y(1)], &mut *(acc as *mut [__m256; 2])),
-                1 => x.interleaved_dots::<V, _>([y(0)], &mut *(acc as *mut [__m256; 1])),
-                _ => {}
-            }
-        }
-    }
-    for j in 0..w.len() {
-        for g in 0..n {
-            _mm256_storeu_ps(out[j * m + 8 * g..].as_mut_ptr(), acc[j * GROUPS + g]);
-        }
-    }
-}
-
-/// Q4_K/Q5_K with VNNI: `weights(c, k)` gives the four u8 values at 4k.. of chunk c's
-/// low-nibble and high-nibble sub-blocks, broadcast to all eight lanes.
-#[inline(always)]
-unsafe fn k_quant_interleaved<V: Vnni, const G: usize>(
-    packed: &[u8; 12],
-    (d, dmin): (f32, f32),
-    ys: [&BlockQ8Kx8; G],
-    acc: &mut [__m256; G],
-    weights: impl Fn(usize, usize) -> (__m256i, __m256i),
-) {
-    let (scales, mins) = scales_and_mins(packed);
-    let mut total = [_mm256_setzero_si256(); G];
-    for c in 0..4 {
-        let mut lo = [_mm256_setzero_si256(); G];
-        let mut hi = [_mm256_setzero_si256(); G];
-        for k in 0..8 {
-            let (wl, wh) = weights(c, k);
-            for g in 0..G {
-                let qs = &ys[g].qs;
-                lo[g] = V::dpbusd(lo[g], wl, load(qs[16 * c + k].as_ptr()));
-                hi[g] = V::dpbusd(hi[g], wh, load(qs[16 * c + 8 + k].as_ptr()));
-            }
-        }
-        let scale_lo = _mm256_set1_epi32(i32::from(scales[2 * c]));
-        let scale_hi = _mm256_set1_epi32(i32::from(scales[2 * c + 1]));
-        for g in 0..G {
-            let l = _mm256_mullo_epi32(lo[g], scale_lo);
-            let h = _mm256_mullo_epi32(hi[g], scale_hi);
-            total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
-        }
-    }
-    for g in 0..G {
-        let y = ys[g];
-        let mut offsets = _mm256_setzero_si256();
-        for (q, sums) in y.sums.iter().enumerate() {
-            let pair = i32::from(mins[2 * q]) | (i32::from(mins[2 * q + 1]) << 16);
-            offsets = _mm256_add_epi32(
-                offsets,
-                _mm256_madd_epi16(load(sums.as_ptr()), _mm256_set1_epi32(pair)),
-            );
-        }
-        let yd = _mm256_loadu_ps(y.d.as_ptr());
-        let dots = _mm256_cvtepi32_ps(total[g]);
-        acc[g] = _mm256_fmadd_ps(dots, _mm256_mul_ps(yd, _mm256_set1_ps(d)), acc[g]);
-        let offsets = _mm256_cvtepi32_ps(offsets);
-        acc[g] = _mm256_fnmadd_ps(offsets, _mm256_mul_ps(yd, _mm256_set1_ps(dmin)), acc[g]);
-    }
-}
-
 /// A block's unpacked weights, one sub-block of 32 per row.
 #[repr(C, align(32))]
 struct Unpacked([[u8; 32]; 8]);
-
-/// Four bytes at `ptr` in every 32-bit lane.
-#[inline(always)]
-unsafe fn broadcast4(ptr: *const u8) -> __m256i {
-    _mm256_set1_epi32(std::ptr::read_unaligned(ptr as *const i32))
-}
 
 /// `vpshufb` masks that repeat one i16 lane (of eight) across each 128-bit half.
 static LANE_BROADCAST: [[u8; 32]; 8] = {
@@ -462,23 +269,6 @@ unsafe fn k_quant_dots<const R: usize>(
 
 impl Avx2Block for BlockQ4K {
     #[inline(always)]
-    unsafe fn interleaved_dots<V: Vnni, const G: usize>(
-        &self,
-        ys: [&BlockQ8Kx8; G],
-        acc: &mut [__m256; G],
-    ) {
-        let low4 = _mm256_set1_epi8(0x0F);
-        let factors = (f32_of(self.d), f32_of(self.dmin));
-        k_quant_interleaved::<V, G>(&self.scales, factors, ys, acc, |c, k| {
-            let q = broadcast4(self.qs.as_ptr().add(32 * c + 4 * k));
-            (
-                _mm256_and_si256(q, low4),
-                _mm256_and_si256(_mm256_srli_epi16(q, 4), low4),
-            )
-        })
-    }
-
-    #[inline(always)]
     unsafe fn prepare(&self) -> Prepared {
         prepare_k(&self.scales, f32_of(self.d), f32_of(self.dmin))
     }
@@ -504,29 +294,6 @@ impl BlockQ4K {
 }
 
 impl Avx2Block for BlockQ5K {
-    #[inline(always)]
-    unsafe fn interleaved_dots<V: Vnni, const G: usize>(
-        &self,
-        ys: [&BlockQ8Kx8; G],
-        acc: &mut [__m256; G],
-    ) {
-        // Five-bit values take a dozen operations to assemble four at a time; unpacked once
-        // per block into a buffer, each four are then one broadcast load.
-        let mut values = Unpacked([[0; 32]; 8]);
-        for c in 0..4 {
-            let (lo, hi) = self.chunk(c);
-            _mm256_store_si256(values.0[2 * c].as_mut_ptr() as *mut __m256i, lo);
-            _mm256_store_si256(values.0[2 * c + 1].as_mut_ptr() as *mut __m256i, hi);
-        }
-        let factors = (f32_of(self.d), f32_of(self.dmin));
-        k_quant_interleaved::<V, G>(&self.scales, factors, ys, acc, |c, k| {
-            (
-                broadcast4(values.0[2 * c].as_ptr().add(4 * k)),
-                broadcast4(values.0[2 * c + 1].as_ptr().add(4 * k)),
-            )
-        })
-    }
-
     #[inline(always)]
     unsafe fn prepare(&self) -> Prepared {
         prepare_k(&self.scales, f32_of(self.d), f32_of(self.dmin))
@@ -556,60 +323,6 @@ impl BlockQ5K {
 }
 
 impl Avx2Block for BlockQ6K {
-    #[inline(always)]
-    unsafe fn interleaved_dots<V: Vnni, const G: usize>(
-        &self,
-        ys: [&BlockQ8Kx8; G],
-        acc: &mut [__m256; G],
-    ) {
-        // Unpacked once per block, in value order, into a buffer; each four weights are then
-        // one broadcast load. Sub-blocks are 16 values: four dwords per scale.
-        let mut values = Unpacked([[0; 32]; 8]);
-        for h in 0..2 {
-            for (run, q) in self.runs(h).into_iter().enumerate() {
-                _mm256_store_si256(values.0[4 * h + run].as_mut_ptr() as *mut __m256i, q);
-            }
-        }
-        let mut total = [_mm256_setzero_si256(); G];
-        for t in 0..8 {
-            let mut lo = [_mm256_setzero_si256(); G];
-            let mut hi = [_mm256_setzero_si256(); G];
-            for k in 0..4 {
-                let wl = broadcast4(values.0[t].as_ptr().add(4 * k));
-                let wh = broadcast4(values.0[t].as_ptr().add(16 + 4 * k));
-                for g in 0..G {
-                    let qs = &ys[g].qs;
-                    lo[g] = V::dpbusd(lo[g], wl, load(qs[8 * t + k].as_ptr()));
-                    hi[g] = V::dpbusd(hi[g], wh, load(qs[8 * t + 4 + k].as_ptr()));
-                }
-            }
-            let scale_lo = _mm256_set1_epi32(i32::from(self.scales[2 * t]));
-            let scale_hi = _mm256_set1_epi32(i32::from(self.scales[2 * t + 1]));
-            for g in 0..G {
-                let l = _mm256_mullo_epi32(lo[g], scale_lo);
-                let h = _mm256_mullo_epi32(hi[g], scale_hi);
-                total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
-            }
-        }
-        let d = f32_of(self.d);
-        for g in 0..G {
-            let y = ys[g];
-            // Values are stored +32: subtract 32·Σ scale·bsum.
-            let mut offsets = _mm256_setzero_si256();
-            for (q, bsums) in y.bsums.iter().enumerate() {
-                let pair = i32::from(self.scales[2 * q]) as u16 as i32
-                    | (i32::from(self.scales[2 * q + 1]) << 16);
-                offsets = _mm256_add_epi32(
-                    offsets,
-                    _mm256_madd_epi16(load(bsums.as_ptr()), _mm256_set1_epi32(pair)),
-                );
-            }
-            let values = _mm256_sub_epi32(total[g], _mm256_slli_epi32(offsets, 5));
-            let yd = _mm256_mul_ps(_mm256_loadu_ps(y.d.as_ptr()), _mm256_set1_ps(d));
-            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(values), yd, acc[g]);
-        }
-    }
-
     #[inline(always)]
     unsafe fn prepare(&self) -> Prepared {
         let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(self.scales.as_ptr() as *const __m128i));
