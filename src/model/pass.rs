@@ -302,3 +302,37 @@ fn outputs(
     }
     Ok(())
 }
+
+/// A sequence alone is a pass of one.
+impl Phi3Model {
+    /// Feeds `tokens` and returns the next-token logits after the last one, shape (vocab,).
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        self.pass_alone(tokens, Output::Last)
+            .and_then(|t| t.ok_or_else(|| candle_core::Error::Msg("no logits".into())))
+    }
+
+    /// Feeds `tokens` into the cache without computing logits (a prompt chunk that is not
+    /// the last one: the output projection is a vocabulary-sized product).
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        self.pass_alone(tokens, Output::Nothing).map(drop)
+    }
+
+    /// Feeds `tokens` and returns the logits at every position, shape (tokens, vocab).
+    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        self.pass_alone(tokens, Output::All)
+            .and_then(|t| t.ok_or_else(|| candle_core::Error::Msg("no logits".into())))
+    }
+
+    /// A pass of this sequence alone. One that fails (or is interrupted) leaves the cache as
+    /// it was, so the sequence can go on, and a retry computes the same result.
+    fn pass_alone(&mut self, tokens: &[u32], output: Output) -> Result<Option<Tensor>> {
+        let mut segment = [Segment {
+            model: self,
+            tokens,
+            output,
+        }];
+        let [result] = <[_; 1]>::try_from(forward(&mut segment))
+            .map_err(|_| candle_core::Error::Msg("a pass of one gave another count".into()))?;
+        result
+    }
+}

@@ -7,13 +7,12 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Device, Result};
 use candle_nn::RmsNorm;
 
 use super::config::Phi3Config;
 use super::embedding::Embedding;
 use super::kv_cache::KvCache;
-use super::pass::{self, Output, Segment};
 use super::rope::{RopeFactors, RotaryEmbedding};
 use crate::quant::{Kernels, Linear, RawTensor};
 
@@ -207,37 +206,6 @@ impl Phi3Model {
     pub fn kv_cache_bytes(&self) -> usize {
         let per_token = self.weights.config.kv_bytes_per_token() / self.caches.len().max(1);
         self.caches.iter().map(|c| c.capacity() * per_token).sum()
-    }
-
-    /// Feeds `tokens` and returns the next-token logits after the last one, shape (vocab,).
-    pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        self.pass_alone(tokens, Output::Last)
-            .and_then(|t| t.ok_or_else(|| candle_core::Error::Msg("no logits".into())))
-    }
-
-    /// Feeds `tokens` into the cache without computing logits (a prompt chunk that is not
-    /// the last one: the output projection is a vocabulary-sized product).
-    pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
-        self.pass_alone(tokens, Output::Nothing).map(drop)
-    }
-
-    /// Feeds `tokens` and returns the logits at every position, shape (tokens, vocab).
-    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        self.pass_alone(tokens, Output::All)
-            .and_then(|t| t.ok_or_else(|| candle_core::Error::Msg("no logits".into())))
-    }
-
-    /// A pass of this sequence alone. One that fails (or is interrupted) leaves the cache as
-    /// it was, so the sequence can go on, and a retry computes the same result.
-    fn pass_alone(&mut self, tokens: &[u32], output: Output) -> Result<Option<Tensor>> {
-        let mut segment = [Segment {
-            model: self,
-            tokens,
-            output,
-        }];
-        let [result] = <[_; 1]>::try_from(pass::forward(&mut segment))
-            .map_err(|_| candle_core::Error::Msg("a pass of one gave another count".into()))?;
-        result
     }
 
     pub(super) fn weights(&self) -> &Arc<Phi3Weights> {
