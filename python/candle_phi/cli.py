@@ -71,12 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose", "-v", action="store_true", help="print load and speed figures on stderr"
     )
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", help="local GGUF file (default: from the Hugging Face hub)")
-    model.add_argument("--tokenizer", help="local tokenizer.json")
-    model.add_argument("--repo", help="hub repo of the GGUF")
-    model.add_argument("--file", help="GGUF file name in --repo")
-    model.add_argument("--revision", help="hub revision: branch, tag or commit")
+    add_model_arguments(parser)
 
     gen = parser.add_argument_group("generation")
     for name, (parse, default) in PARAMETERS.items():
@@ -93,11 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_generator(args: argparse.Namespace) -> Phi3Generator:
+def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The flags that say which model to load (shared with `candle-phi serve`)."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", help="local GGUF file (default: from the Hugging Face hub)")
+    model.add_argument("--tokenizer", help="local tokenizer.json")
+    model.add_argument("--repo", help="hub repo of the GGUF")
+    model.add_argument("--file", help="GGUF file name in --repo")
+    model.add_argument("--revision", help="hub revision: branch, tag or commit")
+    return model
+
+
+def load_generator(args: argparse.Namespace, **options: Any) -> Phi3Generator:
+    """The generator `add_model_arguments`' flags name, with Phi3Generator's `options`."""
     flags = {"repo_id": args.repo, "filename": args.file, "revision": args.revision}
     hub = {key: value for key, value in flags.items() if value is not None}
     # progress=True draws a bar on stderr only while a file is downloaded.
-    return Phi3Generator(args.model, tokenizer=args.tokenizer, progress=True, **hub)
+    return Phi3Generator(args.model, tokenizer=args.tokenizer, progress=True, **hub, **options)
 
 
 def stream_to(out: TextIO, stream: Iterator[str]) -> None:

@@ -286,9 +286,10 @@ impl Generation {
             let chunk_start = Instant::now();
             let chunk = self.prompt[self.prefilled..end].to_vec();
             // Only the last chunk's logits are sampled from.
-            let output = match end == self.prompt.len() {
-                true => Output::Last,
-                false => Output::Nothing,
+            let output = if end == self.prompt.len() {
+                Output::Last
+            } else {
+                Output::Nothing
             };
             self.logits = self.pass(chunk, output)?;
             self.stats.prompt_time += chunk_start.elapsed();

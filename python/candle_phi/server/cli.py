@@ -9,7 +9,8 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from candle_phi import CandlePhiError, Phi3Generator
+from candle_phi import CandlePhiError
+from candle_phi.cli import add_model_arguments, load_generator
 from candle_phi.server import memory
 
 EXIT_OK = 0
@@ -26,12 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a Phi-3 GGUF model with OpenAI's API (/v1/chat/completions, "
         "/v1/completions, /v1/models), a chat page at / and /health.",
     )
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", help="local GGUF file (default: from the Hugging Face hub)")
-    model.add_argument("--tokenizer", help="local tokenizer.json")
-    model.add_argument("--repo", help="hub repo of the GGUF")
-    model.add_argument("--file", help="GGUF file name in --repo")
-    model.add_argument("--revision", help="hub revision: branch, tag or commit")
+    model = add_model_arguments(parser)
     model.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
     model.add_argument(
         "--prefix-cache-bytes",
@@ -97,14 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
-        hub = {"repo_id": args.repo, "filename": args.file, "revision": args.revision}
-        generator = Phi3Generator(
-            args.model,
-            tokenizer=args.tokenizer,
-            progress=True,
-            n_threads=args.threads,
-            prefix_cache_bytes=args.prefix_cache_bytes,
-            **{key: value for key, value in hub.items() if value is not None},
+        generator = load_generator(
+            args, n_threads=args.threads, prefix_cache_bytes=args.prefix_cache_bytes
         )
         settings = ServerSettings(
             model_name=args.model_name or generator.model_path.stem,
@@ -123,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
-    except OSError as err:
+    except (OSError, OverflowError) as err:  # OverflowError: a port beyond 65535
         print(
             f"candle-phi: error: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr
         )

@@ -21,7 +21,8 @@ class Reply:
         prefix = "chatcmpl" if job.kind == "chat" else "cmpl"
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.text: list[str] = []
+        self.text: list[str] = []  # a whole reply's pieces (streamed ones are not kept)
+        self.streamed_chars = 0  # where the next streamed piece starts: its text_offset
         self.logprobs: list[TokenLogprob] = []
 
     def finish_reason(self, stream: TokenStream) -> str:
@@ -107,9 +108,8 @@ class Reply:
         return self._envelope([choice], chunk=True)
 
     def chunk(self, text: str, entries: Sequence[TokenLogprob] | None) -> dict[str, Any]:
-        offset = sum(map(len, self.text))
-        self.text.append(text)
-        logprobs = self._logprobs(entries, offset)
+        logprobs = self._logprobs(entries, self.streamed_chars)
+        self.streamed_chars += len(text)
         if self.job.kind == "chat":
             choice = {"index": 0, "delta": {"content": text}, "logprobs": logprobs}
         else:
