@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::generation::{Generation, GenerationParams};
 use crate::model::{self, Phi3Config, Phi3Model, Phi3Weights};
 use crate::prefix_cache::{PrefixCache, DEFAULT_BUDGET_BYTES};
-use crate::source::{HubFile, DEFAULT_REVISION, DEFAULT_TOKENIZER_FILE, DEFAULT_TOKENIZER_REPO};
+use crate::source::{HubFile, DEFAULT_TOKENIZER_FILE};
 use crate::tokenizer::Phi3Tokenizer;
 
 /// Where a file comes from.
@@ -82,7 +82,7 @@ pub struct Engine {
 
 impl Engine {
     /// Resolves and loads the model, then its tokenizer. Without a tokenizer source, a
-    /// `tokenizer.json` beside a local GGUF is used, else the default Phi-3 tokenizer.
+    /// `tokenizer.json` beside a local GGUF is used, else the GGUF's own tokenizer.
     pub fn load(
         model: &ModelSource,
         tokenizer: Option<&ModelSource>,
@@ -109,16 +109,17 @@ impl Engine {
         }
         let model_path = model.resolve(progress)?;
         let loaded = model::load_interruptible(&model_path, interrupt)?;
-        let tokenizer_source = match tokenizer {
-            Some(source) => source.clone(),
-            None => default_tokenizer(model, &model_path),
+        let vocab_size = loaded.weights.config.vocab_size;
+        let tokenizer = match tokenizer
+            .cloned()
+            .or_else(|| tokenizer_beside(model, &model_path))
+        {
+            Some(source) => {
+                let path = source.resolve(progress)?;
+                Phi3Tokenizer::from_file(&path, &loaded.metadata, vocab_size)?
+            }
+            None => Phi3Tokenizer::from_gguf(&model_path, &loaded.metadata, vocab_size)?,
         };
-        let tokenizer_path = tokenizer_source.resolve(progress)?;
-        let tokenizer = Phi3Tokenizer::from_file(
-            &tokenizer_path,
-            &loaded.metadata,
-            loaded.weights.config.vocab_size,
-        )?;
         let chat_template =
             ChatTemplate::new(loaded.metadata.chat_template.as_deref()).map_err(|e| e.to_string());
         Ok(Self {
@@ -298,22 +299,13 @@ impl Engine {
     }
 }
 
-fn default_tokenizer(model: &ModelSource, model_path: &Path) -> ModelSource {
-    if let ModelSource::Local(_) = model {
-        if let Some(beside) = model_path
-            .parent()
-            .map(|dir| dir.join(DEFAULT_TOKENIZER_FILE))
-        {
-            if beside.is_file() {
-                return ModelSource::Local(beside);
-            }
-        }
-    }
-    ModelSource::Hub(HubFile::new(
-        DEFAULT_TOKENIZER_REPO,
-        DEFAULT_TOKENIZER_FILE,
-        DEFAULT_REVISION,
-    ))
+/// A `tokenizer.json` placed beside a local GGUF is that model's tokenizer.
+fn tokenizer_beside(model: &ModelSource, model_path: &Path) -> Option<ModelSource> {
+    let ModelSource::Local(_) = model else {
+        return None;
+    };
+    let beside = model_path.parent()?.join(DEFAULT_TOKENIZER_FILE);
+    beside.is_file().then_some(ModelSource::Local(beside))
 }
 
 impl Engine {

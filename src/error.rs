@@ -92,6 +92,9 @@ pub enum Error {
     #[error("{} is not a valid tokenizer.json: {detail}", path.display())]
     TokenizerInvalid { path: PathBuf, detail: String },
 
+    #[error("the tokenizer in {} cannot be used: {detail}. Pass the model's tokenizer.json (tokenizer=...)", path.display())]
+    GgufTokenizer { path: PathBuf, detail: String },
+
     #[error("the tokenizer does not match the model: {detail}. Use the tokenizer.json of the model the GGUF was converted from")]
     TokenizerMismatch { detail: String },
 

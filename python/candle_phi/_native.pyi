@@ -15,6 +15,7 @@ __all__ = [
     "TokenEvents",
     "TokenLogprob",
     "TokenStream",
+    "Tokenizer",
     "TopLogprob",
     "__version__",
 ]
@@ -178,6 +179,21 @@ class Phi3Generator:
     def pass_counts(self) -> tuple[int, int]:
         """Forward passes run so far and the stream steps they served: streams stepped at
         the same time share a pass, so steps / passes is the mean batch size."""
+
+@final
+class Tokenizer:
+    """A GGUF's own tokenizer (its ``tokenizer.ggml.*`` metadata), without its weights."""
+
+    @staticmethod
+    def from_gguf(path: str | os.PathLike[str]) -> Tokenizer: ...
+    def encode(
+        self, text: str, *, add_special_tokens: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        """Token ids; with ``parse_special=False`` special-token text stays text."""
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = False) -> str: ...
+    def token_to_id(self, token: str, /) -> int | None: ...
+    @property
+    def end_token_ids(self) -> list[int]: ...
 
 @final
 class TokenStream:

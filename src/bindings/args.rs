@@ -75,6 +75,8 @@ converters! {
 
     skip_special_tokens: bool = "skip_special_tokens", "a bool";
     add_special_tokens: bool = "add_special_tokens", "a bool";
+    parse_special: bool = "parse_special", "a bool";
+    gguf_path: std::path::PathBuf = "path", "a path (str or os.PathLike)";
     add_generation_prompt: bool = "add_generation_prompt", "a bool";
     chunk_size: Option<i64> = "chunk_size", "an int >= 1 or None";
     model: Option<std::path::PathBuf> = "model", "a path (str or os.PathLike) or None";

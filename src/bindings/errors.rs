@@ -27,6 +27,7 @@ fn class_name(err: &Error) -> &'static str {
         | Error::NoCacheDir { .. } => "ModelLoadError",
         Error::TokenizerNotFound { .. }
         | Error::TokenizerInvalid { .. }
+        | Error::GgufTokenizer { .. }
         | Error::TokenizerMismatch { .. }
         | Error::Tokenization { .. }
         | Error::Template { .. } => "TokenizerError",

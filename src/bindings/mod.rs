@@ -7,6 +7,7 @@ mod generator;
 mod interrupt;
 mod options;
 mod stream;
+mod tokenizer;
 
 use pyo3::prelude::*;
 
@@ -14,6 +15,7 @@ use pyo3::prelude::*;
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     interrupt::record_main_thread(m.py())?;
     m.add_class::<generator::PyPhi3Generator>()?;
+    m.add_class::<tokenizer::PyTokenizer>()?;
     m.add_class::<stream::PyTokenStream>()?;
     m.add_class::<stream::PyTokenEvents>()?;
     m.add_class::<stream::PyTokenEvent>()?;

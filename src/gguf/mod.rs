@@ -35,6 +35,19 @@ impl GgufFile {
     /// loading, not the first token, pays for reading the file) unless `interrupt` is set
     /// meanwhile, which ends the load with `Error::Interrupted`.
     pub fn open(path: &Path, interrupt: &AtomicBool) -> Result<Self> {
+        let file = Self::open_header(path)?;
+        prefault(&file.map, file.header.data_offset, interrupt).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if interrupt.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        Ok(file)
+    }
+
+    /// Maps and checks the file without reading the weights in: for its metadata alone.
+    pub fn open_header(path: &Path) -> Result<Self> {
         let io_err = |source| Error::Io {
             path: path.to_path_buf(),
             source,
@@ -70,10 +83,6 @@ impl GgufFile {
         // SAFETY: the usual caveat of mapping: the file must not be truncated while in use.
         let map = unsafe { Mmap::map(&file) }.map_err(io_err)?;
         let header = Header::parse(&map).map_err(|e| header_error(path, e))?;
-        prefault(&map, header.data_offset, interrupt).map_err(io_err)?;
-        if interrupt.load(Ordering::Relaxed) {
-            return Err(Error::Interrupted);
-        }
         Ok(GgufFile {
             path: path.to_path_buf(),
             header,
@@ -96,6 +105,16 @@ impl GgufFile {
                         .map(|s| String::from_utf8_lossy(s).into_owned())
                         .collect(),
                 )
+            }
+            _ => None,
+        }
+    }
+
+    /// The items of a numeric-array metadata value as f64, if it has at most `max_items`.
+    pub fn metadata_numbers(&self, key: &str, max_items: usize) -> Option<Vec<f64>> {
+        match self.metadata(key)? {
+            Value::Array(array) if array.item.fixed_size().is_some() && array.len <= max_items => {
+                Some(array.numbers(&self.map).collect())
             }
             _ => None,
         }

@@ -44,7 +44,7 @@ impl ValueType {
     }
 
     /// Bytes of one value of a fixed-size type.
-    pub(super) fn fixed_size(self) -> Option<usize> {
+    pub fn fixed_size(self) -> Option<usize> {
         use ValueType::*;
         match self {
             U8 | I8 | Bool => Some(1),

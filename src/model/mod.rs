@@ -21,6 +21,7 @@ pub use crate::quant::RawTensor;
 
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, Value};
+use crate::tokenizer::GgufVocab;
 
 impl TensorSource for GgufFile {
     fn tensor(&mut self, name: &str) -> Result<crate::quant::RawTensor> {
@@ -65,8 +66,8 @@ pub struct ModelMetadata {
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub eot_token_id: Option<u32>,
-    /// The GGUF's own token list, to check a separately supplied tokenizer against.
-    pub tokens: Option<Vec<String>>,
+    /// The GGUF's tokenizer: used when no tokenizer.json is given, else checked against it.
+    pub vocab: GgufVocab,
 }
 
 /// Checks every required tensor's presence, shape and type, then reads the weights.
@@ -118,6 +119,11 @@ pub fn load_interruptible(path: &Path, interrupt: &AtomicBool) -> Result<LoadedM
     })
 }
 
+/// The metadata of the GGUF at `path`, without reading its weights.
+pub fn metadata(path: &Path) -> Result<ModelMetadata> {
+    Ok(read_metadata(&GgufFile::open_header(path)?))
+}
+
 fn read_metadata(file: &GgufFile) -> ModelMetadata {
     let id = |key: &str| {
         file.metadata(key)
@@ -132,6 +138,6 @@ fn read_metadata(file: &GgufFile) -> ModelMetadata {
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_id: id("tokenizer.ggml.eos_token_id"),
         eot_token_id: id("tokenizer.ggml.eot_token_id"),
-        tokens: file.metadata_strings("tokenizer.ggml.tokens", config::MAX_VOCAB),
+        vocab: GgufVocab::read(file, config::MAX_VOCAB),
     }
 }

@@ -1,15 +1,22 @@
 //! The tokenizer: encoding prompts, knowing which tokens end a turn, and streaming text out
 //! with `tokenizers`' incremental decoder.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 use crate::model::ModelMetadata;
+
+mod gguf;
+mod pre;
+mod stream;
+
+pub use gguf::GgufVocab;
+pub use stream::TextStream;
 
 /// Tokens that end a turn or a document in the Phi family and its relatives.
 const END_TOKEN_NAMES: &[&str] = &["<|end|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>"];
@@ -38,6 +45,9 @@ pub struct Phi3Tokenizer {
     eos_token: Option<String>,
     end_token_ids: Vec<u32>,
     path: PathBuf,
+    /// Added tokens a byte-level decoder would garble ("ü" read as GPT-2's byte 0xFC):
+    /// decoded as their text, as llama.cpp and transformers do. Empty for other decoders.
+    verbatim: HashMap<u32, (String, bool)>,
 }
 
 impl Phi3Tokenizer {
@@ -48,19 +58,45 @@ impl Phi3Tokenizer {
                 path: path.to_path_buf(),
             });
         }
-        let mut tokenizer = Tokenizer::from_file(path).map_err(|e| Error::TokenizerInvalid {
+        let invalid = |detail: String| Error::TokenizerInvalid {
             path: path.to_path_buf(),
-            detail: e.to_string(),
-        })?;
+            detail,
+        };
+        let tokenizer = Tokenizer::from_file(path).map_err(|e| invalid(e.to_string()))?;
+        Self::new(tokenizer, path, model, vocab_size, invalid)
+    }
+
+    /// The tokenizer the GGUF at `path` describes in its metadata.
+    pub fn from_gguf(path: &Path, model: &ModelMetadata, vocab_size: usize) -> Result<Self> {
+        let invalid = |detail: String| Error::GgufTokenizer {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let tokenizer = model.vocab.build().map_err(invalid)?;
+        Self::new(tokenizer, path, model, vocab_size, invalid)
+    }
+
+    /// The tokenizer of the GGUF at `path` alone, without its weights (which it need not
+    /// have: llama.cpp's vocab-only files work).
+    pub fn from_gguf_metadata(path: &Path) -> Result<Self> {
+        let metadata = crate::model::metadata(path)?;
+        let vocab_size = metadata.vocab.tokens.as_ref().map_or(0, Vec::len);
+        Self::from_gguf(path, &metadata, vocab_size)
+    }
+
+    fn new(
+        mut tokenizer: Tokenizer,
+        path: &Path,
+        model: &ModelMetadata,
+        vocab_size: usize,
+        invalid: impl Fn(String) -> Error,
+    ) -> Result<Self> {
         // Generation never pads or truncates; a file asking for padding to 10**9 tokens
         // would make every encode allocate gigabytes.
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(None)
-            .map_err(|e| Error::TokenizerInvalid {
-                path: path.to_path_buf(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| invalid(e.to_string()))?;
         check_against_model(&tokenizer, model, vocab_size)?;
 
         let mut end_token_ids: Vec<u32> = END_TOKEN_NAMES
@@ -90,15 +126,10 @@ impl Phi3Tokenizer {
         let special_matcher = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
             .build(special_tokens.iter().map(|t| t.content.as_str()))
-            .map_err(|e| Error::TokenizerInvalid {
-                path: path.to_path_buf(),
-                detail: format!("its special tokens cannot be matched: {e}"),
-            })?;
-        let encode_err = |e: tokenizers::Error| Error::TokenizerInvalid {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        };
-        let probe = tokenizer.encode("a", true).map_err(encode_err)?;
+            .map_err(|e| invalid(format!("its special tokens cannot be matched: {e}")))?;
+        let probe = tokenizer
+            .encode("a", true)
+            .map_err(|e| invalid(e.to_string()))?;
         // Ids the post-processor adds (BOS, ...) must be the model's too.
         if let Some(&bad) = probe
             .get_ids()
@@ -125,6 +156,18 @@ impl Phi3Tokenizer {
                     .map(|_| fallback.to_string())
             })
         };
+        let byte_level = matches!(
+            tokenizer.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        let verbatim = match byte_level {
+            true => tokenizer
+                .get_added_tokens_decoder()
+                .into_iter()
+                .map(|(id, t)| (id, (t.content, t.special)))
+                .collect(),
+            false => HashMap::new(),
+        };
         let bos_token = token_text(model.bos_token_id, "<s>");
         let eos_token = token_text(model.eos_token_id, "<|endoftext|>");
         Ok(Self {
@@ -137,6 +180,7 @@ impl Phi3Tokenizer {
             eos_token,
             end_token_ids,
             path: path.to_path_buf(),
+            verbatim,
         })
     }
 
@@ -191,6 +235,26 @@ impl Phi3Tokenizer {
         self.tokenizer.token_to_id(token)
     }
 
+    /// Encodes text, its special-token text as control tokens when `parse_special`.
+    pub fn encode_with(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>> {
+        let tokenizer = if parse_special {
+            &self.tokenizer
+        } else {
+            &self.plain
+        };
+        tokenizer
+            .encode(text, add_special_tokens)
+            .map(|enc| enc.get_ids().to_vec())
+            .map_err(|e| Error::Tokenization {
+                detail: e.to_string(),
+            })
+    }
+
     /// Encodes text; special-token text such as `<|user|>` becomes its control token.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         self.tokenizer
@@ -202,11 +266,29 @@ impl Phi3Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.tokenizer
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| Error::Tokenization {
-                detail: e.to_string(),
-            })
+        let decode = |ids: &[u32]| {
+            self.tokenizer
+                .decode(ids, skip_special_tokens)
+                .map_err(|e| Error::Tokenization {
+                    detail: e.to_string(),
+                })
+        };
+        if self.verbatim.is_empty() {
+            return decode(ids);
+        }
+        let mut text = String::new();
+        let mut run_start = 0;
+        for (i, id) in ids.iter().enumerate() {
+            if let Some((content, special)) = self.verbatim.get(id) {
+                text += &decode(&ids[run_start..i])?;
+                if !(skip_special_tokens && *special) {
+                    text += content;
+                }
+                run_start = i + 1;
+            }
+        }
+        text += &decode(&ids[run_start..])?;
+        Ok(text)
     }
 }
 
@@ -229,7 +311,7 @@ fn check_against_model(
             });
         }
     }
-    if let Some(gguf_tokens) = &model.tokens {
+    if let Some(gguf_tokens) = &model.vocab.tokens {
         for (id, added) in tokenizer.get_added_tokens_decoder() {
             if !added.special {
                 continue;
@@ -247,82 +329,4 @@ fn check_against_model(
         }
     }
     Ok(())
-}
-
-/// Turns generated token ids into text as they come, never splitting a UTF-8 character and
-/// never decoding the whole sequence again. Joined, its pieces equal the decode of all ids.
-#[derive(Debug)]
-pub struct TextStream {
-    tokenizer: Arc<Phi3Tokenizer>,
-    /// The decoder's state, as `tokenizers::DecodeStream` keeps it, but owned.
-    ids: Vec<u32>,
-    prefix: String,
-    prefix_index: usize,
-}
-
-impl TextStream {
-    pub fn new(tokenizer: Arc<Phi3Tokenizer>) -> Self {
-        Self {
-            tokenizer,
-            ids: Vec::new(),
-            prefix: String::new(),
-            prefix_index: 0,
-        }
-    }
-
-    /// Adds one token; returns the text it completes, if any.
-    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
-        let context = self.ids.clone();
-        let stepped = tokenizers::tokenizer::step_decode_stream(
-            &self.tokenizer.tokenizer,
-            vec![id],
-            true,
-            &mut self.ids,
-            &mut self.prefix,
-            &mut self.prefix_index,
-        );
-        match stepped {
-            Ok(text) => Ok(text),
-            Err(_) => {
-                self.ids = context;
-                self.ids.push(id);
-                self.resync()
-            }
-        }
-    }
-
-    /// Continues after text already released has changed in the full decode, which
-    /// `tokenizers`' ByteFallback does when a byte token turns a run of bytes invalid: the
-    /// valid `<0x1A>` released alone decodes as U+FFFD once `<0xDA>` follows it. Released
-    /// text cannot be taken back, so this releases what follows the part the two decodes
-    /// share, and only there do the joined pieces differ from the full decode.
-    fn resync(&mut self) -> Result<Option<String>> {
-        let text = self.tokenizer.decode(&self.ids, true)?;
-        let shared: usize = text
-            .char_indices()
-            .zip(self.prefix.chars())
-            .take_while(|((_, a), b)| a == b)
-            .map(|((_, a), _)| a.len_utf8())
-            .sum();
-        let released = text[shared..].to_string();
-        self.ids.drain(..self.prefix_index);
-        self.prefix = self.tokenizer.decode(&self.ids, true)?;
-        self.prefix_index = self.ids.len();
-        Ok((!released.is_empty()).then_some(released))
-    }
-
-    /// Text still held back at the end (an incomplete character decodes as U+FFFD, exactly
-    /// as a full decode would show it).
-    pub fn finish(&mut self) -> Result<Option<String>> {
-        if self.ids.len() <= self.prefix_index {
-            return Ok(None);
-        }
-        let text = self.tokenizer.decode(&self.ids, true)?;
-        self.ids.clear();
-        let rest = text.strip_prefix(self.prefix.as_str()).unwrap_or(&text);
-        let rest = (!rest.is_empty()).then(|| rest.to_string());
-        self.prefix.clear();
-        self.prefix_index = 0;
-        Ok(rest)
-    }
 }
