@@ -34,6 +34,9 @@ impl HubFile {
     /// The file's local path: from the cache when it is there (no network at all), else
     /// downloaded into the cache, unless `HF_HUB_OFFLINE` forbids the network.
     pub fn resolve(&self, progress: bool) -> Result<PathBuf> {
+        if is_pattern(&self.filename) {
+            return self.matching_file()?.resolve(progress);
+        }
         let cache_dir = cache_dir()?;
         if let Some(path) = self.cached(&cache_dir) {
             return Ok(path);
@@ -46,21 +49,101 @@ impl HubFile {
                 cache: cache_dir,
             });
         }
-        let download_error = |detail: String| Error::Download {
+        api(cache_dir, progress)
+            .map_err(|e| self.download_error(e.to_string()))?
+            .repo(self.repo())
+            .get(&self.filename)
+            .map_err(|e| self.download_error(e.to_string()))
+    }
+
+    fn download_error(&self, detail: String) -> Error {
+        Error::Download {
             repo_id: self.repo_id.clone(),
             filename: self.filename.clone(),
             revision: self.revision.clone(),
             detail,
-        };
-        // Not `ApiBuilder::from_env()`: without HOME it panics looking for a default cache.
-        let mut builder = ApiBuilder::from_cache(Cache::new(cache_dir)).with_progress(progress);
-        if let Some(endpoint) = non_empty_env("HF_ENDPOINT") {
-            builder = builder.with_endpoint(endpoint);
         }
-        let api = builder.build().map_err(|e| download_error(e.to_string()))?;
-        api.repo(self.repo())
-            .get(&self.filename)
-            .map_err(|e| download_error(e.to_string()))
+    }
+
+    /// The one file a glob (`"*q4.gguf"`) names: among the cached files of the revision
+    /// first, then, unless offline, among the repository's files on the hub.
+    fn matching_file(&self) -> Result<HubFile> {
+        let pattern = glob::Pattern::new(&self.filename).map_err(|e| {
+            Error::invalid_argument(
+                "filename",
+                format!("{:?}", self.filename),
+                format!("It is not a valid glob pattern ({e})"),
+            )
+        })?;
+        let cache_dir = cache_dir()?;
+        let mut found: Vec<String> = self
+            .cached_files(&cache_dir)
+            .into_iter()
+            .filter(|name| pattern.matches(name))
+            .collect();
+        if found.is_empty() {
+            if offline() {
+                return Err(Error::NotCached {
+                    repo_id: self.repo_id.clone(),
+                    filename: self.filename.clone(),
+                    revision: self.revision.clone(),
+                    cache: cache_dir,
+                });
+            }
+            let info = api(cache_dir, false)
+                .and_then(|api| api.repo(self.repo()).info())
+                .map_err(|e| self.download_error(e.to_string()))?;
+            found = info
+                .siblings
+                .into_iter()
+                .map(|s| s.rfilename)
+                .filter(|name| pattern.matches(name))
+                .collect();
+        }
+        found.sort();
+        found.dedup();
+        match found.as_slice() {
+            [one] => Ok(HubFile::new(&self.repo_id, one, &self.revision)),
+            [] => Err(self.download_error("no file of the repository matches it".into())),
+            several => Err(Error::invalid_argument(
+                "filename",
+                format!("{:?}", self.filename),
+                format!(
+                    "It matches {} files of {} ({}); name one of them",
+                    several.len(),
+                    self.repo_id,
+                    several.join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// The files of this revision's snapshot in the cache, as paths inside the repository.
+    fn cached_files(&self, cache_dir: &std::path::Path) -> Vec<String> {
+        let folder = cache_dir.join(format!("models--{}", self.repo_id.replace('/', "--")));
+        let commit = std::fs::read_to_string(folder.join("refs").join(&self.revision))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_else(|_| self.revision.clone());
+        let snapshot = folder.join("snapshots").join(commit);
+        let mut files = Vec::new();
+        let mut pending = vec![(snapshot.clone(), 0)];
+        // Bounded: a few levels, a few thousand entries.
+        while let Some((dir, depth)) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten().take(4096) {
+                let path = entry.path();
+                if path.is_dir() && depth < 4 {
+                    pending.push((path, depth + 1));
+                } else if path.is_file() {
+                    if let Ok(relative) = path.strip_prefix(&snapshot) {
+                        files.push(relative.to_string_lossy().replace('\\', "/"));
+                    }
+                }
+            }
+        }
+        files
     }
 
     fn repo(&self) -> Repo {
@@ -83,6 +166,24 @@ impl HubFile {
             .join(&self.filename);
         path.is_file().then_some(path)
     }
+}
+
+/// Whether a filename is a glob pattern rather than a name.
+fn is_pattern(filename: &str) -> bool {
+    filename.contains(['*', '?', '['])
+}
+
+/// The hub client over our cache. Not `ApiBuilder::from_env()`: without HOME it panics
+/// looking for a default cache.
+fn api(
+    cache_dir: PathBuf,
+    progress: bool,
+) -> std::result::Result<hf_hub::api::sync::Api, hf_hub::api::sync::ApiError> {
+    let mut builder = ApiBuilder::from_cache(Cache::new(cache_dir)).with_progress(progress);
+    if let Some(endpoint) = non_empty_env("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint);
+    }
+    builder.build()
 }
 
 /// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`, as `huggingface_hub`.

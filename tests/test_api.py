@@ -19,6 +19,7 @@ EXCEPTIONS = [
 ]
 NATIVE_CLASSES = [
     "Phi3Generator",
+    "Tokenizer",
     "TokenStream",
     "TokenEvents",
     "TokenEvent",

@@ -310,3 +310,34 @@ def test_unknown_kernels_are_an_error(
         Phi3Generator(model_path, tokenizer=tokenizer_path)
     monkeypatch.setenv("CANDLE_PHI_KERNELS", "scalar")
     Phi3Generator(model_path, tokenizer=tokenizer_path)
+
+
+def test_default_model_needs_only_the_gguf(
+    clean_hub_env: Path, monkeypatch: pytest.MonkeyPatch, model_path: Path, generator: Phi3Generator
+) -> None:
+    """No tokenizer repository in the cache, and no network: the GGUF's own tokenizer."""
+    link = populate_cache(clean_hub_env, MODEL_REPO, MODEL_FILE, model_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    gen = Phi3Generator()
+    assert gen.tokenizer_path == link
+    assert gen.tokenize(CHAT_PROMPT) == generator.tokenize(CHAT_PROMPT)
+    assert first_text(gen) == first_text(generator)
+
+
+def test_from_pretrained_resolves_a_glob_in_the_cache(
+    clean_hub_env: Path, monkeypatch: pytest.MonkeyPatch, model_path: Path, tokenizer_path: Path
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    link = populate_cache(clean_hub_env, "me/tiny", "tiny-q4.gguf", model_path)
+    populate_cache(clean_hub_env, "me/tiny", "README.md", tokenizer_path)
+    gen = Phi3Generator.from_pretrained("me/tiny", "*q4.gguf")
+    assert gen.model_path == link
+    assert Phi3Generator.from_pretrained("me/tiny", "tiny-q?.gguf").model_path == link
+    # Several matches name the candidates; none offline is "not cached".
+    populate_cache(clean_hub_env, "me/tiny", "tiny-q4-b.gguf", model_path)
+    with pytest.raises(InvalidArgumentError, match=r"matches 2 files.*tiny-q4-b\.gguf, tiny-q4\.gguf"):
+        Phi3Generator.from_pretrained("me/tiny", "*.gguf")
+    with pytest.raises(ModelLoadError, match=r"\*q8\.gguf.*HF_HUB_OFFLINE"):
+        Phi3Generator.from_pretrained("me/tiny", "*q8.gguf")
+    with pytest.raises(InvalidArgumentError, match="given twice"):
+        Phi3Generator.from_pretrained("me/tiny", "*q4.gguf", model="x.gguf")

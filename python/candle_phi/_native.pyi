@@ -34,11 +34,13 @@ class Phi3Generator:
         model: Path of a local ``phi3`` GGUF file. When None, ``filename`` is taken from the
             Hugging Face repo ``repo_id`` at ``revision``, through the Hugging Face cache
             (``HF_HUB_CACHE`` / ``HF_HOME``); a cached file loads without network and
-            ``HF_HUB_OFFLINE=1`` never touches the network.
+            ``HF_HUB_OFFLINE=1`` never touches the network. ``filename`` may be a glob
+            (``"*q4.gguf"``) that matches one file.
         tokenizer: Path of a ``tokenizer.json``. When None: ``tokenizer.json`` from
             ``tokenizer_repo_id`` if given, else the one beside a local model, else the
-            tokenizer of ``microsoft/Phi-3-mini-4k-instruct``.
-        progress: Show a download progress bar on stderr when a file is fetched.
+            tokenizer the GGUF itself describes (its ``tokenizer.ggml.*`` metadata).
+        progress: Show a download progress bar on stderr when a file is fetched; None (the
+            default) shows it when stderr is a terminal.
         n_threads: Threads for the CPU kernels; None means one per physical core. Candle's
             thread pools are process-wide and sized once: the first generator sets the count,
             and a later one asking for another raises InvalidArgumentError.
@@ -63,10 +65,26 @@ class Phi3Generator:
         revision: str = "main",
         tokenizer_repo_id: str | None = None,
         tokenizer_revision: str = "main",
-        progress: bool = False,
+        progress: bool | None = None,
         n_threads: int | None = None,
         prefix_cache_bytes: int = 4294967296,
     ) -> Self: ...
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id: str,
+        filename: str = "Phi-3-mini-4k-instruct-q4.gguf",
+        *,
+        tokenizer: str | os.PathLike[str] | None = None,
+        revision: str = "main",
+        tokenizer_repo_id: str | None = None,
+        tokenizer_revision: str = "main",
+        progress: bool | None = None,
+        n_threads: int | None = None,
+        prefix_cache_bytes: int = 4294967296,
+    ) -> Self:
+        """``filename`` (or the one file a glob such as ``"*q4.gguf"`` matches) of the hub
+        repository ``repo_id``, through the Hugging Face cache."""
     def generate(
         self, prompt: str | Sequence[int], **options: Unpack[GenerationOptions]
     ) -> TokenStream:
@@ -155,7 +173,7 @@ class Phi3Generator:
 
     @property
     def tokenizer_path(self) -> Path:
-        """Local path of the tokenizer.json in use."""
+        """Local path of the tokenizer.json in use, or of the GGUF when its own tokenizer is."""
 
     @property
     def n_threads(self) -> int:

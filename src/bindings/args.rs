@@ -81,7 +81,7 @@ converters! {
     chunk_size: Option<i64> = "chunk_size", "an int >= 1 or None";
     model: Option<std::path::PathBuf> = "model", "a path (str or os.PathLike) or None";
     tokenizer: Option<std::path::PathBuf> = "tokenizer", "a path (str or os.PathLike) or None";
-    progress: bool = "progress", "a bool";
+    progress: Option<bool> = "progress", "a bool, or None to show it when stderr is a terminal";
     n_threads: Option<i64> = "n_threads", "an int >= 1 or None";
     ignore_eos: bool = "ignore_eos", "a bool";
 }

@@ -1,12 +1,13 @@
 //! `Phi3Generator`: a loaded model and tokenizer. Frozen and shareable across threads; each
 //! `generate` call returns a stream with its own KV cache over the shared weights.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyType};
 
 use super::args;
 use super::errors::IntoPyResult;
@@ -59,7 +60,7 @@ impl PyPhi3Generator {
     #[pyo3(text_signature = "(model=None, *, tokenizer=None, \
         repo_id='microsoft/Phi-3-mini-4k-instruct-gguf', \
         filename='Phi-3-mini-4k-instruct-q4.gguf', revision='main', tokenizer_repo_id=None, \
-        tokenizer_revision='main', progress=False, n_threads=None, \
+        tokenizer_revision='main', progress=None, n_threads=None, \
         prefix_cache_bytes=4294967296)")]
     #[pyo3(signature = (
         model = None,
@@ -70,7 +71,7 @@ impl PyPhi3Generator {
         revision = DEFAULT_REVISION.to_string(),
         tokenizer_repo_id = None,
         tokenizer_revision = DEFAULT_REVISION.to_string(),
-        progress = false,
+        progress = None,
         n_threads = None,
         prefix_cache_bytes = DEFAULT_BUDGET_BYTES as i64,
     ))]
@@ -84,7 +85,7 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::revision)] revision: String,
         #[pyo3(from_py_with = args::tokenizer_repo_id)] tokenizer_repo_id: Option<String>,
         #[pyo3(from_py_with = args::tokenizer_revision)] tokenizer_revision: String,
-        #[pyo3(from_py_with = args::progress)] progress: bool,
+        #[pyo3(from_py_with = args::progress)] progress: Option<bool>,
         #[pyo3(from_py_with = args::n_threads)] n_threads: Option<i64>,
         #[pyo3(from_py_with = args::prefix_cache_bytes)] prefix_cache_bytes: i64,
     ) -> PyResult<Self> {
@@ -110,6 +111,8 @@ impl PyPhi3Generator {
             ))),
             (None, None) => None,
         };
+        // A download shows its progress where someone watches: a terminal.
+        let progress = progress.unwrap_or_else(|| std::io::stderr().is_terminal());
         let stop = AtomicBool::new(false);
         let engine = interrupt::run(py, Operation::Loading, &stop, || {
             Engine::load_interruptible(&model, tokenizer.as_ref(), progress, n_threads, &stop)
@@ -117,6 +120,39 @@ impl PyPhi3Generator {
         Ok(Self {
             engine: Arc::new(engine.with_prefix_cache(prefix_cache_bytes)),
         })
+    }
+
+    /// Loads `filename` of the hub repository `repo_id`; a glob (`"*q4.gguf"`) names the
+    /// one file it matches, among the cached files first, then on the hub unless offline.
+    /// Other keywords are the constructor's.
+    #[classmethod]
+    #[pyo3(signature = (repo_id, filename = DEFAULT_MODEL_FILE.to_string(), **kwargs))]
+    fn from_pretrained<'py>(
+        cls: &Bound<'py, PyType>,
+        #[pyo3(from_py_with = args::repo_id)] repo_id: String,
+        #[pyo3(from_py_with = args::filename)] filename: String,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = cls.py();
+        let kwargs = match kwargs {
+            Some(given) => given.copy()?,
+            None => PyDict::new(py),
+        };
+        for name in ["model", "repo_id", "filename"] {
+            if kwargs.contains(name)? {
+                return Err(super::errors::to_py_err(
+                    py,
+                    Error::invalid_argument(
+                        name,
+                        "given twice",
+                        "from_pretrained takes the repository and file as its arguments; for a local file use Phi3Generator(path)",
+                    ),
+                ));
+            }
+        }
+        kwargs.set_item("repo_id", repo_id)?;
+        kwargs.set_item("filename", filename)?;
+        cls.call((), Some(&kwargs))
     }
 
     /// Starts generating from `prompt`: raw text (special-token text such as `<|user|>`

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The release wheel: abi3 (one wheel for CPython >= 3.10), manylinux_2_28 on Linux, written
+# into dist/. The same command runs in CI (.ci/run) and in the release workflow's Linux
+# x86-64 job. It needs Rust and maturin; installing the wheel needs neither.
+#   bash scripts/build_wheel.sh            # then: pip install dist/candle_phi-*.whl
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}  # CI passes its virtual environment's
+"$PYTHON" -m pip install -q 'maturin>=1.9.4,<2' auditwheel
+rm -rf dist
+# No -C target-cpu: the wheel must run on every x86-64; the kernels pick AVX2 / AVX-512 /
+# VNNI code paths at run time.
+"$PYTHON" -m maturin build --release --compatibility manylinux_2_28 --out dist
+"$PYTHON" -m auditwheel show dist/*.whl
+ls -l dist/
