@@ -10,7 +10,6 @@ use crate::error::{Error, Result};
 
 pub const DEFAULT_MODEL_REPO: &str = "microsoft/Phi-3-mini-4k-instruct-gguf";
 pub const DEFAULT_MODEL_FILE: &str = "Phi-3-mini-4k-instruct-q4.gguf";
-pub const DEFAULT_TOKENIZER_REPO: &str = "microsoft/Phi-3-mini-4k-instruct";
 pub const DEFAULT_TOKENIZER_FILE: &str = "tokenizer.json";
 pub const DEFAULT_REVISION: &str = "main";
 

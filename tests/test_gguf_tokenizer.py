@@ -68,7 +68,9 @@ def test_ids_equal_llama_cpp_on_the_corpus(vocabs: Path, name: str) -> None:
     differences = []
     for text, special, plain in zip(TEXTS, expected["special"], expected["plain"], strict=True):
         got = tok.encode(text, add_special_tokens=True, parse_special=True)
-        if got != special and not (name == "phi-3" and strips_unicode_space_after_special(tok, text)):
+        if got != special and not (
+            name == "phi-3" and strips_unicode_space_after_special(tok, text)
+        ):
             differences.append(("special", text, special, got))
         got = tok.encode(text, add_special_tokens=False, parse_special=False)
         if got != plain:
@@ -113,7 +115,12 @@ def upstream_cases(path: Path) -> list[tuple[str, list[int]]]:
 
 
 @pytest.mark.parametrize(
-    "name", [n for n in llama_vocabs.SPM_VOCABS + llama_vocabs.BPE_VOCABS if n not in {"baichuan", "aquila", "gpt-neox"}]
+    "name",
+    [
+        n
+        for n in llama_vocabs.SPM_VOCABS + llama_vocabs.BPE_VOCABS
+        if n not in {"baichuan", "aquila", "gpt-neox"}
+    ],
 )
 def test_llama_cpp_own_tokenizer_tests(vocabs: Path, name: str) -> None:
     """llama.cpp's test-tokenizer-0 cases (models/ggml-vocab-*.gguf.inp / .out)."""

@@ -335,7 +335,9 @@ def test_from_pretrained_resolves_a_glob_in_the_cache(
     assert Phi3Generator.from_pretrained("me/tiny", "tiny-q?.gguf").model_path == link
     # Several matches name the candidates; none offline is "not cached".
     populate_cache(clean_hub_env, "me/tiny", "tiny-q4-b.gguf", model_path)
-    with pytest.raises(InvalidArgumentError, match=r"matches 2 files.*tiny-q4-b\.gguf, tiny-q4\.gguf"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"matches 2 files.*tiny-q4-b\.gguf, tiny-q4\.gguf"
+    ):
         Phi3Generator.from_pretrained("me/tiny", "*.gguf")
     with pytest.raises(ModelLoadError, match=r"\*q8\.gguf.*HF_HUB_OFFLINE"):
         Phi3Generator.from_pretrained("me/tiny", "*q8.gguf")

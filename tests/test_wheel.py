@@ -44,9 +44,11 @@ def test_the_wheel_is_abi3_manylinux_2_28(wheel: Path) -> None:
     shown = subprocess.run(
         [auditwheel, "show", str(wheel)], capture_output=True, text=True, check=True
     ).stdout
-    assert 'consistent with the following platform tag: "manylinux_2_28_x86_64"' in shown.replace(
-        "\n", " "
-    ) or "manylinux_2_28_x86_64" in shown, shown
+    assert (
+        'consistent with the following platform tag: "manylinux_2_28_x86_64"'
+        in shown.replace("\n", " ")
+        or "manylinux_2_28_x86_64" in shown
+    ), shown
 
 
 def test_installs_and_generates_without_a_toolchain(

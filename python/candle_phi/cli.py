@@ -94,7 +94,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     model.add_argument("--model", help="local GGUF file (default: from the Hugging Face hub)")
     model.add_argument("--tokenizer", help="local tokenizer.json")
     model.add_argument("--repo", help="hub repo of the GGUF")
-    model.add_argument("--file", help="GGUF file name in --repo")
+    model.add_argument("--file", help="GGUF file name in --repo, or a glob such as '*q4.gguf'")
     model.add_argument("--revision", help="hub revision: branch, tag or commit")
     return model
 
@@ -103,8 +103,8 @@ def load_generator(args: argparse.Namespace, **options: Any) -> Phi3Generator:
     """The generator `add_model_arguments`' flags name, with Phi3Generator's `options`."""
     flags = {"repo_id": args.repo, "filename": args.file, "revision": args.revision}
     hub = {key: value for key, value in flags.items() if value is not None}
-    # progress=True draws a bar on stderr only while a file is downloaded.
-    return Phi3Generator(args.model, tokenizer=args.tokenizer, progress=True, **hub, **options)
+    # A download draws a progress bar on stderr when it is a terminal (the default).
+    return Phi3Generator(args.model, tokenizer=args.tokenizer, **hub, **options)
 
 
 def stream_to(out: TextIO, stream: Iterator[str]) -> None:

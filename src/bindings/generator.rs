@@ -126,6 +126,11 @@ impl PyPhi3Generator {
     /// one file it matches, among the cached files first, then on the hub unless offline.
     /// Other keywords are the constructor's.
     #[classmethod]
+    #[pyo3(
+        text_signature = "(repo_id, filename='Phi-3-mini-4k-instruct-q4.gguf', *, \
+        tokenizer=None, revision='main', tokenizer_repo_id=None, tokenizer_revision='main', \
+        progress=None, n_threads=None, prefix_cache_bytes=4294967296)"
+    )]
     #[pyo3(signature = (repo_id, filename = DEFAULT_MODEL_FILE.to_string(), **kwargs))]
     fn from_pretrained<'py>(
         cls: &Bound<'py, PyType>,

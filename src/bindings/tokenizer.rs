@@ -69,6 +69,7 @@ impl PyTokenizer {
         self.run(py, |t| t.decode(&token_ids, skip_special_tokens))
     }
 
+    #[pyo3(signature = (token, /))]
     fn token_to_id(&self, #[pyo3(from_py_with = args::token)] token: String) -> Option<u32> {
         self.tokenizer.token_to_id(&token)
     }
