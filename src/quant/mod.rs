@@ -334,6 +334,9 @@ impl QMatrix {
             *slot = row;
         }
         let w = &w[..rows.len()];
+        // Only the x86 VNNI kernels read the interleaved groups.
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = groups;
         match self.kernels {
             // SAFETY: these kernels are only selected where the CPU has them; all rows have
             // the same number of blocks; the tile is within TILE_ROWS × TILE_ACTS.
