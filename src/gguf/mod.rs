@@ -3,6 +3,7 @@
 
 mod header;
 mod value;
+mod vocab;
 
 use std::fs::File;
 use std::io::Read;
@@ -16,6 +17,7 @@ pub use header::{
     Header, HeaderError, TensorInfo, MAX_ALIGNMENT, MAX_DIMS, MAX_METADATA, MAX_TENSORS,
 };
 pub use value::{ArrayRef, Value, ValueType};
+pub use vocab::GgufVocab;
 
 use crate::error::{Error, Result};
 use crate::quant::{RawTensor, WeightBytes};

@@ -20,8 +20,7 @@ pub use rope::RopeFactors;
 pub use crate::quant::RawTensor;
 
 use crate::error::{Error, Result};
-use crate::gguf::{GgufFile, Value};
-use crate::tokenizer::GgufVocab;
+use crate::gguf::{GgufFile, GgufVocab, Value};
 
 impl TensorSource for GgufFile {
     fn tensor(&mut self, name: &str) -> Result<crate::quant::RawTensor> {

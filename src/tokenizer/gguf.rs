@@ -27,7 +27,7 @@ use tokenizers::processors::template::{SpecialToken, TemplateProcessing};
 use tokenizers::{AddedToken, NormalizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use super::pre;
-use crate::gguf::{GgufFile, Value};
+use crate::gguf::GgufVocab;
 
 /// SentencePiece's stand-in for a space.
 const SPACE: &str = "\u{2581}";
@@ -35,9 +35,6 @@ const SPACE: &str = "\u{2581}";
 /// Pieces longer than this get no merges: SentencePiece can only build a piece by merging,
 /// and looking up every split of a hostile megabyte-long "piece" would take quadratic time.
 const MAX_MERGED_PIECE_BYTES: usize = 1024;
-
-/// The most merges a file may list (the largest published vocabularies have ~500k).
-const MAX_MERGES: usize = 4 << 20;
 
 /// GGUF token types, as llama.cpp numbers them.
 mod token_type {
@@ -113,267 +110,214 @@ const CONTROL_LOOKING: &[&str] = &[
 /// gpt-oss's message-structure tokens, which llama.cpp always renders (user-defined).
 const ALWAYS_RENDERED: &[&str] = &["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"];
 
-/// What a GGUF says about its tokenizer.
-#[derive(Debug, Clone, Default)]
-pub struct GgufVocab {
-    /// `tokenizer.ggml.model`: "llama" (SentencePiece), "gpt2" (BPE), ...
-    pub model: Option<String>,
-    pub pre: Option<String>,
-    pub tokens: Option<Vec<String>>,
-    pub scores: Option<Vec<f64>>,
-    pub token_types: Option<Vec<f64>>,
-    pub merges: Option<Vec<String>>,
-    pub bos_token_id: Option<u32>,
-    pub eos_token_id: Option<u32>,
-    pub unknown_token_id: Option<u32>,
-    pub add_bos_token: Option<bool>,
-    pub add_eos_token: Option<bool>,
-    pub add_space_prefix: Option<bool>,
-    /// `general.name`: llama.cpp gives Phi-3's special tokens their right strip by it.
-    pub model_name: Option<String>,
+/// Builds the tokenizer; the error says what the file lacks or holds that cannot work.
+pub fn build(v: &GgufVocab) -> Result<Tokenizer, String> {
+    let tokens = v
+        .tokens
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .ok_or("it has no tokenizer.ggml.tokens (or more tokens than supported)")?;
+    if tokens.len() > u32::MAX as usize {
+        return Err("it has more tokens than ids".into());
+    }
+    // Text to id; a text listed twice keeps its last id, as in llama.cpp's map.
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.clone(), id as u32))
+        .collect();
+    let kind = v.model.as_deref().unwrap_or("");
+    let (mut tokenizer, adds_bos) = match kind {
+        "llama" => (sentencepiece(v, tokens, &vocab)?, true),
+        "gpt2" => byte_level_bpe(v, &vocab)?,
+        "" => return Err("it names no tokenizer model (tokenizer.ggml.model)".into()),
+        other => {
+            return Err(format!(
+                "its tokenizer type {other:?} is not supported (only \"llama\", SentencePiece, and \"gpt2\", BPE)"
+            ))
+        }
+    };
+    let (special, user_defined) = added_tokens(v, tokens, &vocab);
+    tokenizer
+        .add_special_tokens(special)
+        .and_then(|_| tokenizer.add_tokens(user_defined))
+        .map_err(|e| e.to_string())?;
+    let token =
+        |id: Option<u32>| id.and_then(|id| tokens.get(id as usize).map(|t| (t.clone(), id)));
+    let bos = token(v.bos_token_id).filter(|_| v.add_bos_token.unwrap_or(adds_bos));
+    let eos = token(v.eos_token_id).filter(|_| v.add_eos_token.unwrap_or(false));
+    if bos.is_some() || eos.is_some() {
+        tokenizer.with_post_processor(Some(template(bos, eos)?));
+    }
+    Ok(tokenizer)
 }
 
-impl GgufVocab {
-    /// Reads the tokenizer metadata; `max_tokens` bounds every array read.
-    pub fn read(file: &GgufFile, max_tokens: usize) -> Self {
-        let string = |key: &str| {
-            file.metadata(key)
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        };
-        let id = |key: &str| {
-            file.metadata(key)
-                .and_then(Value::as_u64)
-                .and_then(|v| u32::try_from(v).ok())
-        };
-        let flag = |key: &str| match file.metadata(key) {
-            Some(Value::Bool(b)) => Some(*b),
-            _ => None,
-        };
-        Self {
-            model: string("tokenizer.ggml.model"),
-            pre: string("tokenizer.ggml.pre"),
-            tokens: file.metadata_strings("tokenizer.ggml.tokens", max_tokens),
-            scores: file.metadata_numbers("tokenizer.ggml.scores", max_tokens),
-            token_types: file.metadata_numbers("tokenizer.ggml.token_type", max_tokens),
-            merges: file.metadata_strings("tokenizer.ggml.merges", MAX_MERGES),
-            bos_token_id: id("tokenizer.ggml.bos_token_id"),
-            eos_token_id: id("tokenizer.ggml.eos_token_id"),
-            unknown_token_id: id("tokenizer.ggml.unknown_token_id"),
-            add_bos_token: flag("tokenizer.ggml.add_bos_token"),
-            add_eos_token: flag("tokenizer.ggml.add_eos_token"),
-            add_space_prefix: flag("tokenizer.ggml.add_space_prefix"),
-            model_name: string("general.name"),
+fn sentencepiece(v: &GgufVocab, tokens: &[String], vocab: &Vocab) -> Result<Tokenizer, String> {
+    let score = |id: u32| {
+        v.scores
+            .as_ref()
+            .and_then(|s| s.get(id as usize).copied())
+            .filter(|s| s.is_finite())
+            .unwrap_or(0.0)
+    };
+    // Every way to cut a piece into two pieces is a merge, ranked by the whole's score
+    // (SentencePiece merges the best-scoring pair first), then by id for equal scores.
+    let mut merges: Vec<(f64, u32, u32, u32)> = Vec::new();
+    for (piece, &id) in vocab {
+        if piece.len() > MAX_MERGED_PIECE_BYTES {
+            continue;
+        }
+        for (cut, _) in piece.char_indices().skip(1) {
+            let (left, right) = piece.split_at(cut);
+            if let (Some(&l), Some(&r)) = (vocab.get(left), vocab.get(right)) {
+                merges.push((score(id), id, l, r));
+            }
         }
     }
-
-    /// Builds the tokenizer; the error says what the file lacks or holds that cannot work.
-    pub fn build(&self) -> Result<Tokenizer, String> {
-        let tokens = self
-            .tokens
-            .as_deref()
-            .filter(|t| !t.is_empty())
-            .ok_or("it has no tokenizer.ggml.tokens (or more tokens than supported)")?;
-        if tokens.len() > u32::MAX as usize {
-            return Err("it has more tokens than ids".into());
-        }
-        // Text to id; a text listed twice keeps its last id, as in llama.cpp's map.
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(id, t)| (t.clone(), id as u32))
-            .collect();
-        let kind = self.model.as_deref().unwrap_or("");
-        let (mut tokenizer, adds_bos) = match kind {
-            "llama" => (self.sentencepiece(tokens, &vocab)?, true),
-            "gpt2" => self.byte_level_bpe(&vocab)?,
-            "" => return Err("it names no tokenizer model (tokenizer.ggml.model)".into()),
-            other => {
-                return Err(format!(
-                    "its tokenizer type {other:?} is not supported (only \"llama\", SentencePiece, and \"gpt2\", BPE)"
-                ))
-            }
-        };
-        let (special, user_defined) = self.added_tokens(tokens, &vocab);
-        tokenizer
-            .add_special_tokens(special)
-            .and_then(|_| tokenizer.add_tokens(user_defined))
-            .map_err(|e| e.to_string())?;
-        let token =
-            |id: Option<u32>| id.and_then(|id| tokens.get(id as usize).map(|t| (t.clone(), id)));
-        let bos = token(self.bos_token_id).filter(|_| self.add_bos_token.unwrap_or(adds_bos));
-        let eos = token(self.eos_token_id).filter(|_| self.add_eos_token.unwrap_or(false));
-        if bos.is_some() || eos.is_some() {
-            tokenizer.with_post_processor(Some(template(bos, eos)?));
-        }
-        Ok(tokenizer)
+    merges.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3)))
+    });
+    let text = |id: u32| tokens[id as usize].clone();
+    let merges = merges
+        .into_iter()
+        .map(|(_, _, l, r)| (text(l), text(r)))
+        .collect();
+    let mut model = BPE::builder()
+        .vocab_and_merges(vocab.clone(), merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) = v.unknown_token_id.and_then(|id| tokens.get(id as usize)) {
+        model = model.unk_token(unk.clone());
     }
+    let model = model.build().map_err(|e| e.to_string())?;
+    let add_space_prefix = v.add_space_prefix.unwrap_or(true);
+    let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
+    if add_space_prefix {
+        normalizers.push(Prepend::new(SPACE.into()).into());
+    }
+    normalizers.push(Replace::new(" ", SPACE).map_err(|e| e.to_string())?.into());
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        Replace::new(SPACE, " ").map_err(|e| e.to_string())?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ];
+    if add_space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer
+        .with_normalizer(Some(NormalizerSequence::new(normalizers)))
+        .map_err(|e| e.to_string())?;
+    tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(tokenizer)
+}
 
-    fn sentencepiece(&self, tokens: &[String], vocab: &Vocab) -> Result<Tokenizer, String> {
-        let score = |id: u32| {
-            self.scores
-                .as_ref()
-                .and_then(|s| s.get(id as usize).copied())
-                .filter(|s| s.is_finite())
-                .unwrap_or(0.0)
-        };
-        // Every way to cut a piece into two pieces is a merge, ranked by the whole's score
-        // (SentencePiece merges the best-scoring pair first), then by id for equal scores.
-        let mut merges: Vec<(f64, u32, u32, u32)> = Vec::new();
-        for (piece, &id) in vocab {
-            if piece.len() > MAX_MERGED_PIECE_BYTES {
-                continue;
-            }
-            for (cut, _) in piece.char_indices().skip(1) {
-                let (left, right) = piece.split_at(cut);
-                if let (Some(&l), Some(&r)) = (vocab.get(left), vocab.get(right)) {
-                    merges.push((score(id), id, l, r));
-                }
-            }
-        }
-        merges.sort_by(|a, b| {
-            b.0.total_cmp(&a.0)
-                .then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3)))
+fn byte_level_bpe(v: &GgufVocab, vocab: &Vocab) -> Result<(Tokenizer, bool), String> {
+    let pre = v.pre.as_deref();
+    let Some(rule) = pre::rule(pre) else {
+        let name = pre.unwrap_or_default();
+        return Err(if pre::UNSUPPORTED.contains(&name) {
+            format!("its pre-tokenizer {name:?} splits text in a way candle-phi cannot build")
+        } else {
+            format!("its pre-tokenizer {name:?} is not one llama.cpp knows")
         });
-        let text = |id: u32| tokens[id as usize].clone();
-        let merges = merges
-            .into_iter()
-            .map(|(_, _, l, r)| (text(l), text(r)))
-            .collect();
-        let mut model = BPE::builder()
-            .vocab_and_merges(vocab.clone(), merges)
-            .byte_fallback(true)
-            .fuse_unk(true);
-        if let Some(unk) = self.unknown_token_id.and_then(|id| tokens.get(id as usize)) {
-            model = model.unk_token(unk.clone());
-        }
-        let model = model.build().map_err(|e| e.to_string())?;
-        let add_space_prefix = self.add_space_prefix.unwrap_or(true);
-        let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
-        if add_space_prefix {
-            normalizers.push(Prepend::new(SPACE.into()).into());
-        }
-        normalizers.push(Replace::new(" ", SPACE).map_err(|e| e.to_string())?.into());
-        let mut decoders: Vec<DecoderWrapper> = vec![
-            Replace::new(SPACE, " ").map_err(|e| e.to_string())?.into(),
-            ByteFallback::new().into(),
-            Fuse::new().into(),
-        ];
-        if add_space_prefix {
-            decoders.push(Strip::new(' ', 1, 0).into());
-        }
-        let mut tokenizer = Tokenizer::new(model);
-        tokenizer
-            .with_normalizer(Some(NormalizerSequence::new(normalizers)))
-            .map_err(|e| e.to_string())?;
-        tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
-        Ok(tokenizer)
+    };
+    let listed = v
+        .merges
+        .as_deref()
+        .ok_or("it has no tokenizer.ggml.merges (or more than supported)")?;
+    // "left right", split at the first space after the first character (a piece may
+    // start with a space); merges whose parts or result are not tokens cannot apply.
+    let mut seen = std::collections::HashSet::new();
+    let merges: Vec<(String, String)> = listed
+        .iter()
+        .filter_map(|merge| {
+            let cut = merge.char_indices().skip(1).find(|&(_, c)| c == ' ')?.0;
+            let (left, right) = (&merge[..cut], &merge[cut + 1..]);
+            let joined = format!("{left}{right}");
+            let known = vocab.contains_key(left)
+                && vocab.contains_key(right)
+                && vocab.contains_key(&joined);
+            (known && seen.insert((left, right))).then(|| (left.to_string(), right.to_string()))
+        })
+        .collect();
+    let model = BPE::builder()
+        .vocab_and_merges(vocab.clone(), merges)
+        .ignore_merges(rule.ignore_merges)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut steps: Vec<PreTokenizerWrapper> = Vec::new();
+    for pattern in rule.patterns {
+        let split = Split::new(
+            SplitPattern::Regex(pattern.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| format!("its pre-tokenizer's pattern {pattern:?}: {e}"))?;
+        steps.push(split.into());
     }
+    steps.push(tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, false, false).into());
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(steps)));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    Ok((tokenizer, rule.adds_bos))
+}
 
-    fn byte_level_bpe(&self, vocab: &Vocab) -> Result<(Tokenizer, bool), String> {
-        let pre = self.pre.as_deref();
-        let Some(rule) = pre::rule(pre) else {
-            let name = pre.unwrap_or_default();
-            return Err(if pre::UNSUPPORTED.contains(&name) {
-                format!("its pre-tokenizer {name:?} splits text in a way candle-phi cannot build")
-            } else {
-                format!("its pre-tokenizer {name:?} is not one llama.cpp knows")
-            });
-        };
-        let listed = self
-            .merges
-            .as_deref()
-            .ok_or("it has no tokenizer.ggml.merges (or more than supported)")?;
-        // "left right", split at the first space after the first character (a piece may
-        // start with a space); merges whose parts or result are not tokens cannot apply.
-        let mut seen = std::collections::HashSet::new();
-        let merges: Vec<(String, String)> = listed
+/// Control and unknown tokens (special: skipped when decoding, and plain text when
+/// special tokens are not parsed), then user-defined ones (always matched, as text).
+fn added_tokens(
+    v: &GgufVocab,
+    tokens: &[String],
+    vocab: &Vocab,
+) -> (Vec<AddedToken>, Vec<AddedToken>) {
+    let stated = |id: usize| {
+        v.token_types
+            .as_ref()
+            .and_then(|t| t.get(id).copied())
+            .map_or(token_type::NORMAL, |t| t as i64)
+    };
+    let harmony = ["<|return|>", "<|call|>"]
+        .iter()
+        .all(|t| vocab.contains_key(*t))
+        || ["<|calls|>", "<|flush|>"]
             .iter()
-            .filter_map(|merge| {
-                let cut = merge.char_indices().skip(1).find(|&(_, c)| c == ' ')?.0;
-                let (left, right) = (&merge[..cut], &merge[cut + 1..]);
-                let joined = format!("{left}{right}");
-                let known = vocab.contains_key(left)
-                    && vocab.contains_key(right)
-                    && vocab.contains_key(&joined);
-                (known && seen.insert((left, right))).then(|| (left.to_string(), right.to_string()))
-            })
-            .collect();
-        let model = BPE::builder()
-            .vocab_and_merges(vocab.clone(), merges)
-            .ignore_merges(rule.ignore_merges)
-            .build()
-            .map_err(|e| e.to_string())?;
-        let mut steps: Vec<PreTokenizerWrapper> = Vec::new();
-        for pattern in rule.patterns {
-            let split = Split::new(
-                SplitPattern::Regex(pattern.to_string()),
-                SplitDelimiterBehavior::Isolated,
-                false,
+            .all(|t| vocab.contains_key(*t));
+    let name = v.model_name.as_deref().unwrap_or("").to_lowercase();
+    let phi3 = name.contains("phi-3") || name.contains("phi3");
+    let mut special = Vec::new();
+    let mut user_defined = Vec::new();
+    for (id, text) in tokens.iter().enumerate() {
+        // Only the id a text maps to can be matched; an empty text cannot be.
+        if text.is_empty() || vocab.get(text) != Some(&(id as u32)) {
+            continue;
+        }
+        let mut kind = stated(id);
+        if CONTROL_LOOKING.contains(&text.as_str())
+            && matches!(
+                kind,
+                token_type::NORMAL | token_type::USER_DEFINED | token_type::UNUSED
             )
-            .map_err(|e| format!("its pre-tokenizer's pattern {pattern:?}: {e}"))?;
-            steps.push(split.into());
+        {
+            kind = token_type::CONTROL;
         }
-        steps.push(
-            tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, false, false).into(),
-        );
-        let mut tokenizer = Tokenizer::new(model);
-        tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(steps)));
-        tokenizer.with_decoder(Some(ByteLevel::default()));
-        Ok((tokenizer, rule.adds_bos))
-    }
-
-    /// Control and unknown tokens (special: skipped when decoding, and plain text when
-    /// special tokens are not parsed), then user-defined ones (always matched, as text).
-    fn added_tokens(&self, tokens: &[String], vocab: &Vocab) -> (Vec<AddedToken>, Vec<AddedToken>) {
-        let stated = |id: usize| {
-            self.token_types
-                .as_ref()
-                .and_then(|t| t.get(id).copied())
-                .map_or(token_type::NORMAL, |t| t as i64)
+        if ALWAYS_RENDERED.contains(&text.as_str()) || (harmony && text == "<|end|>") {
+            kind = token_type::USER_DEFINED;
+        }
+        // Phi-3's tokenizer.json strips the whitespace after its chat tokens.
+        let rstrip = phi3 && !matches!(text.as_str(), "<unk>" | "<s>" | "<|endoftext|>");
+        let token = |is_special| {
+            AddedToken::from(text.clone(), is_special)
+                .normalized(false)
+                .rstrip(rstrip)
         };
-        let harmony = ["<|return|>", "<|call|>"]
-            .iter()
-            .all(|t| vocab.contains_key(*t))
-            || ["<|calls|>", "<|flush|>"]
-                .iter()
-                .all(|t| vocab.contains_key(*t));
-        let name = self.model_name.as_deref().unwrap_or("").to_lowercase();
-        let phi3 = name.contains("phi-3") || name.contains("phi3");
-        let mut special = Vec::new();
-        let mut user_defined = Vec::new();
-        for (id, text) in tokens.iter().enumerate() {
-            // Only the id a text maps to can be matched; an empty text cannot be.
-            if text.is_empty() || vocab.get(text) != Some(&(id as u32)) {
-                continue;
-            }
-            let mut kind = stated(id);
-            if CONTROL_LOOKING.contains(&text.as_str())
-                && matches!(
-                    kind,
-                    token_type::NORMAL | token_type::USER_DEFINED | token_type::UNUSED
-                )
-            {
-                kind = token_type::CONTROL;
-            }
-            if ALWAYS_RENDERED.contains(&text.as_str()) || (harmony && text == "<|end|>") {
-                kind = token_type::USER_DEFINED;
-            }
-            // Phi-3's tokenizer.json strips the whitespace after its chat tokens.
-            let rstrip = phi3 && !matches!(text.as_str(), "<unk>" | "<s>" | "<|endoftext|>");
-            let token = |is_special| {
-                AddedToken::from(text.clone(), is_special)
-                    .normalized(false)
-                    .rstrip(rstrip)
-            };
-            match kind {
-                token_type::CONTROL | token_type::UNKNOWN => special.push(token(true)),
-                token_type::USER_DEFINED => user_defined.push(token(false)),
-                _ => {}
-            }
+        match kind {
+            token_type::CONTROL | token_type::UNKNOWN => special.push(token(true)),
+            token_type::USER_DEFINED => user_defined.push(token(false)),
+            _ => {}
         }
-        (special, user_defined)
     }
+    (special, user_defined)
 }
 
 /// BOS before, EOS after every sequence. The template names them "bos" and "eos", so that

@@ -15,7 +15,6 @@ mod gguf;
 mod pre;
 mod stream;
 
-pub use gguf::GgufVocab;
 pub use stream::TextStream;
 
 /// Tokens that end a turn or a document in the Phi family and its relatives.
@@ -72,7 +71,7 @@ impl Phi3Tokenizer {
             path: path.to_path_buf(),
             detail,
         };
-        let tokenizer = model.vocab.build().map_err(invalid)?;
+        let tokenizer = gguf::build(&model.vocab).map_err(invalid)?;
         Self::new(tokenizer, path, model, vocab_size, invalid)
     }
 
