@@ -1,7 +1,13 @@
-//! Decode speed with no Python at all: the reference for the cost of the Python iterator.
-//! `cargo run --release --example decode -- MODEL.gguf tokenizer.json [TOKENS]`
+//! Decode speed with no Python at all: the reference for the cost of the Python iterator,
+//! and, with several streams, the engine's continuous batching alone (no server, no GIL).
+//! `cargo run --release --example decode -- MODEL.gguf tokenizer.json [TOKENS] [STREAMS]`
+//!
+//! Each stream runs on its own thread, as the Python API's and the server's streams do, and
+//! gets its own prompt; the figure is the aggregate decode rate: the tokens after each
+//! stream's first, over the time from when all had their first (a barrier) to the last end.
 
 use std::path::PathBuf;
+use std::sync::Barrier;
 use std::time::Instant;
 
 use candle_phi::{Engine, GenerationParams, ModelSource, SamplingParams, Step};
@@ -9,9 +15,10 @@ use candle_phi::{Engine, GenerationParams, ModelSource, SamplingParams, Step};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let [_, model, tokenizer, rest @ ..] = args.as_slice() else {
-        return Err("usage: decode MODEL.gguf tokenizer.json [TOKENS]".into());
+        return Err("usage: decode MODEL.gguf tokenizer.json [TOKENS] [STREAMS]".into());
     };
     let tokens: usize = rest.first().map_or(Ok(64), |t| t.parse())?;
+    let streams: usize = rest.get(1).map_or(Ok(1), |t| t.parse())?;
     let engine = Engine::load(
         &ModelSource::Local(PathBuf::from(model)),
         Some(&ModelSource::Local(PathBuf::from(tokenizer))),
@@ -28,17 +35,51 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ignore_eos: true,
         ..GenerationParams::default()
     };
-    // The same 16-token prompt as bench.py's decode measurement.
-    let prompt: Vec<u32> = (0..16).map(|i| 300 + i * 997 % 31000).collect();
-    let mut generation = engine.generate_ids(prompt, &params)?;
-    // Prompt and first token first; time the tokens after it, as bench.py does.
-    while generation.stats().sampled_tokens == 0 {
-        generation.step()?;
-    }
-    let start = Instant::now();
-    while generation.step()? != Step::Finished {}
-    let decoded = generation.stats().sampled_tokens - 1;
-    let tps = decoded as f64 / start.elapsed().as_secs_f64();
-    println!("{{\"decode_tps\": {tps}, \"tokens\": {decoded}}}");
+    let all_started = Barrier::new(streams);
+    let spans = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..streams)
+            .map(|s| {
+                let (engine, params, all_started) = (&engine, &params, &all_started);
+                scope.spawn(move || -> candle_phi::Result<(Instant, Instant, usize)> {
+                    // The same 16-token prompt as bench.py's decode measurement (stream 0).
+                    let prompt: Vec<u32> = (0..16)
+                        .map(|i| 300 + (i + 16 * s as u32) * 997 % 31000)
+                        .collect();
+                    let mut generation = engine.generate_ids(prompt, params)?;
+                    // Prompt and first token first; time the tokens after it, as bench.py does.
+                    while generation.stats().sampled_tokens == 0 {
+                        generation.step()?;
+                    }
+                    all_started.wait();
+                    let start = Instant::now();
+                    while generation.step()? != Step::Finished {}
+                    Ok((start, Instant::now(), generation.stats().sampled_tokens - 1))
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a decode thread panicked"))
+            .collect::<candle_phi::Result<Vec<_>>>()
+    })?;
+    // All streams start decoding together (the barrier) and feed the same number of tokens.
+    let start = spans
+        .iter()
+        .map(|s| s.0)
+        .min()
+        .expect("one stream at least");
+    let end = spans
+        .iter()
+        .map(|s| s.1)
+        .max()
+        .expect("one stream at least");
+    let decoded: usize = spans.iter().map(|s| s.2).sum();
+    let tps = decoded as f64 / (end - start).as_secs_f64();
+    let (passes, steps) = engine.batcher().pass_counts();
+    println!(
+        "{{\"decode_tps\": {tps}, \"tokens\": {decoded}, \"streams\": {streams}, \
+         \"mean_batch\": {:.2}}}",
+        steps as f64 / passes.max(1) as f64
+    );
     Ok(())
 }

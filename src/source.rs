@@ -41,18 +41,22 @@ impl HubFile {
             return Ok(path);
         }
         if offline() {
-            return Err(Error::NotCached {
-                repo_id: self.repo_id.clone(),
-                filename: self.filename.clone(),
-                revision: self.revision.clone(),
-                cache: cache_dir,
-            });
+            return Err(self.not_cached(cache_dir));
         }
         api(cache_dir, progress)
             .map_err(|e| self.download_error(e.to_string()))?
             .repo(self.repo())
             .get(&self.filename)
             .map_err(|e| self.download_error(e.to_string()))
+    }
+
+    fn not_cached(&self, cache: PathBuf) -> Error {
+        Error::NotCached {
+            repo_id: self.repo_id.clone(),
+            filename: self.filename.clone(),
+            revision: self.revision.clone(),
+            cache,
+        }
     }
 
     fn download_error(&self, detail: String) -> Error {
@@ -82,12 +86,7 @@ impl HubFile {
             .collect();
         if found.is_empty() {
             if offline() {
-                return Err(Error::NotCached {
-                    repo_id: self.repo_id.clone(),
-                    filename: self.filename.clone(),
-                    revision: self.revision.clone(),
-                    cache: cache_dir,
-                });
+                return Err(self.not_cached(cache_dir));
             }
             let info = api(cache_dir, false)
                 .and_then(|api| api.repo(self.repo()).info())

@@ -289,7 +289,8 @@ impl QMatrix {
     }
 
     /// The activations in groups of eight rows, interleaved, for the VNNI kernels (whole
-    /// groups only; the rest go row by row).
+    /// groups only: a group padded with zero rows costs as much as a full one, more than
+    /// four rows' AVX2 products; the rest go row by row).
     fn interleave(&self, acts: &[&[BlockQ8K]], blocks_per_row: usize) -> Vec<BlockQ8Kx8> {
         if !matches!(self.kernels, Kernels::AvxVnni | Kernels::Avx512Vnni) {
             return Vec::new();

@@ -32,6 +32,21 @@ pub fn rule(name: Option<&str>) -> Option<&'static PreTokenizerRule> {
     RULES.iter().find(|rule| rule.names.contains(&name))
 }
 
+/// GPT-2's rule, which many others start from or keep.
+const GPT2: &str = r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#;
+/// Llama 3's rule: numbers in runs of up to three digits.
+const LLAMA3: &str = r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#;
+/// Llama 3's rule with every digit on its own.
+const LLAMA3_SINGLE_DIGITS: &str = r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#;
+/// BLOOM's rule (and the models that took it over).
+const BLOOM: &str = r#" ?[^(\s|.,!?…。，、।۔،)]+"#;
+/// Runs of CJK ideographs and kana.
+const CJK_KANA: &str = r#"[一-龥぀-ゟ゠-ヿ]+"#;
+/// Every digit on its own.
+const DIGIT: &str = r#"\p{N}"#;
+/// Digits in runs of up to three.
+const DIGITS_1_3: &str = r#"\p{N}{1,3}"#;
+
 #[rustfmt::skip]
 pub static RULES: &[PreTokenizerRule] = &[
     // DEFAULT
@@ -41,7 +56,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         adds_bos: false,
         patterns: &[
             r#"[\p{P}\$\+<=>\^~\|]+"#,
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            GPT2,
             r#"\p{N}+"#,
             r#"[0-9][0-9][0-9]"#,
         ],
@@ -52,7 +67,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: true,
         adds_bos: false,
         patterns: &[
-            r#"\p{N}{1,3}"#,
+            DIGITS_1_3,
             r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#,
         ],
     },
@@ -62,7 +77,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: true,
         adds_bos: true,
         patterns: &[
-            r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#,
+            LLAMA3,
         ],
     },
     // DEEPSEEK_LLM
@@ -89,7 +104,7 @@ pub static RULES: &[PreTokenizerRule] = &[
             r#"\s?\p{L}+"#,
             r#"\s?\p{P}+"#,
             r#"[一-龥ࠀ-一가-퟿]+"#,
-            r#"\p{N}"#,
+            DIGIT,
         ],
     },
     // DEEPSEEK3_LLM
@@ -98,8 +113,8 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"\p{N}{1,3}"#,
-            r#"[一-龥぀-ゟ゠-ヿ]+"#,
+            DIGITS_1_3,
+            CJK_KANA,
             r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
         ],
     },
@@ -109,10 +124,10 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"\p{N}{1,3}"#,
-            r#"[一-龥぀-ゟ゠-ヿ]+"#,
+            DIGITS_1_3,
+            CJK_KANA,
             r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+|[\r\n]|\s+(?!\S)|\s+"##,
-            r#"\p{N}"#,
+            DIGIT,
         ],
     },
     // YOUTU
@@ -132,7 +147,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         adds_bos: false,
         patterns: &[
             r#"[\p{P}\$\+<=>\^~\|`]+"#,
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            GPT2,
             r#"[0-9][0-9][0-9]"#,
         ],
     },
@@ -142,7 +157,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            GPT2,
         ],
     },
     // STARCODER
@@ -151,8 +166,8 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"\p{N}"#,
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            DIGIT,
+            GPT2,
         ],
     },
     // GPT2
@@ -161,7 +176,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            GPT2,
         ],
     },
     // JAIS2
@@ -179,8 +194,8 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"\p{N}"#,
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            DIGIT,
+            GPT2,
         ],
     },
     // COMMAND_R
@@ -189,8 +204,8 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"\p{N}"#,
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            DIGIT,
+            GPT2,
         ],
     },
     // QWEN2
@@ -199,7 +214,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#,
+            LLAMA3_SINGLE_DIGITS,
         ],
     },
     // QWEN35
@@ -217,7 +232,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#,
+            LLAMA3_SINGLE_DIGITS,
         ],
     },
     // OLMO
@@ -226,7 +241,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            GPT2,
         ],
     },
     // DBRX
@@ -235,7 +250,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#,
+            LLAMA3,
         ],
     },
     // SMAUG
@@ -244,7 +259,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#,
+            LLAMA3,
         ],
     },
     // PORO
@@ -253,7 +268,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#" ?[^(\s|.,!?…。，、।۔،)]+"#,
+            BLOOM,
         ],
     },
     // CHATGLM4
@@ -262,7 +277,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#,
+            LLAMA3,
         ],
     },
     // CHATGLM4
@@ -271,7 +286,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: true,
         adds_bos: false,
         patterns: &[
-            r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#,
+            LLAMA3,
         ],
     },
     // VIKING
@@ -280,8 +295,8 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#" ?[^(\s|.,!?…。，、।۔،)]+"#,
-            r#"\p{N}"#,
+            BLOOM,
+            DIGIT,
         ],
     },
     // JAIS
@@ -290,7 +305,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            GPT2,
         ],
     },
     // TEKKEN
@@ -308,8 +323,8 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"\p{N}"#,
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            DIGIT,
+            GPT2,
         ],
     },
     // CODESHELL
@@ -318,8 +333,8 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"\p{N}"#,
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            DIGIT,
+            GPT2,
         ],
     },
     // BLOOM
@@ -328,7 +343,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#" ?[^(\s|.,!?…。，、।۔،)]+"#,
+            BLOOM,
         ],
     },
     // GPT3_FINNISH
@@ -337,7 +352,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#" ?[^(\s|.,!?…。，、।۔،)]+"#,
+            BLOOM,
         ],
     },
     // EXAONE
@@ -346,8 +361,8 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"\p{N}"#,
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            DIGIT,
+            GPT2,
         ],
     },
     // EXAONE_MOE
@@ -368,9 +383,9 @@ pub static RULES: &[PreTokenizerRule] = &[
             r#"<sentinel:[0-9]+>"#,
             r#"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z"#,
             r#"([\t\n]|    |  )"#,
-            r#"\p{N}"#,
+            DIGIT,
             r#"[\p{P}!-/:-@\[-`{-~]"#,
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            GPT2,
         ],
     },
     // MINERVA
@@ -379,8 +394,8 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"\p{N}"#,
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            DIGIT,
+            GPT2,
         ],
     },
     // GPT4O
@@ -427,7 +442,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            GPT2,
         ],
     },
     // GRANITE_DOCLING
@@ -436,7 +451,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            GPT2,
         ],
     },
     // BAILINGMOE
@@ -463,7 +478,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#,
+            LLAMA3_SINGLE_DIGITS,
         ],
     },
     // HUNYUAN_DENSE
@@ -472,8 +487,8 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"\p{N}{1,3}"#,
-            r#"[一-龥぀-ゟ゠-ヿ]+"#,
+            DIGITS_1_3,
+            CJK_KANA,
             r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
         ],
     },
@@ -483,8 +498,8 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"\p{N}{1,3}"#,
-            r#"[一-龥぀-ゟ゠-ヿ]+"#,
+            DIGITS_1_3,
+            CJK_KANA,
             r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
         ],
     },
@@ -494,8 +509,8 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"\p{N}{1,3}"#,
-            r#"[一-龥぀-ゟ゠-ヿ]+"#,
+            DIGITS_1_3,
+            CJK_KANA,
             r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
         ],
     },
@@ -514,7 +529,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#,
+            LLAMA3_SINGLE_DIGITS,
         ],
     },
     // LAGUNA
@@ -524,7 +539,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         adds_bos: false,
         patterns: &[
             r#"[^\n]+|[\n]+"#,
-            r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#,
+            LLAMA3_SINGLE_DIGITS,
         ],
     },
     // MINIMAX_M2
@@ -542,7 +557,7 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#,
+            LLAMA3_SINGLE_DIGITS,
         ],
     },
     // MELLUM2
@@ -551,8 +566,8 @@ pub static RULES: &[PreTokenizerRule] = &[
         ignore_merges: false,
         adds_bos: false,
         patterns: &[
-            r#"\p{N}"#,
-            r#"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"#,
+            DIGIT,
+            GPT2,
         ],
     },
 ];

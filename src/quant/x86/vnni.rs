@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 
 use super::super::blocks::{scales_and_mins, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8Kx8};
 use super::super::{TILE_ACTS, TILE_ROWS};
-use super::{f32_of, has_avx2, load, tile, Avx2Block, Unpacked};
+use super::{f32_of, has_avx2, load, prefetch, tile, Avx2Block, MulAdd, Unpacked};
 
 /// A K-quant block that can be multiplied with interleaved groups of activation blocks.
 pub trait VnniBlock: Avx2Block {
@@ -31,8 +31,9 @@ pub fn has_avx512_vnni() -> bool {
     has_avx2() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
 }
 
-/// `acc + Σ4 a_u8 · b_i8` per i32 lane: `vpdpbusd` in one of its two encodings.
-pub trait Vnni {
+/// `acc + Σ4 a_u8 · b_i8` per i32 lane: `vpdpbusd` in one of its two encodings; and, as
+/// `MulAdd`, `vpdpwssd` in the same encoding.
+pub trait Vnni: MulAdd {
     unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
 }
 
@@ -41,6 +42,20 @@ pub struct Vex;
 
 /// EVEX-encoded (AVX-512 VNNI with VL), on 256-bit registers.
 pub struct Evex;
+
+impl MulAdd for Vex {
+    #[inline(always)]
+    unsafe fn mul_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpwssd_avx_epi32(acc, a, b)
+    }
+}
+
+impl MulAdd for Evex {
+    #[inline(always)]
+    unsafe fn mul_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpwssd_epi32(acc, a, b)
+    }
+}
 
 impl Vnni for Vex {
     #[inline(always)]
@@ -99,7 +114,7 @@ unsafe fn tile_vnni<V: Vnni, B: VnniBlock>(
         let rest = &ys[covered..];
         let n = rest.len();
         let mut part = [0f32; TILE_ROWS * TILE_ACTS];
-        tile(w, rest, &mut part[..w.len() * n]);
+        tile::<V, B>(w, rest, &mut part[..w.len() * n]);
         for (j, values) in part[..w.len() * n].chunks_exact(n).enumerate() {
             out[j * m + covered..(j + 1) * m].copy_from_slice(values);
         }
@@ -123,22 +138,19 @@ unsafe fn tile_interleaved<V: Vnni, B: VnniBlock>(
     debug_assert!(w.len() <= TILE_ROWS && n <= GROUPS);
     debug_assert!(w.iter().all(|row| row.len() == blocks));
     debug_assert!(groups.iter().all(|g| g.len() >= blocks));
-    for b in 0..blocks {
+    if n == 1 {
+        // One group (decoding eight streams or a few more): row by row, as `tile` does.
         for (j, row) in w.iter().enumerate() {
-            let x = row.get_unchecked(b);
-            let acc = acc.as_mut_ptr().add(j * GROUPS);
-            let y = |g: usize| groups.get_unchecked(g).get_unchecked(b);
-            match n {
-                4 => x.interleaved_dots::<V, _>(
-                    [y(0), y(1), y(2), y(3)],
-                    &mut *(acc as *mut [__m256; 4]),
-                ),
-                3 => {
-                    x.interleaved_dots::<V, _>([y(0), y(1), y(2)], &mut *(acc as *mut [__m256; 3]))
-                }
-                2 => x.interleaved_dots::<V, _>([y(0), y(1)], &mut *(acc as *mut [__m256; 2])),
-                1 => x.interleaved_dots::<V, _>([y(0)], &mut *(acc as *mut [__m256; 1])),
-                _ => {}
+            for (b, x) in row.iter().enumerate() {
+                prefetch(x);
+                group_products::<V, B>(x, groups, b, acc.as_mut_ptr().add(j * GROUPS));
+            }
+        }
+    } else {
+        for b in 0..blocks {
+            for (j, row) in w.iter().enumerate() {
+                let acc = acc.as_mut_ptr().add(j * GROUPS);
+                group_products::<V, B>(row.get_unchecked(b), groups, b, acc);
             }
         }
     }
@@ -146,6 +158,25 @@ unsafe fn tile_interleaved<V: Vnni, B: VnniBlock>(
         for g in 0..n {
             _mm256_storeu_ps(out[j * m + 8 * g..].as_mut_ptr(), acc[j * GROUPS + g]);
         }
+    }
+}
+
+/// Weight block `x` (block column `b`) with each interleaved group, into `acc[g]`. A
+/// function, not a closure, so that it inherits the caller's target features.
+#[inline(always)]
+unsafe fn group_products<V: Vnni, B: VnniBlock>(
+    x: &B,
+    groups: &[&[BlockQ8Kx8]],
+    b: usize,
+    acc: *mut __m256,
+) {
+    let y = |g: usize| groups.get_unchecked(g).get_unchecked(b);
+    match groups.len() {
+        4 => x.interleaved_dots::<V, _>([y(0), y(1), y(2), y(3)], &mut *(acc as *mut [__m256; 4])),
+        3 => x.interleaved_dots::<V, _>([y(0), y(1), y(2)], &mut *(acc as *mut [__m256; 3])),
+        2 => x.interleaved_dots::<V, _>([y(0), y(1)], &mut *(acc as *mut [__m256; 2])),
+        1 => x.interleaved_dots::<V, _>([y(0)], &mut *(acc as *mut [__m256; 1])),
+        _ => {}
     }
 }
 
