@@ -8,9 +8,12 @@
 //! stream joins between passes and leaves when it ends, sampling stays on each stream's own
 //! thread, and nothing runs when no stream steps.
 //!
-//! Streams that were served by the last pass and come back quickly (their threads only
-//! sample and hand the text over) are waited for, briefly, so that they keep sharing a pass
-//! instead of splitting into passes of one; a stream whose consumer is slower is not.
+//! Streams that were served by the last pass and come back quickly are waited for, briefly,
+//! so that they keep sharing a pass instead of splitting into a pass of the first one back
+//! and a pass of the rest. "Quickly" is relative to the pass: a thread that only samples
+//! comes back in microseconds, a Python consumer under the GIL (a server's streams) in
+//! milliseconds, while a decode pass of Phi-3-mini takes hundreds; the wait is at most an
+//! eighth of the last pass. A stream whose consumer is slower than that is not waited for.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -23,10 +26,14 @@ use candle_core::Tensor;
 use crate::error::{Error, Operation};
 use crate::model::{self, Output, Phi3Model, Segment};
 
-/// How long a leader waits for the streams of the last pass to come back. Their threads
-/// sample a token and hand its text over in microseconds; a decode pass of Phi-3-mini takes
-/// ~60 ms, so this costs at most a few percent, and usually nothing (all come back first).
-const GATHER: Duration = Duration::from_millis(3);
+/// The least a leader waits for the streams of the last pass to come back, whatever the
+/// pass took: threads that only sample a token come back well within it.
+const GATHER_MIN: Duration = Duration::from_millis(3);
+/// The most, whatever the pass took.
+const GATHER_MAX: Duration = Duration::from_millis(100);
+/// The wait as a fraction of the last pass: at most 1/8 more time per pass, for passes that
+/// serve every stream instead of splitting in two (which would cost a whole pass).
+const GATHER_SHARE: u32 = 8;
 /// How often a waiting stream checks its interrupt flag while its step is not yet in a pass.
 const POLL: Duration = Duration::from_millis(5);
 /// Most token rows in one pass: decode steps are one row each; prompt chunks join while
@@ -93,14 +100,22 @@ struct State {
     members: HashMap<u64, Member>,
     leading: bool,
     next_ticket: u64,
+    /// How long the last pass took.
+    last_pass: Duration,
 }
 
 impl State {
-    /// Whether a stream of the last pass that usually comes back quickly has not yet.
-    fn awaits_member(&self, now: Instant) -> bool {
+    /// How long a leader waits for the streams of the last pass.
+    fn gather_window(&self) -> Duration {
+        (self.last_pass / GATHER_SHARE).clamp(GATHER_MIN, GATHER_MAX)
+    }
+
+    /// Whether a stream of the last pass that usually comes back within `window` has not
+    /// yet.
+    fn awaits_member(&self, now: Instant, window: Duration) -> bool {
         self.members.iter().any(|(seat, m)| {
-            let quick = m.turnaround.is_none_or(|t| t <= GATHER);
-            let recent = m.returned.is_some_and(|r| now - r < GATHER);
+            let quick = m.turnaround.is_none_or(|t| t <= window);
+            let recent = m.returned.is_some_and(|r| now - r < window);
             quick && recent && !self.queue.iter().any(|j| j.seat == *seat)
         })
     }
@@ -215,11 +230,14 @@ impl Batcher {
                 state = self.gather(state);
                 let pass = state.take_pass();
                 drop(state);
+                let started = Instant::now();
                 let finished = run_pass(pass);
+                let took = started.elapsed();
                 self.passes.fetch_add(1, Ordering::Relaxed);
                 self.batched_steps
                     .fetch_add(finished.len() as u64, Ordering::Relaxed);
                 state = self.lock();
+                state.last_pass = took;
                 let now = Instant::now();
                 for (ticket, seat, done) in finished {
                     if let Some(member) = state.members.get_mut(&seat) {
@@ -253,12 +271,14 @@ impl Batcher {
         }
     }
 
-    /// Waits, up to GATHER, for the streams of the last pass that usually come back quickly.
+    /// Waits, up to the gather window, for the streams of the last pass that usually come
+    /// back within it.
     fn gather<'a>(&'a self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        let deadline = Instant::now() + GATHER;
+        let window = state.gather_window();
+        let deadline = Instant::now() + window;
         loop {
             let now = Instant::now();
-            if now >= deadline || !state.awaits_member(now) {
+            if now >= deadline || !state.awaits_member(now, window) {
                 return state;
             }
             state = self
@@ -309,4 +329,60 @@ fn run_pass(mut jobs: Vec<Job>) -> Vec<(u64, u64, Done)> {
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state whose one stream (seat 0) came back `turnaround` after its step last time and
+    /// was handed its last result at `returned`, after a pass of `last_pass`.
+    fn state(turnaround: Duration, returned: Instant, last_pass: Duration) -> State {
+        let mut state = State {
+            last_pass,
+            ..State::default()
+        };
+        state.members.insert(
+            0,
+            Member {
+                returned: Some(returned),
+                turnaround: Some(turnaround),
+            },
+        );
+        state
+    }
+
+    #[test]
+    fn the_gather_window_is_an_eighth_of_the_last_pass_within_bounds() {
+        let window = |ms: u64| {
+            State {
+                last_pass: Duration::from_millis(ms),
+                ..State::default()
+            }
+            .gather_window()
+        };
+        assert_eq!(window(0), GATHER_MIN);
+        assert_eq!(window(8), GATHER_MIN);
+        assert_eq!(window(400), Duration::from_millis(50));
+        assert_eq!(window(60_000), GATHER_MAX);
+    }
+
+    #[test]
+    fn a_stream_slower_than_microseconds_is_waited_for_when_passes_are_long() {
+        // A Python consumer under the GIL: back 20 ms after its result. Behind a 400 ms pass
+        // (a decode step of Phi-3-mini on two cores) it is worth waiting for; behind a 2 ms
+        // pass (a tiny model) it is not, and a slow consumer (a second) never is.
+        let now = Instant::now();
+        let gil = Duration::from_millis(20);
+        let s = state(gil, now, Duration::from_millis(400));
+        assert!(s.awaits_member(now, s.gather_window()));
+        let s = state(gil, now, Duration::from_millis(2));
+        assert!(!s.awaits_member(now, s.gather_window()));
+        let s = state(Duration::from_secs(1), now, Duration::from_millis(400));
+        assert!(!s.awaits_member(now, s.gather_window()));
+        // Nor one that has been away longer than the window already.
+        let s = state(gil, now, Duration::from_millis(400));
+        let later = now + Duration::from_millis(60);
+        assert!(!s.awaits_member(later, s.gather_window()));
+    }
 }
