@@ -1,0 +1,257 @@
+//! How each K-quant block unpacks and meets Q8_K activation blocks with AVX2: the scales
+//! and minimums (`prepare`), and the values of each 32, as u8 (`chunk`, `runs`), which the
+//! VNNI kernels (`vnni.rs`) unpack the same way.
+
+use std::arch::x86_64::*;
+
+use super::super::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
+use super::{f32_of, load, Avx2Block, MulAdd, Prepared};
+
+/// A block's unpacked weights, one sub-block of 32 per row.
+#[repr(C, align(32))]
+pub struct Unpacked(pub [[u8; 32]; 8]);
+
+/// `vpshufb` masks that repeat one i16 lane (of eight) across each 128-bit half.
+static LANE_BROADCAST: [[u8; 32]; 8] = {
+    let mut masks = [[0u8; 32]; 8];
+    let mut lane = 0;
+    while lane < 8 {
+        let mut i = 0;
+        while i < 32 {
+            masks[lane][i] = (2 * lane + i % 2) as u8;
+            i += 1;
+        }
+        lane += 1;
+    }
+    masks
+};
+
+/// Masks giving i16 lane 2p in the low half and lane 2p+1 in the high half: the scales of
+/// the two 16-value Q6_K sub-blocks that 32 values span.
+static PAIR_BROADCAST: [[u8; 32]; 4] = {
+    let mut masks = [[0u8; 32]; 4];
+    let mut p = 0;
+    while p < 4 {
+        let mut i = 0;
+        while i < 32 {
+            let lane = 2 * p + i / 16;
+            masks[p][i] = (2 * lane + i % 2) as u8;
+            i += 1;
+        }
+        p += 1;
+    }
+    masks
+};
+
+/// Q4_K/Q5_K: the 6-bit scales (both halves) and the minimums, doubled to weigh the
+/// activation's 16-value sums. Sub-blocks 4..8 keep their low 4 bits in bytes 8..12 and
+/// their top 2 bits in the spare top bits of bytes 0..8.
+#[inline(always)]
+unsafe fn prepare_k(packed: &[u8; 12], d: f32, dmin: f32) -> Prepared {
+    let word = |i: usize| {
+        u32::from_le_bytes([
+            packed[4 * i],
+            packed[4 * i + 1],
+            packed[4 * i + 2],
+            packed[4 * i + 3],
+        ])
+    };
+    let (a, b, c) = (word(0), word(1), word(2));
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let scales_lo = a & LOW6;
+    let mins_lo = b & LOW6;
+    let scales_hi = (c & LOW4) | (((a >> 6) & LOW2) << 4);
+    let mins_hi = ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4);
+    let bytes = _mm_set_epi32(
+        mins_hi as i32,
+        mins_lo as i32,
+        scales_hi as i32,
+        scales_lo as i32,
+    );
+    let unpacked = _mm256_cvtepu8_epi16(bytes);
+    let mins = _mm256_extracti128_si256(unpacked, 1);
+    Prepared {
+        scales: _mm256_permute2x128_si256(unpacked, unpacked, 0x00),
+        offset_weights: _mm256_set_m128i(
+            _mm_unpackhi_epi16(mins, mins),
+            _mm_unpacklo_epi16(mins, mins),
+        ),
+        d,
+        dm: dmin,
+    }
+}
+
+/// Q4_K and Q5_K differ only in how chunk c's 64 values are unpacked into its low-nibble
+/// and high-nibble halves (`unpack`).
+#[inline(always)]
+unsafe fn k_quant_dots<A: MulAdd, const R: usize>(
+    p: &Prepared,
+    ys: [&BlockQ8K; R],
+    unpack: impl Fn(usize) -> (__m256i, __m256i),
+) -> [__m256i; R] {
+    // Two chains per row, so the multiply-adds do not wait on each other.
+    let mut lo_sums = [_mm256_setzero_si256(); R];
+    let mut hi_sums = [_mm256_setzero_si256(); R];
+    for c in 0..4 {
+        let (lo, hi) = unpack(c);
+        let scale_lo = _mm256_shuffle_epi8(p.scales, load(LANE_BROADCAST[2 * c].as_ptr()));
+        let scale_hi = _mm256_shuffle_epi8(p.scales, load(LANE_BROADCAST[2 * c + 1].as_ptr()));
+        for r in 0..R {
+            let y = ys[r].qs.as_ptr().add(64 * c);
+            lo_sums[r] = A::mul_add(lo_sums[r], _mm256_maddubs_epi16(lo, load(y)), scale_lo);
+            hi_sums[r] = A::mul_add(
+                hi_sums[r],
+                _mm256_maddubs_epi16(hi, load(y.add(32))),
+                scale_hi,
+            );
+        }
+    }
+    let mut out = lo_sums;
+    for r in 0..R {
+        out[r] = _mm256_add_epi32(lo_sums[r], hi_sums[r]);
+    }
+    out
+}
+
+impl Avx2Block for BlockQ4K {
+    #[inline(always)]
+    unsafe fn prepare(&self) -> Prepared {
+        prepare_k(&self.scales, f32_of(self.d), f32_of(self.dmin))
+    }
+
+    #[inline(always)]
+    unsafe fn dots<A: MulAdd, const R: usize>(
+        &self,
+        p: &Prepared,
+        ys: [&BlockQ8K; R],
+    ) -> [__m256i; R] {
+        k_quant_dots::<A, R>(p, ys, |c| self.chunk(c))
+    }
+}
+
+impl BlockQ4K {
+    /// Chunk c's 64 values as u8: byte j holds value 64c + j in its low nibble and
+    /// 64c + 32 + j in its high one.
+    #[inline(always)]
+    pub(super) unsafe fn chunk(&self, c: usize) -> (__m256i, __m256i) {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let q = load(self.qs.as_ptr().add(32 * c));
+        (
+            _mm256_and_si256(q, low4),
+            _mm256_and_si256(_mm256_srli_epi16(q, 4), low4),
+        )
+    }
+}
+
+impl Avx2Block for BlockQ5K {
+    #[inline(always)]
+    unsafe fn prepare(&self) -> Prepared {
+        prepare_k(&self.scales, f32_of(self.d), f32_of(self.dmin))
+    }
+
+    #[inline(always)]
+    unsafe fn dots<A: MulAdd, const R: usize>(
+        &self,
+        p: &Prepared,
+        ys: [&BlockQ8K; R],
+    ) -> [__m256i; R] {
+        k_quant_dots::<A, R>(p, ys, |c| self.chunk(c))
+    }
+}
+
+impl BlockQ5K {
+    /// As Q4_K's chunks, with bits 2c and 2c+1 of qh[j] as the fifth bits.
+    #[inline(always)]
+    pub(super) unsafe fn chunk(&self, c: usize) -> (__m256i, __m256i) {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        let q = load(self.qs.as_ptr().add(32 * c));
+        let qh = _mm256_srl_epi16(load(self.qh.as_ptr()), _mm_cvtsi32_si128(2 * c as i32));
+        let fifth_lo = _mm256_slli_epi16(_mm256_and_si256(qh, one), 4);
+        let fifth_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4);
+        (
+            _mm256_or_si256(_mm256_and_si256(q, low4), fifth_lo),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), low4), fifth_hi),
+        )
+    }
+}
+
+impl Avx2Block for BlockQ6K {
+    #[inline(always)]
+    unsafe fn prepare(&self) -> Prepared {
+        let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(self.scales.as_ptr() as *const __m128i));
+        let d = f32_of(self.d);
+        // Values are stored +32: the offset term is 32·Σ scale·bsum, weighed by d.
+        Prepared {
+            scales,
+            offset_weights: _mm256_slli_epi16(scales, 5),
+            d,
+            dm: d,
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dots<A: MulAdd, const R: usize>(
+        &self,
+        p: &Prepared,
+        ys: [&BlockQ8K; R],
+    ) -> [__m256i; R] {
+        let mut sums = [[_mm256_setzero_si256(); R]; 2];
+        for h in 0..2 {
+            // Sub-blocks 8h..8h+8, as i16 in both halves, for the pair shuffles.
+            let half_scales = if h == 0 {
+                _mm256_permute2x128_si256(p.scales, p.scales, 0x00)
+            } else {
+                _mm256_permute2x128_si256(p.scales, p.scales, 0x11)
+            };
+            for (run, q) in self.runs(h).into_iter().enumerate() {
+                let scale = _mm256_shuffle_epi8(half_scales, load(PAIR_BROADCAST[run].as_ptr()));
+                for r in 0..R {
+                    let y = ys[r].qs.as_ptr().add(128 * h + 32 * run);
+                    let chain = &mut sums[run % 2][r];
+                    *chain = A::mul_add(*chain, _mm256_maddubs_epi16(q, load(y)), scale);
+                }
+            }
+        }
+        let mut out = sums[0];
+        for r in 0..R {
+            out[r] = _mm256_add_epi32(sums[0][r], sums[1][r]);
+        }
+        out
+    }
+}
+
+impl BlockQ6K {
+    /// Half h's four runs of 32 values (values 128h + 32·run + l), 0..64 unsigned: ql's low
+    /// nibbles, the next 32 bytes' low nibbles, then the high nibbles, each with two bits of
+    /// qh on top.
+    #[inline(always)]
+    pub(super) unsafe fn runs(&self, h: usize) -> [__m256i; 4] {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let bits01 = _mm256_set1_epi8(0x03);
+        let bits45 = _mm256_set1_epi8(0x30);
+        let ql0 = load(self.ql.as_ptr().add(64 * h));
+        let ql1 = load(self.ql.as_ptr().add(64 * h + 32));
+        let qh = load(self.qh.as_ptr().add(32 * h));
+        [
+            _mm256_or_si256(
+                _mm256_and_si256(ql0, low4),
+                _mm256_slli_epi16(_mm256_and_si256(qh, bits01), 4),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(ql1, low4),
+                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), bits01), 4),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                _mm256_and_si256(qh, bits45),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                _mm256_and_si256(_mm256_srli_epi16(qh, 2), bits45),
+            ),
+        ]
+    }
+}
