@@ -76,10 +76,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let decoded: usize = spans.iter().map(|s| s.2).sum();
     let tps = decoded as f64 / (end - start).as_secs_f64();
     let (passes, steps) = engine.batcher().pass_counts();
+    // What ran where: the CPU's name and the K-quant kernels chosen for it.
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     println!(
         "{{\"decode_tps\": {tps}, \"tokens\": {decoded}, \"streams\": {streams}, \
-         \"mean_batch\": {:.2}}}",
-        steps as f64 / passes.max(1) as f64
+         \"mean_batch\": {:.2}, \"kernels\": {:?}, \"cpu\": {cpu:?}}}",
+        steps as f64 / passes.max(1) as f64,
+        engine.kernels()
     );
     Ok(())
 }

@@ -153,6 +153,11 @@ impl Engine {
         &self.weights.config
     }
 
+    /// The kernels the model's K-quant matrices run (`CANDLE_PHI_KERNELS`'s names).
+    pub fn kernels(&self) -> &'static str {
+        self.weights.kernels
+    }
+
     pub fn tokenizer(&self) -> &Arc<Phi3Tokenizer> {
         &self.tokenizer
     }

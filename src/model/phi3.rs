@@ -36,6 +36,9 @@ pub struct Phi3Weights {
     pub(super) output_norm: RmsNorm,
     pub(super) output: Linear,
     rope_factors: Option<RopeFactors>,
+    /// The kernels its K-quant matrices run, by `CANDLE_PHI_KERNELS`'s names (the other
+    /// tensor types run Candle's): what benchmarks report.
+    pub kernels: &'static str,
 }
 
 /// A source of named tensors (the mapped GGUF, or a test's in-memory map).
@@ -86,6 +89,7 @@ impl Phi3Weights {
             output_norm,
             output,
             rope_factors,
+            kernels: kernels.name(),
         })
     }
 }
