@@ -115,21 +115,28 @@ unsafe fn k_quant_dots<A: MulAdd, const R: usize>(
     out
 }
 
-impl Avx2Block for BlockQ4K {
-    #[inline(always)]
-    unsafe fn prepare(&self) -> Prepared {
-        prepare_k(&self.scales, f32_of(self.d), f32_of(self.dmin))
-    }
+/// Q4_K and Q5_K share their scales' layout and products; only `chunk` differs.
+macro_rules! k_quant_avx2_block {
+    ($($block:ty),*) => {$(
+        impl Avx2Block for $block {
+            #[inline(always)]
+            unsafe fn prepare(&self) -> Prepared {
+                prepare_k(&self.scales, f32_of(self.d), f32_of(self.dmin))
+            }
 
-    #[inline(always)]
-    unsafe fn dots<A: MulAdd, const R: usize>(
-        &self,
-        p: &Prepared,
-        ys: [&BlockQ8K; R],
-    ) -> [__m256i; R] {
-        k_quant_dots::<A, R>(p, ys, |c| self.chunk(c))
-    }
+            #[inline(always)]
+            unsafe fn dots<A: MulAdd, const R: usize>(
+                &self,
+                p: &Prepared,
+                ys: [&BlockQ8K; R],
+            ) -> [__m256i; R] {
+                k_quant_dots::<A, R>(p, ys, |c| self.chunk(c))
+            }
+        }
+    )*};
 }
+
+k_quant_avx2_block!(BlockQ4K, BlockQ5K);
 
 impl BlockQ4K {
     /// Chunk c's 64 values as u8: byte j holds value 64c + j in its low nibble and
@@ -142,22 +149,6 @@ impl BlockQ4K {
             _mm256_and_si256(q, low4),
             _mm256_and_si256(_mm256_srli_epi16(q, 4), low4),
         )
-    }
-}
-
-impl Avx2Block for BlockQ5K {
-    #[inline(always)]
-    unsafe fn prepare(&self) -> Prepared {
-        prepare_k(&self.scales, f32_of(self.d), f32_of(self.dmin))
-    }
-
-    #[inline(always)]
-    unsafe fn dots<A: MulAdd, const R: usize>(
-        &self,
-        p: &Prepared,
-        ys: [&BlockQ8K; R],
-    ) -> [__m256i; R] {
-        k_quant_dots::<A, R>(p, ys, |c| self.chunk(c))
     }
 }
 
