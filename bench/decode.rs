@@ -19,6 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let tokens: usize = rest.first().map_or(Ok(64), |t| t.parse())?;
     let streams: usize = rest.get(1).map_or(Ok(1), |t| t.parse())?;
+    if streams == 0 {
+        return Err("STREAMS must be at least 1".into());
+    }
     let engine = Engine::load(
         &ModelSource::Local(PathBuf::from(model)),
         Some(&ModelSource::Local(PathBuf::from(tokenizer))),
@@ -45,12 +48,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let prompt: Vec<u32> = (0..16)
                         .map(|i| 300 + (i + 16 * s as u32) * 997 % 31000)
                         .collect();
-                    let mut generation = engine.generate_ids(prompt, params)?;
                     // Prompt and first token first; time the tokens after it, as bench.py does.
-                    while generation.stats().sampled_tokens == 0 {
-                        generation.step()?;
-                    }
+                    let warmed = (|| -> candle_phi::Result<_> {
+                        let mut generation = engine.generate_ids(prompt, params)?;
+                        while generation.stats().sampled_tokens == 0 {
+                            generation.step()?;
+                        }
+                        Ok(generation)
+                    })();
+                    // Every thread reaches the barrier, failed or not, so none waits forever.
                     all_started.wait();
+                    let mut generation = warmed?;
                     let start = Instant::now();
                     while generation.step()? != Step::Finished {}
                     Ok((start, Instant::now(), generation.stats().sampled_tokens - 1))
