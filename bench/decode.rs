@@ -1,6 +1,8 @@
 //! Decode speed with no Python at all: the reference for the cost of the Python iterator,
 //! and, with several streams, the engine's continuous batching alone (no server, no GIL).
-//! `cargo run --release --example decode -- MODEL.gguf tokenizer.json [TOKENS] [STREAMS]`
+//! `cargo run --release --example decode -- MODEL.gguf tokenizer.json [TOKENS] [STREAMS]
+//! [CONTEXT] [KV_CACHE_TYPE]`: CONTEXT prompt tokens per stream (16), the cache type f16, q8_0
+//! or f32 (f16): decode after a long prompt reads its keys and values at every step.
 //!
 //! Each stream runs on its own thread, as the Python API's and the server's streams do, and
 //! gets its own prompt; the figure is the aggregate decode rate: the tokens after each
@@ -10,23 +12,35 @@ use std::path::PathBuf;
 use std::sync::Barrier;
 use std::time::Instant;
 
-use candle_phi::{Engine, GenerationParams, ModelSource, SamplingParams, Step};
+use candle_phi::{
+    Engine, GenerationParams, KvCacheType, LoadOptions, ModelSource, SamplingParams, Step,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let [_, model, tokenizer, rest @ ..] = args.as_slice() else {
-        return Err("usage: decode MODEL.gguf tokenizer.json [TOKENS] [STREAMS]".into());
+        return Err(
+            "usage: decode MODEL.gguf tokenizer.json [TOKENS] [STREAMS] [CONTEXT] [KV_CACHE_TYPE]"
+                .into(),
+        );
     };
     let tokens: usize = rest.first().map_or(Ok(64), |t| t.parse())?;
     let streams: usize = rest.get(1).map_or(Ok(1), |t| t.parse())?;
-    if streams == 0 {
-        return Err("STREAMS must be at least 1".into());
+    let context: u32 = rest.get(2).map_or(Ok(16), |t| t.parse())?;
+    let kv_cache_type = match rest.get(3) {
+        Some(name) => KvCacheType::from_name(name).ok_or("KV_CACHE_TYPE: f16, q8_0 or f32")?,
+        None => KvCacheType::default(),
+    };
+    if streams == 0 || context == 0 {
+        return Err("STREAMS and CONTEXT must be at least 1".into());
     }
     let engine = Engine::load(
         &ModelSource::Local(PathBuf::from(model)),
         Some(&ModelSource::Local(PathBuf::from(tokenizer))),
-        false,
-        None,
+        &LoadOptions {
+            kv_cache_type,
+            ..LoadOptions::default()
+        },
     )?;
     let params = GenerationParams {
         max_tokens: Some(tokens + 1),
@@ -44,9 +58,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|s| {
                 let (engine, params, all_started) = (&engine, &params, &all_started);
                 scope.spawn(move || -> candle_phi::Result<(Instant, Instant, usize)> {
-                    // The same 16-token prompt as bench.py's decode measurement (stream 0).
-                    let prompt: Vec<u32> = (0..16)
-                        .map(|i| 300 + (i + 16 * s as u32) * 997 % 31000)
+                    // With 16 tokens, bench.py's decode prompt (stream 0).
+                    let prompt: Vec<u32> = (0..context)
+                        .map(|i| 300 + (i + context * s as u32) * 997 % 31000)
                         .collect();
                     // Prompt and first token first; time the tokens after it, as bench.py does.
                     let warmed = (|| -> candle_phi::Result<_> {
@@ -95,7 +109,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     println!(
         "{{\"decode_tps\": {tps}, \"tokens\": {decoded}, \"streams\": {streams}, \
-         \"mean_batch\": {:.2}, \"kernels\": {:?}, \"cpu\": {cpu:?}}}",
+         \"context\": {context}, \"kv_cache_type\": {:?}, \"mean_batch\": {:.2}, \
+         \"kernels\": {:?}, \"cpu\": {cpu:?}}}",
+        kv_cache_type.name(),
         steps as f64 / passes.max(1) as f64,
         engine.kernels()
     );

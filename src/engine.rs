@@ -10,7 +10,7 @@ use crate::batch::Batcher;
 use crate::chat::{ChatMessage, ChatTemplate, Role};
 use crate::error::{Error, Result};
 use crate::generation::{Generation, GenerationParams};
-use crate::model::{self, Phi3Config, Phi3Model, Phi3Weights};
+use crate::model::{self, KvCacheType, Phi3Config, Phi3Model, Phi3Weights};
 use crate::prefix_cache::{PrefixCache, DEFAULT_BUDGET_BYTES};
 use crate::source::{HubFile, DEFAULT_TOKENIZER_FILE};
 use crate::tokenizer::Phi3Tokenizer;
@@ -65,6 +65,17 @@ pub fn set_threads(requested: Option<usize>) -> Result<usize> {
     }
 }
 
+/// How a model is loaded and run, beyond where it comes from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Show a download's progress.
+    pub progress: bool,
+    /// Threads for the kernels; `None`: one per physical core.
+    pub threads: Option<usize>,
+    /// How sequences store their keys and values.
+    pub kv_cache_type: KvCacheType,
+}
+
 pub struct Engine {
     weights: Arc<Phi3Weights>,
     tokenizer: Arc<Phi3Tokenizer>,
@@ -86,21 +97,20 @@ impl Engine {
     pub fn load(
         model: &ModelSource,
         tokenizer: Option<&ModelSource>,
-        progress: bool,
-        threads: Option<usize>,
+        options: &LoadOptions,
     ) -> Result<Self> {
-        Self::load_interruptible(model, tokenizer, progress, threads, &AtomicBool::new(false))
+        Self::load_interruptible(model, tokenizer, options, &AtomicBool::new(false))
     }
 
     /// `load`, ending early with `Error::Interrupted` once `interrupt` is set.
     pub fn load_interruptible(
         model: &ModelSource,
         tokenizer: Option<&ModelSource>,
-        progress: bool,
-        threads: Option<usize>,
+        options: &LoadOptions,
         interrupt: &AtomicBool,
     ) -> Result<Self> {
-        let threads = set_threads(threads)?;
+        let progress = options.progress;
+        let threads = set_threads(options.threads)?;
         let start = Instant::now();
         if let Some(ModelSource::Local(path)) = tokenizer {
             if !path.is_file() {
@@ -108,7 +118,7 @@ impl Engine {
             }
         }
         let model_path = model.resolve(progress)?;
-        let loaded = model::load_interruptible(&model_path, interrupt)?;
+        let loaded = model::load_interruptible(&model_path, interrupt, options.kv_cache_type)?;
         let vocab_size = loaded.weights.config.vocab_size;
         let tokenizer = match tokenizer
             .cloned()
@@ -156,6 +166,10 @@ impl Engine {
     /// The kernels the model's K-quant matrices run (`CANDLE_PHI_KERNELS`'s names).
     pub fn kernels(&self) -> &'static str {
         self.weights.kernels
+    }
+
+    pub fn kv_cache_type(&self) -> KvCacheType {
+        self.weights.kv_cache_type
     }
 
     pub fn tokenizer(&self) -> &Arc<Phi3Tokenizer> {

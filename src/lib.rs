@@ -22,9 +22,10 @@ pub mod stop;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, Role};
-pub use engine::{Engine, ModelSource};
+pub use engine::{Engine, LoadOptions, ModelSource};
 pub use error::{Error, Operation, Result};
 pub use generation::{FinishReason, Generation, GenerationParams, Piece, Step};
+pub use model::KvCacheType;
 pub use sampling::SamplingParams;
 
 #[cfg(feature = "python")]

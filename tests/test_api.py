@@ -38,6 +38,7 @@ def test_everything_public_lives_in_candle_phi() -> None:
             "ChatMessage",
             "FinishReason",
             "GenerationOptions",
+            "KvCacheType",
             "Role",
             "__version__",
         ]

@@ -57,6 +57,16 @@ def test_stop_flag_and_verbose(hello: list[str]) -> None:
     assert "(0 cached)" in result.stderr
 
 
+def test_kv_cache_type_flag(hello: list[str]) -> None:
+    result = cli(*hello, "Hi", "--verbose", "--temperature", "0")
+    assert result.returncode == 0 and "f16 KV cache" in result.stderr  # the default
+    result = cli(*hello, "Hi", "--verbose", "--temperature", "0", "--kv-cache-type", "q8_0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello world\n" and "q8_0 KV cache" in result.stderr
+    bad = cli(*hello, "Hi", "--kv-cache-type", "f8")
+    assert bad.returncode == 2 and "f16" in bad.stderr
+
+
 def test_raw_prompt(generator: Phi3Generator) -> None:
     raw = "<|user|>\nHi<|end|>\n<|assistant|>"
     result = cli(

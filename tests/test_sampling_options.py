@@ -218,7 +218,10 @@ def test_min_p_near_one_keeps_only_the_argmax(which: str, request: pytest.Fixtur
     greedy = generate(gen, max_tokens=8, **GREEDY)
     raw = rows(gen, gen.tokenize(CHAT_PROMPT), greedy)
     top2 = np.sort(raw[:8], axis=1)[:, -2:]
-    assert np.all(np.exp(top2[:, 0] - top2[:, 1]) < 0.99)  # no near-tie at any step
+    # No near-tie at any step: min_p=0.999 then keeps the argmax alone, with a margin (0.4%)
+    # above the 2e-3 by which these logits (one pass) and the stream's (step by step, through
+    # an f16 cache) may differ.
+    assert np.all(np.exp(top2[:, 0] - top2[:, 1]) < 0.995)
     sampled = [generate(gen, max_tokens=8, seed=s, **WILD) for s in range(4)]
     assert all(s != greedy for s in sampled)  # without min_p the temperature shows
     for seed in range(4):

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
         TopLogprob,
         __version__,
     )
-    from candle_phi.types import ChatMessage, FinishReason, GenerationOptions, Role
+    from candle_phi.types import ChatMessage, FinishReason, GenerationOptions, KvCacheType, Role
 
 __all__ = [
     "CandlePhiError",
@@ -39,6 +39,7 @@ __all__ = [
     "GenerationError",
     "GenerationOptions",
     "InvalidArgumentError",
+    "KvCacheType",
     "ModelLoadError",
     "Phi3Generator",
     "Role",
@@ -70,6 +71,7 @@ _HOMES = {
     "ChatMessage": "types",
     "FinishReason": "types",
     "GenerationOptions": "types",
+    "KvCacheType": "types",
     "Role": "types",
 }
 

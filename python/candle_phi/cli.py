@@ -96,6 +96,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     model.add_argument("--repo", help="hub repo of the GGUF")
     model.add_argument("--file", help="GGUF file name in --repo, or a glob such as '*q4.gguf'")
     model.add_argument("--revision", help="hub revision: branch, tag or commit")
+    model.add_argument(
+        "--kv-cache-type",
+        choices=["f16", "q8_0", "f32"],
+        default="f16",
+        help="how keys and values are kept: f16 (default, 2 bytes a value), q8_0 (8-bit "
+        "blocks, 1.125 bytes, slightly less exact) or f32 (4 bytes)",
+    )
     return model
 
 
@@ -104,7 +111,13 @@ def load_generator(args: argparse.Namespace, **options: Any) -> Phi3Generator:
     flags = {"repo_id": args.repo, "filename": args.file, "revision": args.revision}
     hub = {key: value for key, value in flags.items() if value is not None}
     # A download draws a progress bar on stderr when it is a terminal (the default).
-    return Phi3Generator(args.model, tokenizer=args.tokenizer, **hub, **options)
+    return Phi3Generator(
+        args.model,
+        tokenizer=args.tokenizer,
+        kv_cache_type=args.kv_cache_type,
+        **hub,
+        **options,
+    )
 
 
 def stream_to(out: TextIO, stream: Iterator[str]) -> None:
@@ -119,7 +132,8 @@ def report(stream: TokenStream, generator: Phi3Generator) -> None:
 
     ttft = stream.time_to_first_token
     print(
-        f"[load {generator.load_time:.2f} s | prompt {stream.prompt_tokens} tokens "
+        f"[load {generator.load_time:.2f} s, {generator.kv_cache_type} KV cache | "
+        f"prompt {stream.prompt_tokens} tokens "
         f"({stream.cached_tokens} cached), "
         f"{rate(stream.prompt_tokens_per_second)} | generated {stream.generated_tokens} tokens, "
         f"{rate(stream.generation_tokens_per_second)} | first token "

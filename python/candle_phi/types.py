@@ -8,6 +8,9 @@ from typing import Literal, TypeAlias, TypedDict
 Role: TypeAlias = Literal["system", "user", "assistant"]
 """Who speaks a chat message."""
 
+KvCacheType: TypeAlias = Literal["f16", "q8_0", "f32"]
+"""How a generator keeps keys and values: f16 (the default), 8-bit blocks, or f32."""
+
 FinishReason: TypeAlias = Literal["stop", "length", "cancelled"]
 """Why a stream ended: an end token, stop token or stop string; ``max_tokens``; or
 ``cancel()`` / ``close()``."""
@@ -70,4 +73,4 @@ class GenerationOptions(TypedDict, total=False):
     """With ``logprobs``, also the 0 to 20 most likely tokens at each position."""
 
 
-__all__ = ["ChatMessage", "FinishReason", "GenerationOptions", "Role"]
+__all__ = ["ChatMessage", "FinishReason", "GenerationOptions", "KvCacheType", "Role"]

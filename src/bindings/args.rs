@@ -105,6 +105,21 @@ text_converters! {
     tokenizer_revision = "tokenizer_revision";
 }
 
+/// `"f16"`, `"q8_0"` or `"f32"`.
+pub(crate) fn kv_cache_type(obj: &Bound<'_, PyAny>) -> PyResult<crate::KvCacheType> {
+    let name = str_arg(obj, "kv_cache_type")?;
+    crate::KvCacheType::from_name(&name).ok_or_else(|| {
+        to_py_err(
+            obj.py(),
+            Error::invalid_argument(
+                "kv_cache_type",
+                repr(obj),
+                "It must be 'f16' (the default: 2 bytes a value), 'q8_0' (8-bit blocks: 1.125 bytes, slightly less exact) or 'f32' (4 bytes)",
+            ),
+        )
+    })
+}
+
 pub(crate) fn tokenizer_repo_id(obj: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
     if obj.is_none() {
         return Ok(None);

@@ -15,9 +15,10 @@ use super::interrupt;
 use super::options;
 use super::stream::PyTokenStream;
 use crate::chat::ChatMessage;
-use crate::engine::{Engine, ModelSource};
+use crate::engine::{Engine, LoadOptions, ModelSource};
 use crate::error::{Error, Operation};
 use crate::generation::Generation;
+use crate::model::KvCacheType;
 use crate::prefix_cache::DEFAULT_BUDGET_BYTES;
 use crate::source::{
     HubFile, DEFAULT_MODEL_FILE, DEFAULT_MODEL_REPO, DEFAULT_REVISION, DEFAULT_TOKENIZER_FILE,
@@ -61,7 +62,7 @@ impl PyPhi3Generator {
         repo_id='microsoft/Phi-3-mini-4k-instruct-gguf', \
         filename='Phi-3-mini-4k-instruct-q4.gguf', revision='main', tokenizer_repo_id=None, \
         tokenizer_revision='main', progress=None, n_threads=None, \
-        prefix_cache_bytes=4294967296)")]
+        prefix_cache_bytes=4294967296, kv_cache_type='f16')")]
     #[pyo3(signature = (
         model = None,
         *,
@@ -74,6 +75,7 @@ impl PyPhi3Generator {
         progress = None,
         n_threads = None,
         prefix_cache_bytes = DEFAULT_BUDGET_BYTES as i64,
+        kv_cache_type = KvCacheType::default(),
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -88,6 +90,7 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::progress)] progress: Option<bool>,
         #[pyo3(from_py_with = args::n_threads)] n_threads: Option<i64>,
         #[pyo3(from_py_with = args::prefix_cache_bytes)] prefix_cache_bytes: i64,
+        #[pyo3(from_py_with = args::kv_cache_type)] kv_cache_type: KvCacheType,
     ) -> PyResult<Self> {
         let prefix_cache_bytes = args::non_negative(
             py,
@@ -114,8 +117,13 @@ impl PyPhi3Generator {
         // A download shows its progress where someone watches: a terminal.
         let progress = progress.unwrap_or_else(|| std::io::stderr().is_terminal());
         let stop = AtomicBool::new(false);
+        let options = LoadOptions {
+            progress,
+            threads: n_threads,
+            kv_cache_type,
+        };
         let engine = interrupt::run(py, Operation::Loading, &stop, || {
-            Engine::load_interruptible(&model, tokenizer.as_ref(), progress, n_threads, &stop)
+            Engine::load_interruptible(&model, tokenizer.as_ref(), &options, &stop)
         })?;
         Ok(Self {
             engine: Arc::new(engine.with_prefix_cache(prefix_cache_bytes)),
@@ -129,7 +137,7 @@ impl PyPhi3Generator {
     #[pyo3(
         text_signature = "(repo_id, filename='Phi-3-mini-4k-instruct-q4.gguf', *, \
         tokenizer=None, revision='main', tokenizer_repo_id=None, tokenizer_revision='main', \
-        progress=None, n_threads=None, prefix_cache_bytes=4294967296)"
+        progress=None, n_threads=None, prefix_cache_bytes=4294967296, kv_cache_type='f16')"
     )]
     #[pyo3(signature = (repo_id, filename = DEFAULT_MODEL_FILE.to_string(), **kwargs))]
     fn from_pretrained<'py>(
@@ -300,6 +308,12 @@ impl PyPhi3Generator {
     #[getter]
     fn n_threads(&self) -> usize {
         self.engine.threads()
+    }
+
+    /// How keys and values are stored: 'f16', 'q8_0' or 'f32'.
+    #[getter]
+    fn kv_cache_type(&self) -> &'static str {
+        self.engine.kv_cache_type().name()
     }
 
     /// The most bytes of ended streams' KV state kept for reuse (0: none).

@@ -1,6 +1,7 @@
 //! The hyperparameters of a `phi3` GGUF, read from the file itself: nothing here assumes
 //! Phi-3-mini's numbers.
 
+use super::kv_cache::KvCacheType;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 
@@ -187,6 +188,7 @@ impl Phi3Config {
         Some(())
     }
 
+    /// Bytes per token in f32, the widest cache type.
     fn kv_bytes_per_token_checked(&self) -> Option<usize> {
         2usize
             .checked_mul(self.num_layers)?
@@ -229,9 +231,13 @@ impl Phi3Config {
         tensors
     }
 
-    /// Bytes the KV cache holds per token (keys and values, f32, all layers).
-    pub fn kv_bytes_per_token(&self) -> usize {
-        self.kv_bytes_per_token_checked().unwrap_or(usize::MAX)
+    /// Bytes the KV cache holds per token (keys and values, all layers) stored as `kind`.
+    pub fn kv_bytes_per_token(&self, kind: KvCacheType) -> usize {
+        match self.kv_bytes_per_token_checked() {
+            // At most the f32 figure, which fits.
+            Some(_) => 2 * self.num_layers * self.num_kv_heads * kind.row_bytes(self.head_dim),
+            None => usize::MAX,
+        }
     }
 }
 

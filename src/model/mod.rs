@@ -13,6 +13,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub use config::Phi3Config;
+pub use kv_cache::KvCacheType;
 pub use pass::{forward as forward_batch, Output, Segment};
 pub use phi3::{Phi3Model, Phi3Weights, TensorSource, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT};
 pub use rope::RopeFactors;
@@ -71,11 +72,16 @@ pub struct ModelMetadata {
 
 /// Checks every required tensor's presence, shape and type, then reads the weights.
 pub fn load(path: &Path) -> Result<LoadedModel> {
-    load_interruptible(path, &AtomicBool::new(false))
+    load_interruptible(path, &AtomicBool::new(false), KvCacheType::default())
 }
 
-/// `load`, ending early with `Error::Interrupted` once `interrupt` is set.
-pub fn load_interruptible(path: &Path, interrupt: &AtomicBool) -> Result<LoadedModel> {
+/// `load`, ending early with `Error::Interrupted` once `interrupt` is set; its sequences
+/// store keys and values as `kv_cache_type`.
+pub fn load_interruptible(
+    path: &Path,
+    interrupt: &AtomicBool,
+    kv_cache_type: KvCacheType,
+) -> Result<LoadedModel> {
     let mut file = GgufFile::open(path, interrupt)?;
     let config = Phi3Config::from_gguf(&file)?;
     let has_long = file.contains(ROPE_FACTORS_LONG);
@@ -111,7 +117,8 @@ pub fn load_interruptible(path: &Path, interrupt: &AtomicBool) -> Result<LoadedM
             source: &mut file,
             interrupt,
         },
-    )?;
+    )?
+    .with_kv_cache_type(kv_cache_type);
     Ok(LoadedModel {
         weights: Arc::new(weights),
         metadata,

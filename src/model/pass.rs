@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use candle_core::{Module, Result, Tensor, D};
 
-use super::attention::CausalAttention;
+use super::attention;
 use super::config::Phi3Config;
 use super::phi3::{Layer, Phi3Model, Phi3Weights};
 
@@ -225,16 +225,10 @@ fn attention(
         let q = rope.apply(&heads(0, n_head)?, &cos, &sin)?;
         let k = rope.apply(&heads(n_head, n_kv)?, &cos, &sin)?;
         let v = heads(n_head + n_kv, n_kv)?;
-        let (k, v) = model.cache_mut(layer_index).append(&k, &v)?;
-        let kv_len = k.dim(2)?;
-        let attention = CausalAttention {
-            offset: kv_len - len,
-            window: config.sliding_window,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
-        let out = q
-            .contiguous()?
-            .apply_op3_no_bwd(&k, &v, &attention)?
+        model.cache_mut(layer_index).append(&k, &v)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let cache = model.cache(layer_index);
+        let out = attention::attend(&q, cache, config.sliding_window, scale)?
             .transpose(1, 2)?
             .reshape((1, len, n_head * hd))?;
         outs.push(out);

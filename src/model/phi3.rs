@@ -12,7 +12,7 @@ use candle_nn::RmsNorm;
 
 use super::config::Phi3Config;
 use super::embedding::Embedding;
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvCacheType};
 use super::rope::{RopeFactors, RotaryEmbedding};
 use crate::quant::{Kernels, Linear, RawTensor};
 
@@ -39,6 +39,8 @@ pub struct Phi3Weights {
     /// The kernels its K-quant matrices run, by `CANDLE_PHI_KERNELS`'s names (the other
     /// tensor types run Candle's): what benchmarks report.
     pub kernels: &'static str,
+    /// How every sequence of this model stores its keys and values.
+    pub kv_cache_type: KvCacheType,
 }
 
 /// A source of named tensors (the mapped GGUF, or a test's in-memory map).
@@ -90,7 +92,15 @@ impl Phi3Weights {
             output,
             rope_factors,
             kernels: kernels.name(),
+            kv_cache_type: KvCacheType::default(),
         })
+    }
+
+    pub fn with_kv_cache_type(self, kv_cache_type: KvCacheType) -> Self {
+        Self {
+            kv_cache_type,
+            ..self
+        }
     }
 }
 
@@ -144,7 +154,15 @@ impl Phi3Model {
         // This request never needs more than its span; a later one continuing the sequence
         // (prefix reuse) may need up to the context.
         let caches = (0..config.num_layers)
-            .map(|_| KvCache::new(span.min(config.context_length), config.context_length))
+            .map(|_| {
+                KvCache::new(
+                    weights.kv_cache_type,
+                    config.num_kv_heads,
+                    config.head_dim,
+                    span.min(config.context_length),
+                    config.context_length,
+                )
+            })
             .collect();
         Ok(Self {
             weights,
@@ -185,7 +203,7 @@ impl Phi3Model {
                 .caches
                 .iter()
                 .map(|c| c.copy_prefix(keep, max_len))
-                .collect::<Result<_>>()?,
+                .collect(),
             interrupt: None,
         })
     }
@@ -208,8 +226,7 @@ impl Phi3Model {
 
     /// Bytes allocated for this sequence's KV cache.
     pub fn kv_cache_bytes(&self) -> usize {
-        let per_token = self.weights.config.kv_bytes_per_token() / self.caches.len().max(1);
-        self.caches.iter().map(|c| c.capacity() * per_token).sum()
+        self.caches.iter().map(KvCache::bytes).sum()
     }
 
     pub(super) fn weights(&self) -> &Arc<Phi3Weights> {
@@ -218,6 +235,10 @@ impl Phi3Model {
 
     pub(super) fn rope(&self) -> &RotaryEmbedding {
         &self.rope
+    }
+
+    pub(super) fn cache(&self, layer: usize) -> &KvCache {
+        &self.caches[layer]
     }
 
     pub(super) fn cache_mut(&mut self, layer: usize) -> &mut KvCache {

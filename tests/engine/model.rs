@@ -5,17 +5,21 @@ use candle_core::{Device, Tensor};
 use candle_phi::model::{
     Phi3Config, Phi3Model, Phi3Weights, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT,
 };
+use candle_phi::KvCacheType;
 
 use crate::common::{config, weights};
 
+/// A model whose cache is f32, so that invariance checks see only summation order (an f16
+/// cache rounds keys and values: a last-bit difference upstream can round the other way).
 fn model(config: Phi3Config, dtype: GgmlDType) -> Phi3Model {
+    model_with_cache(config, dtype, KvCacheType::F32)
+}
+
+fn model_with_cache(config: Phi3Config, dtype: GgmlDType, kind: KvCacheType) -> Phi3Model {
     let span = config.context_length;
     let mut source = weights(&config, 42, dtype);
-    Phi3Model::new(
-        Arc::new(Phi3Weights::load(config, &mut source).unwrap()),
-        span,
-    )
-    .unwrap()
+    let weights = Phi3Weights::load(config, &mut source).unwrap();
+    Phi3Model::new(Arc::new(weights.with_kv_cache_type(kind)), span).unwrap()
 }
 
 fn tokens(n: usize, vocab: usize) -> Vec<u32> {
@@ -141,11 +145,38 @@ fn sliding_window_changes_only_far_positions() {
     assert!(max_diff(&full[20..], &windowed[20..]) > 1e-3);
 }
 
+/// The compact caches move logits by their rounding only, and chunking still agrees with
+/// feeding the prompt at once within it.
+#[test]
+fn compact_caches_agree_with_f32() {
+    let config = Phi3Config {
+        num_kv_heads: 2,
+        ..config()
+    };
+    let ids = tokens(60, config.vocab_size);
+    let exact = logits(model(config.clone(), GgmlDType::F32), &ids, 60);
+    for (kind, tol) in [(KvCacheType::F16, 2e-3), (KvCacheType::Q8_0, 3e-2)] {
+        for chunk in [60, 7, 1] {
+            let m = model_with_cache(config.clone(), GgmlDType::F32, kind);
+            let got = logits(m, &ids, chunk);
+            let diff = max_diff(&exact, &got);
+            assert!(diff < tol, "{kind:?}, chunk {chunk}: {diff}");
+            assert!(diff > 0.0, "{kind:?} rounds nothing: is it f32?");
+        }
+    }
+}
+
 #[test]
 fn kv_cache_grows_with_use_up_to_the_context() {
+    for kind in KvCacheType::ALL {
+        kv_cache_grows(kind);
+    }
+}
+
+fn kv_cache_grows(kind: KvCacheType) {
     let short = config();
-    let per_token = short.kv_bytes_per_token();
-    let mut m = model(short.clone(), GgmlDType::Q8_0);
+    let per_token = short.kv_bytes_per_token(kind);
+    let mut m = model_with_cache(short.clone(), GgmlDType::Q8_0, kind);
     assert_eq!((m.kv_cache_bytes(), m.kv_capacity()), (0, 0));
     m.forward(&tokens(10, short.vocab_size)).unwrap();
     assert_eq!(m.kv_capacity(), 256); // the first allocation
@@ -157,7 +188,7 @@ fn kv_cache_grows_with_use_up_to_the_context() {
         context_length: 3000,
         ..config()
     };
-    let mut m = model(long.clone(), GgmlDType::Q8_0);
+    let mut m = model_with_cache(long.clone(), GgmlDType::Q8_0, kind);
     m.forward(&tokens(10, long.vocab_size)).unwrap();
     assert_eq!(m.kv_capacity(), 256);
     m.forward(&tokens(300, long.vocab_size)).unwrap();
@@ -207,7 +238,8 @@ fn long_rope_model(span: usize, attn_factor: Option<f32>) -> Phi3Model {
             QTensor::quantize(&t, GgmlDType::F32).unwrap(),
         );
     }
-    Phi3Model::new(Arc::new(Phi3Weights::load(cfg, &mut source).unwrap()), span).unwrap()
+    let weights = Phi3Weights::load(cfg, &mut source).unwrap();
+    Phi3Model::new(Arc::new(weights.with_kv_cache_type(KvCacheType::F32)), span).unwrap()
 }
 
 #[test]

@@ -250,14 +250,38 @@ def _softmax(scores: F64Array) -> F64Array:
     return out
 
 
+def _stored(x: F64Array, kv_cache: str) -> F64Array:
+    """Keys or values (positions, heads, dims) as a cache of type ``kv_cache`` holds them."""
+    if kv_cache == "f64":
+        return x
+    if kv_cache == "f16":
+        return x.astype(np.float16).astype(np.float64)
+    if kv_cache == "q8_0":
+        # Blocks of 32 along each head's vector: scale amax / 127, values rounded to it.
+        *lead, d = x.shape
+        pad = -d % 32
+        blocks = np.pad(x, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, -1, 32)
+        scale = np.abs(blocks).max(axis=-1, keepdims=True).astype(np.float32) / np.float32(127)
+        inverse = np.where(scale > 0, 1 / np.where(scale > 0, scale, 1), 0).astype(np.float32)
+        q = np.round(blocks.astype(np.float32) * inverse)
+        return (q * scale).astype(np.float64).reshape(*lead, -1)[..., :d]
+    raise ValueError(f"kv_cache must be 'f64', 'f16' or 'q8_0', not {kv_cache!r}")
+
+
 def reference_logits(
-    gguf_path: str | os.PathLike[str], token_ids: Sequence[int], *, span: int | None = None
+    gguf_path: str | os.PathLike[str],
+    token_ids: Sequence[int],
+    *,
+    span: int | None = None,
+    kv_cache: str = "f64",
 ) -> F64Array:
     """Float64 logits of a phi3 GGUF at every position, shape (len(token_ids), vocab).
 
     ``token_ids`` sit at positions 0, 1, ...; ``span`` is the length of the whole request
     (prompt plus generated tokens) and only picks the LongRoPE factors; it defaults to
-    ``len(token_ids)``.
+    ``len(token_ids)``. ``kv_cache`` rounds keys and values as a cache of that type stores
+    them ("f16": to float16, as llama.cpp's default cache does; "q8_0": to 8-bit blocks of
+    32 with one scale each); "f64" keeps them exact.
     """
     stat = os.stat(gguf_path)
     hp, w = _load(os.fspath(gguf_path), stat.st_mtime_ns, stat.st_size)
@@ -284,6 +308,7 @@ def reference_logits(
         q = _rope(q.reshape(n, n_heads, dk), cos, sin)
         k = _rope(k.reshape(n, n_kv, dk), cos, sin)
         v = v.reshape(n, n_kv, dv)
+        k, v = _stored(k, kv_cache), _stored(v, kv_cache)
         # GQA: query head h reads kv head h // (n_heads // n_kv).
         k = np.repeat(k, n_heads // n_kv, axis=1)
         v = np.repeat(v, n_heads // n_kv, axis=1)

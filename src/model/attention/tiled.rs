@@ -5,18 +5,22 @@
 
 use std::arch::x86_64::*;
 
+use crate::model::kv_cache::{Element, HeadRows};
+
 /// Queries per tile: one AVX2 lane each.
 pub const TILE: usize = 8;
 /// Keys per pass of the weighted sum: their value rows stay in L1 meanwhile.
 const BLOCK: usize = 32;
 
 /// Up to `TILE` queries of one head and the keys each sees.
-pub struct Tile<'a, K, V> {
+pub struct Tile<'a, E: Element> {
     /// Rows past `count` repeat the first one; their results are discarded.
     pub queries: [&'a [f32]; TILE],
     pub count: usize,
-    pub key: K,
-    pub value: V,
+    pub keys: HeadRows<'a, E>,
+    pub values: HeadRows<'a, E>,
+    /// The cache head the queries read.
+    pub kv_h: usize,
     /// Per query, its first and last visible key (an empty range past `count`).
     pub first: [i32; TILE],
     pub last: [i32; TILE],
@@ -32,21 +36,18 @@ pub struct Scratch {
 
 /// Writes each query's attention output (normalized) to `out`, `count` rows of head_dim.
 ///
-/// Safety: the CPU must have AVX2 and FMA; the head size must be a multiple of 8; every
-/// query, key and value row must be that long; each query's key range must be non-empty
-/// and lie in the cache.
+/// Safety: the CPU must have AVX2, FMA and F16C; the head size must be a multiple of 8;
+/// every query must be that long; each query's key range must be non-empty and lie in the
+/// cache.
 #[inline(always)]
-pub unsafe fn attend<'a>(
-    tile: &Tile<'a, impl Fn(usize) -> &'a [f32], impl Fn(usize) -> &'a [f32]>,
-    scratch: &mut Scratch,
-    out: &mut [f32],
-) {
+pub unsafe fn attend<E: Element>(tile: &Tile<'_, E>, scratch: &mut Scratch, out: &mut [f32]) {
     let d = tile.queries[0].len();
     let live = 0..tile.count;
     let lo = live.clone().map(|r| tile.first[r]).min().unwrap_or(0) as usize;
     let hi = live.clone().map(|r| tile.last[r]).max().unwrap_or(0) as usize;
     let n = hi + 1 - lo;
     debug_assert!(d.is_multiple_of(8) && out.len() >= tile.count * d);
+    debug_assert!(tile.keys.head_dim() == d && tile.values.head_dim() == d);
     scratch.scores.resize(n * TILE, 0.0);
     scratch.outs.clear();
     scratch.outs.resize(TILE * d, 0.0);
@@ -56,10 +57,10 @@ pub unsafe fn attend<'a>(
     let q: [*const f32; TILE] = std::array::from_fn(|r| tile.queries[r].as_ptr());
     let scale = _mm256_set1_ps(tile.scale);
     for j in 0..n {
-        let k = (tile.key)(lo + j).as_ptr();
+        let k = tile.keys.row(tile.kv_h, lo + j).as_ptr();
         let mut acc = [_mm256_setzero_ps(); TILE];
         for c in (0..d).step_by(8) {
-            let kv = _mm256_loadu_ps(k.add(c));
+            let kv = E::load8(k, d, c);
             for (acc, q) in acc.iter_mut().zip(q) {
                 *acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), kv, *acc);
             }
@@ -104,7 +105,7 @@ pub unsafe fn attend<'a>(
             let mut acc: [__m256; TILE] =
                 std::array::from_fn(|r| _mm256_loadu_ps(outs.add(r * d + c)));
             for j in start..end {
-                let v = _mm256_loadu_ps((tile.value)(lo + j).as_ptr().add(c));
+                let v = E::load8(tile.values.row(tile.kv_h, lo + j).as_ptr(), d, c);
                 let w = scores.add(j * TILE);
                 for (r, acc) in acc.iter_mut().enumerate() {
                     *acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&*w.add(r)), v, *acc);

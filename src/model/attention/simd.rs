@@ -1,0 +1,159 @@
+//! AVX2 + FMA inner loops for one query, for head sizes that are a multiple of 8 (inlined
+//! into `head_simd`): four keys per pass, so each query load serves four dot products and
+//! each output load and store serves four values. Rows are loaded in the cache's format
+//! (`Element::load8`; F16C converts f16).
+
+use std::arch::x86_64::*;
+
+use super::Query;
+use crate::model::kv_cache::{Element, HeadRows};
+
+/// Whether this CPU runs these loops.
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// `Query::attend`, vectorized.
+#[inline(always)]
+pub unsafe fn attend<E: Element>(query: &Query<'_, E>, scores: &mut [f32], out: &mut [f32]) -> f32 {
+    self::scores(query, scores);
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let total = softmax_numerators(scores, max);
+    out.fill(0.0);
+    weighted_sum(scores, query.values, query.kv_h, query.range.start, out);
+    total
+}
+
+/// `scores[n] = scale · query · key(range.start + n)`.
+#[inline(always)]
+unsafe fn scores<E: Element>(query: &Query<'_, E>, scores: &mut [f32]) {
+    let d = query.q.len();
+    let q = query.q.as_ptr();
+    let (keys, h, first) = (query.keys, query.kv_h, query.range.start);
+    let count = query.range.len();
+    // What the loads below rely on: whole vectors, keys as long as the query.
+    debug_assert!(d.is_multiple_of(8) && scores.len() >= count && keys.head_dim() == d);
+    let scale = _mm_set1_ps(query.scale);
+    let mut n = 0;
+    while n + 4 <= count {
+        let k: [*const E::Unit; 4] = std::array::from_fn(|r| keys.row(h, first + n + r).as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in (0..d).step_by(8) {
+            let qv = _mm256_loadu_ps(q.add(c));
+            for r in 0..4 {
+                acc[r] = _mm256_fmadd_ps(qv, E::load8(k[r], d, c), acc[r]);
+            }
+        }
+        // Lane sums of the four, as four floats.
+        let h = _mm256_hadd_ps(
+            _mm256_hadd_ps(acc[0], acc[1]),
+            _mm256_hadd_ps(acc[2], acc[3]),
+        );
+        let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(scores.as_mut_ptr().add(n), _mm_mul_ps(sums, scale));
+        n += 4;
+    }
+    for (n, score) in scores.iter_mut().enumerate().take(count).skip(n) {
+        let k = keys.row(h, first + n).as_ptr();
+        let mut acc = _mm256_setzero_ps();
+        for c in (0..d).step_by(8) {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), E::load8(k, d, c), acc);
+        }
+        *score = sum(acc) * query.scale;
+    }
+}
+
+/// The sum of the eight lanes.
+#[inline(always)]
+unsafe fn sum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// `scores[n] = exp(scores[n] − max)`, returning their sum.
+#[inline(always)]
+pub unsafe fn softmax_numerators(scores: &mut [f32], max: f32) -> f32 {
+    let mut total = _mm256_setzero_ps();
+    let mut chunks = scores.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let x = _mm256_sub_ps(_mm256_loadu_ps(chunk.as_ptr()), _mm256_set1_ps(max));
+        let e = exp(x);
+        _mm256_storeu_ps(chunk.as_mut_ptr(), e);
+        total = _mm256_add_ps(total, e);
+    }
+    let mut rest = 0f32;
+    for s in chunks.into_remainder() {
+        *s = (*s - max).exp();
+        rest += *s;
+    }
+    sum(total) + rest
+}
+
+/// e^x for x ≤ 0: 2^n · e^r with n = round(x·log2 e) and r = x − n·ln 2 (in two parts,
+/// so r keeps its precision), |r| ≤ ½ ln 2, and e^r from its Taylor series to degree 7.
+#[inline(always)]
+pub unsafe fn exp(x: __m256) -> __m256 {
+    // Below this, e^x is under f32's smallest normal; the result is then ~0, as it should be.
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+    let n = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    // ln 2 = 0.693359375 (exact in a few bits, so n times it is exact) − 2.121944e-4.
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.0 / 5040.0);
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let scale = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+    _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale))
+}
+
+/// `out += Σ weights[n] · value(first + n)` over head `h`'s values.
+#[inline(always)]
+unsafe fn weighted_sum<E: Element>(
+    weights: &[f32],
+    values: HeadRows<'_, E>,
+    h: usize,
+    first: usize,
+    out: &mut [f32],
+) {
+    let d = out.len();
+    let o = out.as_mut_ptr();
+    let count = weights.len();
+    // What the loads below rely on: whole vectors, values as long as `out`.
+    debug_assert!(d.is_multiple_of(8) && values.head_dim() == d);
+    let mut n = 0;
+    while n + 4 <= count {
+        let v: [*const E::Unit; 4] = std::array::from_fn(|r| values.row(h, first + n + r).as_ptr());
+        let p: [__m256; 4] = std::array::from_fn(|r| _mm256_set1_ps(weights[n + r]));
+        for c in (0..d).step_by(8) {
+            let mut acc = _mm256_loadu_ps(o.add(c));
+            for r in 0..4 {
+                acc = _mm256_fmadd_ps(p[r], E::load8(v[r], d, c), acc);
+            }
+            _mm256_storeu_ps(o.add(c), acc);
+        }
+        n += 4;
+    }
+    for (n, &weight) in weights.iter().enumerate().skip(n) {
+        let v = values.row(h, first + n).as_ptr();
+        let p = _mm256_set1_ps(weight);
+        for c in (0..d).step_by(8) {
+            let acc = _mm256_fmadd_ps(p, E::load8(v, d, c), _mm256_loadu_ps(o.add(c)));
+            _mm256_storeu_ps(o.add(c), acc);
+        }
+    }
+}

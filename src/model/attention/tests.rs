@@ -1,0 +1,214 @@
+//! The vector paths against the portable one, for every cache format, and the compact
+//! formats against f32.
+
+use candle_core::{Device, Tensor};
+
+use super::{simd, Query};
+use crate::model::kv_cache::{Element, HeadRows, KvCache, KvCacheType, Rows};
+
+fn noise(seed: u32, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2000)
+        .map(|v| v as f32 / 500.0 - 2.0)
+        .collect()
+}
+
+fn tensor(data: &[f32], heads: usize, n: usize, d: usize) -> Tensor {
+    Tensor::from_vec(data.to_vec(), (1, heads, n, d), &Device::Cpu).unwrap()
+}
+
+/// A cache of `kind` holding `keys` and `values`, (kv_heads, n, d) each.
+fn cache(kind: KvCacheType, kv_heads: usize, d: usize, keys: &[f32], values: &[f32]) -> KvCache {
+    let n = keys.len() / (kv_heads * d);
+    let mut cache = KvCache::new(kind, kv_heads, d, n, n);
+    cache
+        .append(
+            &tensor(keys, kv_heads, n, d),
+            &tensor(values, kv_heads, n, d),
+        )
+        .unwrap();
+    cache
+}
+
+/// The portable path for one query: (normalized output, Σ numerators).
+fn portable<E: Element>(
+    (keys, values): (HeadRows<'_, E>, HeadRows<'_, E>),
+    q: &[f32],
+    kv_h: usize,
+    range: std::ops::Range<usize>,
+    scale: f32,
+) -> Vec<f32> {
+    let query = Query {
+        q,
+        keys,
+        values,
+        kv_h,
+        range: range.clone(),
+        scale,
+    };
+    let mut scores = vec![0f32; range.len()];
+    let mut out = vec![0f32; q.len()];
+    let total = query.attend(&mut scores, &mut out);
+    out.iter().map(|o| o / total).collect()
+}
+
+/// `portable`, for whichever format `cache` has.
+fn expected(cache: &KvCache, q: &[f32], kv_h: usize, range: std::ops::Range<usize>) -> Vec<f32> {
+    match cache.rows() {
+        Rows::F32(k, v) => portable((k, v), q, kv_h, range, 0.2),
+        Rows::F16(k, v) => portable((k, v), q, kv_h, range, 0.2),
+        Rows::Q8(k, v) => portable((k, v), q, kv_h, range, 0.2),
+    }
+}
+
+#[test]
+fn vector_and_portable_attention_agree() {
+    if !simd::available() {
+        return;
+    }
+    let d = 40;
+    let (keys, values, q) = (noise(1, 40 * d), noise(2, 40 * d), noise(3, d));
+    for kind in KvCacheType::ALL {
+        let cache = cache(kind, 1, d, &keys, &values);
+        fn vector<E: Element>(
+            (keys, values): (HeadRows<'_, E>, HeadRows<'_, E>),
+            q: &[f32],
+            range: std::ops::Range<usize>,
+        ) -> Vec<f32> {
+            let query = Query {
+                q,
+                keys,
+                values,
+                kv_h: 0,
+                range: range.clone(),
+                scale: 0.2,
+            };
+            let mut scores = vec![0f32; range.len()];
+            let mut out = vec![0f32; q.len()];
+            // SAFETY: the caller checked the CPU; d is a multiple of 8.
+            let total = unsafe { simd::attend(&query, &mut scores, &mut out) };
+            out.iter().map(|o| o / total).collect()
+        }
+        // All keys, a window's tail (a range not starting at 0), and counts off multiples of 4.
+        for range in [0..40, 13..40, 5..11, 7..8] {
+            let got = match cache.rows() {
+                Rows::F32(k, v) => vector((k, v), &q, range.clone()),
+                Rows::F16(k, v) => vector((k, v), &q, range.clone()),
+                Rows::Q8(k, v) => vector((k, v), &q, range.clone()),
+            };
+            let want = expected(&cache, &q, 0, range.clone());
+            for (a, b) in want.iter().zip(&got) {
+                assert!((a - b).abs() < 1e-5, "{kind:?} {range:?}: {a} vs {b}");
+            }
+        }
+    }
+}
+
+/// Prompt chunks go through the eight-query tiles: they equal the portable one-query path
+/// for every cache format, tile shape (full, partial), offset, window and grouped heads.
+#[test]
+fn tiled_and_per_query_attention_agree() {
+    if !simd::available() {
+        return;
+    }
+    let (heads, kv_heads) = (4, 2);
+    for (seq, offset, window, d) in [
+        (8, 0, None, 24),
+        (13, 5, None, 32),
+        (21, 40, Some(10), 16),
+        (2, 0, None, 8),
+        (17, 100, Some(50), 96),
+        (30, 3, Some(4), 8),
+        (1, 60, None, 96),
+    ] {
+        let kv_len = offset + seq;
+        let (qd, kd, vd) = (
+            noise(1, heads * seq * d),
+            noise(2, kv_heads * kv_len * d),
+            noise(3, kv_heads * kv_len * d),
+        );
+        for kind in KvCacheType::ALL {
+            let cache = cache(kind, kv_heads, d, &kd, &vd);
+            let fast = super::attend(&tensor(&qd, heads, seq, d), &cache, window, 0.2)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for h in 0..heads {
+                for i in 0..seq {
+                    let pos = offset + i;
+                    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let q = &qd[(h * seq + i) * d..][..d];
+                    let want = expected(&cache, q, h / (heads / kv_heads), first..pos + 1);
+                    let got = &fast[(h * seq + i) * d..][..d];
+                    for (e, g) in want.iter().zip(got) {
+                        assert!(
+                            (e - g).abs() < 1e-5,
+                            "{kind:?} {seq} {offset} {window:?} {d}: {e} vs {g}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// f16 and 8-bit caches change the output by their rounding only: a weighted average of
+/// values off by at most their step.
+#[test]
+fn compact_formats_stay_close_to_f32() {
+    let (heads, d, n) = (2, 96, 300);
+    let (qd, kd, vd) = (
+        noise(1, heads * d),
+        noise(2, heads * n * d),
+        noise(3, heads * n * d),
+    );
+    let q = tensor(&qd, heads, 1, d);
+    let out = |kind| {
+        let cache = cache(kind, heads, d, &kd, &vd);
+        super::attend(&q, &cache, None, 0.3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let exact = out(KvCacheType::F32);
+    // Values lie in [-2, 2]: f16's step there is 2^-10, the 8-bit one 2/127.
+    for (kind, bound) in [(KvCacheType::F16, 2e-3), (KvCacheType::Q8_0, 3e-2)] {
+        let worst = exact
+            .iter()
+            .zip(out(kind))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < bound, "{kind:?}: {worst}");
+        assert!(worst > 0.0, "{kind:?} rounds nothing: is it f32?");
+    }
+}
+
+#[test]
+fn vector_exp_is_accurate() {
+    if !simd::available() {
+        return;
+    }
+    let xs: Vec<f32> = (0..=20_000).map(|i| -100.0 * i as f32 / 20_000.0).collect();
+    let mut ours = xs.clone();
+    // SAFETY: the CPU checked above.
+    let total = unsafe { simd::softmax_numerators(&mut ours, 0.0) };
+    let mut sum = 0f64;
+    for (&x, &e) in xs.iter().zip(&ours) {
+        let exact = f64::from(x).exp();
+        sum += exact;
+        if x > -87.0 {
+            let relative = ((f64::from(e) - exact) / exact).abs();
+            assert!(relative < 3e-7, "exp({x}) = {e}, exactly {exact}");
+        } else {
+            assert!(f64::from(e) < 2e-38, "exp({x}) = {e}");
+        }
+    }
+    assert!(
+        (f64::from(total) - sum).abs() < 1e-5 * sum,
+        "{total} vs {sum}"
+    );
+}
