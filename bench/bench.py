@@ -3,10 +3,13 @@
     pip install llama-cpp-python          # from source: native CPU flags
     python bench/bench.py                 # 5 runs, 2 threads; writes bench/.out/
     python bench/bench.py --runs 7 --threads 2 --rust-loop
+    python bench/bench.py --weights f16 --layers 8 --kernels avx2,candle   # other files
 
 The model has Phi-3-mini-4k-instruct's exact shapes (vocab 32064, hidden 3072, 32 layers, 32
 heads, feed-forward 8192, context 4096) and the tensor-type mix of llama.cpp's Q4_K_M, as in
-the published q4 file, with random weights (built once, deterministically, ~2.2 GB). Each
+the published q4 file, with random weights (built once, deterministically, ~2.2 GB), or all
+matrices in one type (``--weights f16|q8_0|q4_0``; ``--layers`` fewer than 32 for a file
+whose f32 source fits in memory: an F16 file is built from 4 bytes a weight). Each
 engine runs in a fresh subprocess per run (cold load, its own peak RSS); runs alternate
 between the engines. Figures: median (min-max) over the runs, and candle-phi / llama.cpp.
 Decode ignores end tokens. This is not part of the test suite.
@@ -58,23 +61,27 @@ def q4_k_m_types(num_layers: int) -> dict[str, str]:
     return types  # everything else: Q4_K
 
 
-def make_model() -> tuple[Path, Path]:
+WEIGHTS = {"q4_k_m": "Q4_K", "f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+
+
+def make_model(weights: str = "q4_k_m", layers: int = 32) -> tuple[Path, Path]:
     import phi3_fixtures as fx  # type: ignore[import-not-found, unused-ignore]
 
     OUT.mkdir(exist_ok=True)
-    model, tokenizer = OUT / "phi3-mini-shapes-q4_k_m.gguf", OUT / "tokenizer.json"
+    name = f"phi3-mini-shapes-{weights}" + ("" if layers == 32 else f"-{layers}-layers")
+    model, tokenizer = OUT / f"{name}.gguf", OUT / "tokenizer.json"
     if not tokenizer.exists():
         fx.write_tokenizer_json(tokenizer)
     if not model.exists():
         print(f"writing {model.name} (once) ...", file=sys.stderr)
-        config = fx.TinyPhi3Config(**PHI3_MINI)  # type: ignore[arg-type, unused-ignore]
+        config = fx.TinyPhi3Config(**{**PHI3_MINI, "num_layers": layers})  # type: ignore[arg-type, unused-ignore]
         partial = model.with_suffix(".partial")
         fx.write_phi3_gguf(
             partial,
             config,
             seed=0,
-            weight_type="Q4_K",
-            tensor_types=q4_k_m_types(config.num_layers),
+            weight_type=WEIGHTS[weights],
+            tensor_types=q4_k_m_types(layers) if weights == "q4_k_m" else {},
         )
         partial.rename(model)
     return model, tokenizer
@@ -306,6 +313,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-llama", action="store_true")
+    parser.add_argument("--weights", choices=list(WEIGHTS), default="q4_k_m")
+    parser.add_argument("--layers", type=int, default=32, help="Phi-3-mini has 32")
     parser.add_argument("--rust-loop", action="store_true", help="also time a pure-Rust decode")
     parser.add_argument(
         "--kernels",
@@ -320,7 +329,7 @@ def main() -> int:
         print(json.dumps(WORKERS[args.worker](args.model, args.tokenizer, args.threads)))
         return 0
 
-    model, tokenizer = make_model()
+    model, tokenizer = make_model(args.weights, args.layers)
     read_through(model)  # both engines memory-map the file: neither pays the disk
     engines = ["candle-phi"] if args.skip_llama else ["candle-phi", "llama.cpp"]
     results: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
@@ -334,7 +343,8 @@ def main() -> int:
     bandwidth = memory_bandwidth(args.threads)
     lines = [
         f"Machine: {machine()}; {args.threads} threads; {args.runs} runs; "
-        f"model {size / 2**30:.2f} GiB (Phi-3-mini shapes, Q4_K_M mix, random weights).",
+        f"model {size / 2**30:.2f} GiB (Phi-3-mini shapes, {args.layers} layers, "
+        f"{args.weights}, random weights).",
         "",
         "| metric | candle-phi | llama.cpp | candle-phi / llama.cpp |",
         "| --- | --- | --- | --- |",
@@ -346,7 +356,7 @@ def main() -> int:
         lines.append(
             f"| {label} | {summary(ours)} | {summary(theirs) if theirs else '-'} | {ratio} |"
         )
-    kv_mb = 2 * 32 * 32 * 96 * 4 * (512 + 1) / 2**20
+    kv_mb = 2 * args.layers * 32 * 96 * 2 * (512 + 1) / 2**20  # the default f16 cache
     lines += [
         "",
         f"Decode bound from memory bandwidth: {per_token / 2**20:.0f} MiB of weights read per "

@@ -1,5 +1,6 @@
-//! Token embeddings kept quantized: a lookup dequantizes just the rows it needs, instead of
-//! holding the whole table in f32 (394 MB for Phi-3-mini, 1.2 GB for Phi-4-mini's vocabulary).
+//! Token embeddings kept as the file stores them: a lookup converts just the rows it needs,
+//! instead of holding the whole table in f32 (394 MB for Phi-3-mini, 1.2 GB for Phi-4-mini's
+//! vocabulary).
 
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
@@ -8,19 +9,15 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Result, Tensor};
 
-use crate::quant::{RawTensor, WeightBytes};
+use crate::quant::{FloatFormat, RawTensor, WeightBytes};
 
+/// Rows converted to f32 on lookup.
 #[derive(Debug)]
-pub enum Embedding {
-    /// Rows dequantized on lookup.
-    Quantized {
-        table: WeightBytes,
-        dtype: GgmlDType,
-        row_bytes: usize,
-        width: usize,
-    },
-    /// Float tables (F32/F16/BF16 files) are simply held as f32.
-    Dense(Tensor),
+pub struct Embedding {
+    table: WeightBytes,
+    dtype: GgmlDType,
+    row_bytes: usize,
+    width: usize,
 }
 
 impl Embedding {
@@ -32,15 +29,10 @@ impl Embedding {
             )
         };
         let dtype = table.dtype();
-        if matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-            return Ok(Embedding::Dense(
-                table.to_qtensor()?.dequantize(&Device::Cpu)?,
-            ));
-        }
         // Whole blocks, `rows` of them: `RawTensor` guarantees it.
         let row_bytes = width / dtype.block_size() * dtype.type_size();
         debug_assert_eq!(table.bytes().as_bytes().len(), rows * row_bytes);
-        Ok(Embedding::Quantized {
+        Ok(Embedding {
             table: table.bytes().clone(),
             dtype,
             row_bytes,
@@ -50,16 +42,8 @@ impl Embedding {
 
     /// The rows of `ids`, shape (ids, width).
     pub fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
-        let (table, dtype, row_bytes, width) = match self {
-            Embedding::Dense(t) => return t.index_select(&Tensor::new(ids, t.device())?, 0),
-            Embedding::Quantized {
-                table,
-                dtype,
-                row_bytes,
-                width,
-            } => (table, *dtype, *row_bytes, *width),
-        };
-        let data = table.as_bytes();
+        let (dtype, row_bytes, width) = (self.dtype, self.row_bytes, self.width);
+        let data = self.table.as_bytes();
         let mut out = vec![0f32; ids.len() * width];
         for (&id, row) in ids.iter().zip(out.chunks_exact_mut(width)) {
             let start = id as usize * row_bytes;
@@ -73,6 +57,10 @@ impl Embedding {
 }
 
 fn dequantize_row(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
+    if let Some(format) = FloatFormat::of(dtype) {
+        format.decode(bytes, out);
+        return Ok(());
+    }
     match dtype {
         GgmlDType::Q4_0 => blocks::<BlockQ4_0>(bytes, out),
         GgmlDType::Q4_1 => blocks::<BlockQ4_1>(bytes, out),

@@ -5,6 +5,8 @@
 //! without ours; `CANDLE_PHI_KERNELS=candle` selects them everywhere, for comparison.
 
 mod blocks;
+mod float;
+mod legacy;
 mod scalar;
 mod storage;
 #[cfg(target_arch = "x86_64")]
@@ -18,6 +20,8 @@ use rayon::prelude::*;
 
 use blocks::{as_blocks, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8Kx8, WeightBlock};
 pub use blocks::{quantize_q8k, BlockQ8K, QK_K};
+pub use float::{FloatFormat, FloatMatrix};
+pub use legacy::LegacyMatrix;
 pub use storage::{RawTensor, WeightBytes};
 
 /// Which dot-product kernels the K-quant matrices use.
@@ -364,39 +368,108 @@ impl CustomOp1 for QMatrix {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("kquant-matmul takes f32 activations")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("kquant-matmul takes contiguous activations")
-        };
-        let mut dims = layout.shape().dims().to_vec();
-        if dims.last() != Some(&self.cols) {
-            candle_core::bail!(
-                "kquant-matmul: activations {dims:?} against {} columns",
-                self.cols
-            )
-        }
-        let x = &data[start..end];
-        let out = self.matmul(x, x.len() / self.cols);
-        *dims.last_mut().expect("checked above") = self.rows;
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        product(
+            self.name(),
+            (self.rows, self.cols),
+            storage,
+            layout,
+            |x, m| self.matmul(x, m),
+        )
     }
+}
+
+impl CustomOp1 for FloatMatrix {
+    fn name(&self) -> &'static str {
+        "float-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        product(
+            self.name(),
+            (self.rows(), self.cols()),
+            storage,
+            layout,
+            |x, m| self.matmul(x, m),
+        )
+    }
+}
+
+impl CustomOp1 for LegacyMatrix {
+    fn name(&self) -> &'static str {
+        "legacy-quant-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        product(
+            self.name(),
+            (self.rows(), self.cols()),
+            storage,
+            layout,
+            |x, m| self.matmul(x, m),
+        )
+    }
+}
+
+/// Runs `f` on ranges of up to `group` rows covering `0..rows`, in parallel tasks that
+/// each take a run of them (about four tasks per thread), so the weights stream once.
+fn par_row_groups(rows: usize, group: usize, f: impl Fn(Range<usize>) + Sync) {
+    let groups = rows.div_ceil(group);
+    let per_task = groups.div_ceil(rayon::current_num_threads() * 4).max(1);
+    let tasks = groups.div_ceil(per_task);
+    (0..tasks).into_par_iter().for_each(|task| {
+        let end = ((task + 1) * per_task * group).min(rows);
+        for first in (task * per_task * group..end).step_by(group) {
+            f(first..(first + group).min(end));
+        }
+    });
+}
+
+/// `x · Wᵀ` for a (rows, cols) matrix whose `matmul` takes (m, cols) activations: checks
+/// the activations and shapes the (…, rows) result.
+fn product(
+    name: &str,
+    (rows, cols): (usize, usize),
+    storage: &CpuStorage,
+    layout: &Layout,
+    matmul: impl Fn(&[f32], usize) -> Vec<f32>,
+) -> Result<(CpuStorage, Shape)> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{name} takes f32 activations")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{name} takes contiguous activations")
+    };
+    let mut dims = layout.shape().dims().to_vec();
+    if dims.last() != Some(&cols) {
+        candle_core::bail!("{name}: activations {dims:?} against {cols} columns")
+    }
+    let x = &data[start..end];
+    let out = matmul(x, x.len() / cols);
+    *dims.last_mut().expect("checked above") = rows;
+    Ok((CpuStorage::F32(out), Shape::from(dims)))
 }
 
 /// A weight matrix of the model: ours where our kernels apply, Candle's otherwise.
 #[derive(Debug)]
 pub enum Linear {
     KQuant(QMatrix),
+    Float(FloatMatrix),
+    Legacy(LegacyMatrix),
     Candle(QMatMul),
 }
 
 impl Linear {
     pub fn new(tensor: &RawTensor, kernels: Kernels) -> Result<Self> {
-        match QMatrix::new(tensor, kernels) {
-            Some(matrix) => Ok(Linear::KQuant(matrix)),
-            None => Ok(Linear::Candle(QMatMul::from_qtensor(tensor.to_qtensor()?)?)),
+        if let Some(matrix) = QMatrix::new(tensor, kernels) {
+            return Ok(Linear::KQuant(matrix));
         }
+        if let Some(matrix) = FloatMatrix::new(tensor, kernels) {
+            return Ok(Linear::Float(matrix));
+        }
+        if let Some(matrix) = LegacyMatrix::new(tensor, kernels) {
+            return Ok(Linear::Legacy(matrix));
+        }
+        Ok(Linear::Candle(QMatMul::from_qtensor(tensor.to_qtensor()?)?))
     }
 }
 
@@ -404,6 +477,8 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Linear::KQuant(matrix) => xs.contiguous()?.apply_op1_no_bwd(matrix),
+            Linear::Float(matrix) => xs.contiguous()?.apply_op1_no_bwd(matrix),
+            Linear::Legacy(matrix) => xs.contiguous()?.apply_op1_no_bwd(matrix),
             Linear::Candle(matmul) => matmul.forward(xs),
         }
     }

@@ -235,3 +235,75 @@ fn each_row_is_the_same_alone_or_among_others() {
         }
     }
 }
+
+/// F32, F16 and BF16 matrices, read in place: against an f64 product of the same values
+/// (Candle dequantizes these to f32 and multiplies; the sums differ only in order).
+#[test]
+fn float_products_match_f64() {
+    use super::FloatMatrix;
+    // Rows past a group of 48 and strips of 3; columns past a chunk of 256, and a width
+    // that is not a multiple of 8 (the portable path).
+    for (rows, cols) in [(53, 520), (7, 24), (5, 12)] {
+        let values = noise(5, rows * cols);
+        for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16] {
+            let dense = Tensor::from_vec(values.clone(), (rows, cols), &Device::Cpu).unwrap();
+            let tensor = QTensor::quantize(&dense, dtype).unwrap();
+            let weights = RawTensor::from_qtensor(&tensor).unwrap();
+            // The values as stored (rounded to the format), for the exact product.
+            let stored: Vec<f32> = tensor
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for m in [1, 2, 3, 4, 5, 16, 17, 33] {
+                let x = noise(77 + m as u64, m * cols);
+                let exact: Vec<f32> = (0..m)
+                    .flat_map(|i| (0..rows).map(move |r| (i, r)))
+                    .map(|(i, r)| {
+                        let w = &stored[r * cols..(r + 1) * cols];
+                        let x = &x[i * cols..(i + 1) * cols];
+                        w.iter()
+                            .zip(x)
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .sum::<f64>() as f32
+                    })
+                    .collect();
+                for kernels in kernels_to_test() {
+                    let matrix = FloatMatrix::new(&weights, kernels).expect("a float matrix");
+                    let what = format!("{dtype:?} {rows}x{cols} m={m} {kernels:?}");
+                    assert_close(&matrix.matmul(&x, m), &exact, &what);
+                }
+            }
+        }
+    }
+}
+
+/// Q8_0 and Q4_0 matrices against Candle's `QMatMul`, which also quantizes the activations
+/// to Q8_0: the same integer sums, scaled and added in another order.
+#[test]
+fn legacy_products_match_candle() {
+    use super::LegacyMatrix;
+    // More rows than a group of 24 and pairs of 2; every microkernel shape (m up to 33).
+    let (rows, cols) = (29, 160);
+    for (t, dtype) in [GgmlDType::Q8_0, GgmlDType::Q4_0].into_iter().enumerate() {
+        let dense = Tensor::from_vec(
+            noise(40 + t as u64, rows * cols),
+            (rows, cols),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let weights = RawTensor::from_qtensor(&QTensor::quantize(&dense, dtype).unwrap()).unwrap();
+        for m in [1, 2, 3, 4, 5, 7, 9, 16, 17, 33] {
+            let x = noise(500 + m as u64, m * cols);
+            let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
+            let theirs = candle_product(&weights, &xt);
+            for kernels in kernels_to_test() {
+                let matrix = LegacyMatrix::new(&weights, kernels).expect("a Q8_0/Q4_0 matrix");
+                let what = format!("{dtype:?} m={m} {kernels:?}");
+                assert_close(&matrix.matmul(&x, m), &theirs, &what);
+            }
+        }
+    }
+}

@@ -18,10 +18,14 @@ use super::blocks::BlockQ8K;
 use super::{TILE_ACTS, TILE_ROWS};
 
 mod activations;
+mod float_tiles;
 mod k_blocks;
+mod legacy_tiles;
 mod vnni;
 pub use activations::{quantize_q8k, transpose};
+pub use float_tiles::{float_group, FloatGroup};
 use k_blocks::Unpacked;
+pub use legacy_tiles::{legacy_group, LegacyGroup};
 pub use vnni::{has_avx512_vnni, has_avx_vnni, tile_avx512_vnni, tile_avx_vnni, VnniBlock};
 
 pub fn has_avx2() -> bool {

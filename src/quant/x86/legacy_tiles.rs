@@ -1,0 +1,164 @@
+//! Q8_0 and Q4_0 weight rows times Q8_0 activation rows, with AVX2: per 32 values, the
+//! weights' magnitudes times the activations with the weights' signs (`sign`, `maddubs`),
+//! pairs summed to i32 (`madd`), scaled by both blocks' scales into f32 sums. A microkernel
+//! of 2 weight rows × 4 activation rows unpacks each weight block once for four rows and
+//! keeps its eight sums in registers. Decoding (a few rows) prefetches a page ahead, as the
+//! K-quant path does.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::super::legacy::{BlockQ8_0, LegacyBlock};
+use super::super::OutPtr;
+use super::{f32_of, hsum, load};
+
+/// Activation rows per tile, and per microkernel; weight rows per microkernel.
+const ACTS: usize = 16;
+const QUAD: usize = 4;
+const PAIR: usize = 2;
+/// Rows up to which tiles prefetch (decoding streams).
+const PREFETCH_ACTS: usize = 8;
+const PREFETCH_AHEAD: usize = 4096;
+
+/// Weight rows `rows` (`weights`: `blocks` blocks a row) with the `m` activation rows
+/// `acts`, into `out[i * stride + r]`.
+pub struct LegacyGroup<'a, B> {
+    pub weights: &'a [B],
+    pub acts: &'a [BlockQ8_0],
+    pub blocks: usize,
+    pub m: usize,
+    pub out: OutPtr,
+    pub rows: Range<usize>,
+    pub stride: usize,
+}
+
+/// Safety: the CPU must have AVX2, FMA and F16C; `weights` holds `rows.len()` rows and
+/// `acts` `m` rows of `blocks` blocks; `out` has room for `m * stride` values, and no other
+/// thread writes these rows' outputs meanwhile.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn legacy_group<B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
+    let n = g.rows.len();
+    let nb = g.blocks;
+    debug_assert!(g.weights.len() >= n * nb && g.acts.len() >= g.m * nb);
+    let w = |j: usize| g.weights.as_ptr().add(j * nb);
+    let x = |i: usize| g.acts.as_ptr().add(i * nb);
+    let prefetch = g.m <= PREFETCH_ACTS;
+    for first in (0..g.m).step_by(ACTS) {
+        let acts = first..(first + ACTS).min(g.m);
+        for j in (0..n).step_by(PAIR) {
+            for i in acts.clone().step_by(QUAD) {
+                let (r, a) = ((n - j).min(PAIR), (acts.end - i).min(QUAD));
+                let at = Micro {
+                    w: [w(j), w(j + (r > 1) as usize)],
+                    x: [
+                        x(i),
+                        x(i + (a > 1) as usize),
+                        x(i + 2 * (a > 2) as usize),
+                        x(i + 3 * (a > 3) as usize),
+                    ],
+                    blocks: nb,
+                };
+                let sums = micro_any(&at, r, a, prefetch);
+                for (dj, sums) in sums.iter().enumerate().take(r) {
+                    for (di, &sum) in sums.iter().enumerate().take(a) {
+                        *g.out.at((i + di) * g.stride + g.rows.start + j + dj) = sum;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Up to two weight rows and four activation rows (unused slots repeat the first).
+struct Micro<B> {
+    w: [*const B; PAIR],
+    x: [*const BlockQ8_0; QUAD],
+    blocks: usize,
+}
+
+#[inline(always)]
+unsafe fn micro_any<B: LegacyBlock>(
+    at: &Micro<B>,
+    r: usize,
+    a: usize,
+    prefetch: bool,
+) -> [[f32; QUAD]; PAIR] {
+    macro_rules! by_shape {
+        ($(($r:literal, $a:literal)),*) => {
+            match (r, a, prefetch) {
+                $(
+                    ($r, $a, true) => widen(micro::<B, $r, $a, true>(at)),
+                    ($r, $a, false) => widen(micro::<B, $r, $a, false>(at)),
+                )*
+                _ => unreachable!("pairs of 1-2 rows, quads of 1-4"),
+            }
+        };
+    }
+    by_shape!(
+        (2, 4),
+        (2, 3),
+        (2, 2),
+        (2, 1),
+        (1, 4),
+        (1, 3),
+        (1, 2),
+        (1, 1)
+    )
+}
+
+/// The R × A sums in the corner of a full-size array.
+#[inline(always)]
+fn widen<const R: usize, const A: usize>(sums: [[f32; A]; R]) -> [[f32; QUAD]; PAIR] {
+    let mut out = [[0f32; QUAD]; PAIR];
+    for (o, s) in out.iter_mut().zip(sums) {
+        o[..A].copy_from_slice(&s);
+    }
+    out
+}
+
+// Indexes: the loops walk a grid of registers (weight row j, activation row i).
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn micro<B: LegacyBlock, const R: usize, const A: usize, const PREFETCH: bool>(
+    at: &Micro<B>,
+) -> [[f32; A]; R] {
+    let mut acc = [[_mm256_setzero_ps(); A]; R];
+    let ones = _mm256_set1_epi16(1);
+    // Loops, not `array::from_fn`: a closure would not inherit the target features, and
+    // its intrinsics would be calls.
+    let mut wv = [_mm256_setzero_si256(); R];
+    let mut magnitudes = [_mm256_setzero_si256(); R];
+    let mut wd = [0f32; R];
+    for b in 0..at.blocks {
+        for j in 0..R {
+            let block = &*at.w[j].add(b);
+            if PREFETCH {
+                let ahead = (block as *const B)
+                    .cast::<i8>()
+                    .wrapping_add(PREFETCH_AHEAD);
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+            }
+            wv[j] = block.unpack();
+            magnitudes[j] = _mm256_sign_epi8(wv[j], wv[j]);
+            wd[j] = f32_of(block.d());
+        }
+        for i in 0..A {
+            let y = &*at.x[i].add(b);
+            let yv = load(y.qs.as_ptr());
+            let yd = f32_of(y.d);
+            for j in 0..R {
+                // |w| · (y with w's sign) = w · y, with an unsigned first operand.
+                let pairs = _mm256_maddubs_epi16(magnitudes[j], _mm256_sign_epi8(yv, wv[j]));
+                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                acc[j][i] = _mm256_fmadd_ps(sums, _mm256_set1_ps(wd[j] * yd), acc[j][i]);
+            }
+        }
+    }
+    let mut out = [[0f32; A]; R];
+    for j in 0..R {
+        for i in 0..A {
+            out[j][i] = hsum(acc[j][i]);
+        }
+    }
+    out
+}
