@@ -87,6 +87,10 @@ impl FloatMatrix {
             .and_then(|n| n.checked_mul(format.bytes()))
             == Some(bytes.as_bytes().len());
         let aligned = (bytes.as_bytes().as_ptr() as usize).is_multiple_of(format.bytes());
+        // Kernels this CPU lacks would be undefined behaviour, not just slow.
+        if !Kernels::available().contains(&kernels) {
+            return None;
+        }
         let simd = match kernels {
             Kernels::Candle => return None,
             Kernels::Scalar => false,

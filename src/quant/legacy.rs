@@ -128,7 +128,7 @@ pub struct LegacyMatrix {
     kind: Legacy,
     rows: usize,
     cols: usize,
-    simd: bool,
+    kernels: Kernels,
 }
 
 impl LegacyMatrix {
@@ -150,17 +150,16 @@ impl LegacyMatrix {
                 .and_then(|n| n.checked_mul(block_bytes))
                 == Some(bytes.as_bytes().len());
         let aligned = (bytes.as_bytes().as_ptr() as usize).is_multiple_of(2);
-        let simd = match kernels {
-            Kernels::Candle => return None,
-            Kernels::Scalar => false,
-            _ => true, // every other kernel set has AVX2
-        };
+        // Kernels this CPU lacks would be undefined behaviour, not just slow.
+        if kernels == Kernels::Candle || !Kernels::available().contains(&kernels) {
+            return None;
+        }
         (sized && aligned).then(|| Self {
             bytes: bytes.clone(),
             kind,
             rows,
             cols,
-            simd,
+            kernels,
         })
     }
 
@@ -206,21 +205,26 @@ impl LegacyMatrix {
         let bytes = &self.bytes.as_bytes()[rows.start * row_bytes..rows.end * row_bytes];
         let weights: &[B] = as_blocks(bytes).expect("whole, aligned blocks (checked in new)");
         #[cfg(target_arch = "x86_64")]
-        if self.simd {
-            // SAFETY: `simd` is only set for kernel sets that need AVX2 (`Kernels::available`
-            // offers them only where the CPU has it); the rows hold `blocks` blocks each, the
-            // activations `m` rows of them; each task writes only its own rows' outputs.
-            return unsafe {
-                super::x86::legacy_group(&super::x86::LegacyGroup {
-                    weights,
-                    acts,
-                    blocks,
-                    m,
-                    out,
-                    rows,
-                    stride: self.rows,
-                })
+        {
+            use super::x86;
+            let group = x86::LegacyGroup {
+                weights,
+                acts,
+                blocks,
+                m,
+                out,
+                rows: rows.clone(),
+                stride: self.rows,
             };
+            // SAFETY: `Kernels::available` offers each set only where the CPU has it (and
+            // `Kernels::selected` only what it offers); the rows hold `blocks` blocks each,
+            // the activations `m` rows of them; each task writes only its own rows' outputs.
+            match self.kernels {
+                Kernels::AvxVnni => return unsafe { x86::legacy_group_avx_vnni(&group) },
+                Kernels::Avx512Vnni => return unsafe { x86::legacy_group_avx512_vnni(&group) },
+                Kernels::Avx2 => return unsafe { x86::legacy_group_avx2(&group) },
+                Kernels::Scalar | Kernels::Candle => {}
+            }
         }
         for (j, w) in weights.chunks_exact(blocks).enumerate() {
             for (i, a) in acts.chunks_exact(blocks).enumerate() {

@@ -1,6 +1,7 @@
 //! Q8_0 and Q4_0 weight rows times Q8_0 activation rows, with AVX2: per 32 values, the
 //! weights' magnitudes times the activations with the weights' signs (`sign`, `maddubs`),
-//! pairs summed to i32 (`madd`), scaled by both blocks' scales into f32 sums. A microkernel
+//! pairs summed to i32 (`madd`; with VNNI one `vpdpbusd` does both), scaled by both blocks'
+//! scales into f32 sums. A microkernel
 //! of 2 weight rows × 4 activation rows unpacks each weight block once for four rows and
 //! keeps its eight sums in registers. Decoding (a few rows) prefetches a page ahead, as the
 //! K-quant path does.
@@ -10,7 +11,34 @@ use std::ops::Range;
 
 use super::super::legacy::{BlockQ8_0, LegacyBlock};
 use super::super::OutPtr;
-use super::{f32_of, hsum, load};
+use super::vnni::{Evex, Vex};
+use super::{f32_of, hsum, load, Avx2};
+
+/// `Σ4 u8 · i8` per i32 lane, from zero.
+pub trait ByteDot {
+    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i;
+}
+
+impl ByteDot for Avx2 {
+    #[inline(always)]
+    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), _mm256_set1_epi16(1))
+    }
+}
+
+impl ByteDot for Vex {
+    #[inline(always)]
+    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), unsigned, signed)
+    }
+}
+
+impl ByteDot for Evex {
+    #[inline(always)]
+    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), unsigned, signed)
+    }
+}
 
 /// Activation rows per tile, and per microkernel; weight rows per microkernel.
 const ACTS: usize = 16;
@@ -36,7 +64,24 @@ pub struct LegacyGroup<'a, B> {
 /// `acts` `m` rows of `blocks` blocks; `out` has room for `m * stride` values, and no other
 /// thread writes these rows' outputs meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn legacy_group<B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
+pub unsafe fn legacy_group_avx2<B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
+    group::<Avx2, B>(g)
+}
+
+/// `legacy_group_avx2`, with AVX-VNNI (`has_avx_vnni`).
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+pub unsafe fn legacy_group_avx_vnni<B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
+    group::<Vex, B>(g)
+}
+
+/// `legacy_group_avx2`, with AVX-512 VNNI's encoding (`has_avx512_vnni`).
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub unsafe fn legacy_group_avx512_vnni<B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
+    group::<Evex, B>(g)
+}
+
+#[inline(always)]
+unsafe fn group<D: ByteDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
     let n = g.rows.len();
     let nb = g.blocks;
     debug_assert!(g.weights.len() >= n * nb && g.acts.len() >= g.m * nb);
@@ -58,7 +103,7 @@ pub unsafe fn legacy_group<B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
                     ],
                     blocks: nb,
                 };
-                let sums = micro_any(&at, r, a, prefetch);
+                let sums = micro_any::<D, B>(&at, r, a, prefetch);
                 for (dj, sums) in sums.iter().enumerate().take(r) {
                     for (di, &sum) in sums.iter().enumerate().take(a) {
                         *g.out.at((i + di) * g.stride + g.rows.start + j + dj) = sum;
@@ -77,7 +122,7 @@ struct Micro<B> {
 }
 
 #[inline(always)]
-unsafe fn micro_any<B: LegacyBlock>(
+unsafe fn micro_any<D: ByteDot, B: LegacyBlock>(
     at: &Micro<B>,
     r: usize,
     a: usize,
@@ -87,8 +132,8 @@ unsafe fn micro_any<B: LegacyBlock>(
         ($(($r:literal, $a:literal)),*) => {
             match (r, a, prefetch) {
                 $(
-                    ($r, $a, true) => widen(micro::<B, $r, $a, true>(at)),
-                    ($r, $a, false) => widen(micro::<B, $r, $a, false>(at)),
+                    ($r, $a, true) => widen(micro::<D, B, $r, $a, true>(at)),
+                    ($r, $a, false) => widen(micro::<D, B, $r, $a, false>(at)),
                 )*
                 _ => unreachable!("pairs of 1-2 rows, quads of 1-4"),
             }
@@ -119,11 +164,16 @@ fn widen<const R: usize, const A: usize>(sums: [[f32; A]; R]) -> [[f32; QUAD]; P
 // Indexes: the loops walk a grid of registers (weight row j, activation row i).
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn micro<B: LegacyBlock, const R: usize, const A: usize, const PREFETCH: bool>(
+unsafe fn micro<
+    D: ByteDot,
+    B: LegacyBlock,
+    const R: usize,
+    const A: usize,
+    const PREFETCH: bool,
+>(
     at: &Micro<B>,
 ) -> [[f32; A]; R] {
     let mut acc = [[_mm256_setzero_ps(); A]; R];
-    let ones = _mm256_set1_epi16(1);
     // Loops, not `array::from_fn`: a closure would not inherit the target features, and
     // its intrinsics would be calls.
     let mut wv = [_mm256_setzero_si256(); R];
@@ -148,8 +198,8 @@ unsafe fn micro<B: LegacyBlock, const R: usize, const A: usize, const PREFETCH: 
             let yd = f32_of(y.d);
             for j in 0..R {
                 // |w| · (y with w's sign) = w · y, with an unsigned first operand.
-                let pairs = _mm256_maddubs_epi16(magnitudes[j], _mm256_sign_epi8(yv, wv[j]));
-                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                let dots = D::dot(magnitudes[j], _mm256_sign_epi8(yv, wv[j]));
+                let sums = _mm256_cvtepi32_ps(dots);
                 acc[j][i] = _mm256_fmadd_ps(sums, _mm256_set1_ps(wd[j] * yd), acc[j][i]);
             }
         }

@@ -25,7 +25,9 @@ mod vnni;
 pub use activations::{quantize_q8k, transpose};
 pub use float_tiles::{float_group, FloatGroup};
 use k_blocks::Unpacked;
-pub use legacy_tiles::{legacy_group, LegacyGroup};
+pub use legacy_tiles::{
+    legacy_group_avx2, legacy_group_avx512_vnni, legacy_group_avx_vnni, LegacyGroup,
+};
 pub use vnni::{has_avx512_vnni, has_avx_vnni, tile_avx512_vnni, tile_avx_vnni, VnniBlock};
 
 pub fn has_avx2() -> bool {
