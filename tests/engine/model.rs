@@ -147,6 +147,11 @@ fn sliding_window_changes_only_far_positions() {
 
 /// The compact caches move logits by their rounding only, and chunking still agrees with
 /// feeding the prompt at once within it.
+///
+/// Tolerances are fractions of the logits' spread (their standard deviation), as in
+/// tests/test_reference.py: f16 keys and values (11-bit significands) measured 1.8e-3-2.5e-3
+/// of it at most, 8-bit blocks 4-7%. Chunking only reorders f32 sums, which can round a key
+/// to the neighbouring step: far less than the rounding itself (measured 0-7e-6).
 #[test]
 fn compact_caches_agree_with_f32() {
     let config = Phi3Config {
@@ -155,15 +160,35 @@ fn compact_caches_agree_with_f32() {
     };
     let ids = tokens(60, config.vocab_size);
     let exact = logits(model(config.clone(), GgmlDType::F32), &ids, 60);
-    for (kind, tol) in [(KvCacheType::F16, 2e-3), (KvCacheType::Q8_0, 3e-2)] {
-        for chunk in [60, 7, 1] {
+    let spread = std_dev(&exact);
+    for (kind, tol, chunked_tol) in [
+        (KvCacheType::F16, 5e-3, 1e-3),
+        (KvCacheType::Q8_0, 0.1, 2e-3),
+    ] {
+        let whole = logits(
+            model_with_cache(config.clone(), GgmlDType::F32, kind),
+            &ids,
+            60,
+        );
+        let diff = max_diff(&exact, &whole) / spread;
+        assert!(diff < tol, "{kind:?}: {diff} of the spread");
+        assert!(diff > 0.0, "{kind:?} rounds nothing: is it f32?");
+        for chunk in [7, 1] {
             let m = model_with_cache(config.clone(), GgmlDType::F32, kind);
-            let got = logits(m, &ids, chunk);
-            let diff = max_diff(&exact, &got);
-            assert!(diff < tol, "{kind:?}, chunk {chunk}: {diff}");
-            assert!(diff > 0.0, "{kind:?} rounds nothing: is it f32?");
+            let diff = max_diff(&whole, &logits(m, &ids, chunk)) / spread;
+            assert!(
+                diff < chunked_tol,
+                "{kind:?}, chunk {chunk}: {diff} of the spread"
+            );
         }
     }
+}
+
+fn std_dev(rows: &[Vec<f32>]) -> f32 {
+    let all: Vec<f64> = rows.iter().flatten().map(|&x| f64::from(x)).collect();
+    let mean = all.iter().sum::<f64>() / all.len() as f64;
+    let var = all.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / all.len() as f64;
+    var.sqrt() as f32
 }
 
 #[test]
