@@ -53,9 +53,14 @@ def sigint_default() -> Iterator[None]:
     A background job of a non-interactive shell (`pytest &`, a script's `cmd &`) starts with
     SIGINT ignored; children inherit that, Python leaves an ignored SIGINT ignored, and the
     signal these tests send would be lost. A handled signal is reset to the default at exec.
+    A blocked one (a CI runner's signal mask) stays blocked across fork and exec, so the
+    signal would wait, pending, until the run ends: it is unblocked here, in this thread,
+    whose mask the children (and the pool threads that start them) inherit.
     """
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     signal.signal(signal.SIGINT, previous)
 
 
@@ -136,13 +141,25 @@ def check_stdout(stdout: str, script_text: str) -> None:
     assert script_text.startswith(text), f"stdout is not the reply: {stdout[:200]!r}"
 
 
-@pytest.mark.parametrize("moment", ["prompt", "reply"])
+# Runs argv[1:] with SIGINT blocked, as a launcher that blocked it leaves its children.
+BLOCKED_EXEC = """
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+@pytest.mark.parametrize("moment", ["prompt", "reply", "reply, started with SIGINT blocked"])
 def test_ctrl_c_exits_130(
     endless: list[str], script_text: str, sigint_default: None, moment: str
 ) -> None:
     """SIGINT once the model is loaded (template, tokenization, prefill) or once the reply
-    streams: exit code 130, no traceback, only generated text on stdout."""
-    proc = start(endless, "--max-tokens", str(len(SCRIPT)))
+    streams: exit code 130, no traceback, only generated text on stdout. Also when the run
+    inherits SIGINT blocked: the command line unblocks it."""
+    args = [*endless, "--max-tokens", str(len(SCRIPT))]
+    if moment.endswith("blocked"):
+        args = ["-c", BLOCKED_EXEC, *args]
+    proc = start(args)
     output = Output()
     if moment == "prompt":
         follow(proc, output, lambda: "[loaded" in output.stderr)

@@ -5,6 +5,7 @@ command line (argparse, the native library) is imported inside the handler too.
 """
 
 import _thread
+import signal
 import sys
 
 EXIT_INTERRUPTED = 130  # cli.EXIT_INTERRUPTED, without importing what may be interrupted
@@ -26,6 +27,11 @@ def run() -> int:
 
     sys.unraisablehook = repost_interrupt
     try:
+        if sys.platform != "win32":
+            # A blocked signal mask survives exec: a launcher that blocked SIGINT (a CI
+            # runner, a thread of a Go or JVM program) would leave Ctrl-C pending until the
+            # run ends. An ignored SIGINT (a shell's background job) stays ignored.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         from candle_phi.cli import main
 
         return main()
