@@ -163,9 +163,10 @@ impl Engine {
         &self.weights.config
     }
 
-    /// The kernels the model's K-quant matrices run (`CANDLE_PHI_KERNELS`'s names).
-    pub fn kernels(&self) -> &'static str {
-        self.weights.kernels
+    /// The kernels the model's matrices run (`CANDLE_PHI_KERNELS`'s names), naming the
+    /// tensor types left to Candle's.
+    pub fn kernels(&self) -> String {
+        self.weights.kernels_report()
     }
 
     pub fn kv_cache_type(&self) -> KvCacheType {

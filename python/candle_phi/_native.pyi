@@ -182,6 +182,13 @@ class Phi3Generator:
         """Local path of the tokenizer.json in use, or of the GGUF when its own tokenizer is."""
 
     @property
+    def kernels(self) -> str:
+        """The matrix kernels this CPU runs for the model: "avx-vnni", "avx512-vnni",
+        "avx2", "scalar" or "candle" (the environment variable ``CANDLE_PHI_KERNELS`` picks
+        another this CPU runs), followed by any tensor types left to Candle's kernels, as in
+        "avx2; candle for Q3_K"."""
+
+    @property
     def n_threads(self) -> int:
         """Threads the CPU kernels run on."""
 

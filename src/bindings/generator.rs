@@ -304,6 +304,14 @@ impl PyPhi3Generator {
         self.engine.tokenizer().path().to_path_buf()
     }
 
+    /// The matrix kernels this CPU runs for the model: "avx-vnni", "avx512-vnni", "avx2",
+    /// "scalar" or "candle" (`CANDLE_PHI_KERNELS` picks others), and any tensor types left
+    /// to Candle's ("avx2; candle for Q3_K").
+    #[getter]
+    fn kernels(&self) -> String {
+        self.engine.kernels()
+    }
+
     /// Threads the CPU kernels run on (process-wide; one per physical core by default).
     #[getter]
     fn n_threads(&self) -> usize {

@@ -36,8 +36,7 @@ pub struct Phi3Weights {
     pub(super) output_norm: RmsNorm,
     pub(super) output: Linear,
     rope_factors: Option<RopeFactors>,
-    /// The kernels its K-quant matrices run, by `CANDLE_PHI_KERNELS`'s names (the other
-    /// tensor types run Candle's): what benchmarks report.
+    /// The kernels its matrices run, by `CANDLE_PHI_KERNELS`'s names.
     pub kernels: &'static str,
     /// How every sequence of this model stores its keys and values.
     pub kv_cache_type: KvCacheType,
@@ -94,6 +93,32 @@ impl Phi3Weights {
             kernels: kernels.name(),
             kv_cache_type: KvCacheType::default(),
         })
+    }
+
+    /// The kernels its matrices run, naming the tensor types left to Candle's (what
+    /// benchmarks report): "avx2", or "avx2; candle for Q3_K, Q2_K".
+    pub fn kernels_report(&self) -> String {
+        let matrices = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.attn_qkv, &l.attn_output, &l.ffn_up, &l.ffn_down]);
+        let mut candle: Vec<String> = Vec::new();
+        for dtype in std::iter::once(&self.output)
+            .chain(matrices)
+            .filter_map(Linear::left_to_candle)
+        {
+            // ggml's names: Q3_K, not Candle's Q3K.
+            let name = format!("{dtype:?}")
+                .replace("2K", "2_K")
+                .replace("3K", "3_K");
+            if !candle.contains(&name) {
+                candle.push(name);
+            }
+        }
+        match (self.kernels, candle.is_empty()) {
+            (name, true) | (name @ "candle", false) => name.to_string(),
+            (name, false) => format!("{name}; candle for {}", candle.join(", ")),
+        }
     }
 
     pub fn with_kv_cache_type(self, kv_cache_type: KvCacheType) -> Self {

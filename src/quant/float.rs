@@ -108,6 +108,12 @@ impl FloatMatrix {
 
     /// `x` is (m, cols) row-major; returns (m, rows).
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        // The tiles read `m` rows of `x` unchecked.
+        assert!(
+            x.len() >= m * self.cols,
+            "{m} activation rows of {}",
+            self.cols
+        );
         let mut out = vec![0f32; m * self.rows];
         let out_ptr = OutPtr(out.as_mut_ptr());
         par_row_groups(self.rows, GROUP_ROWS, |rows| {

@@ -1,8 +1,10 @@
-//! Quantized matrix products on the GGUF's own K-quant blocks, read in place from the
-//! memory-mapped file: no second copy of the weights, no repacking at first use.
+//! Matrix products on the GGUF's own blocks, read in place from the memory-mapped file: no
+//! second copy of the weights, no repacking at first use. K-quants (Q4_K, Q5_K, Q6_K) here,
+//! the 32-value types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) in `legacy/`, F32/F16/BF16 in `float.rs`.
 //!
-//! Candle's kernels remain the path for the other tensor types and for CPUs (or builds)
-//! without ours; `CANDLE_PHI_KERNELS=candle` selects them everywhere, for comparison.
+//! Candle's kernels remain the path for the other tensor types (Q2_K, Q3_K, ...) and for
+//! CPUs (or builds) without ours; `CANDLE_PHI_KERNELS=candle` selects them everywhere, for
+//! comparison.
 
 mod blocks;
 mod float;
@@ -24,7 +26,7 @@ pub use float::{FloatFormat, FloatMatrix};
 pub use legacy::LegacyMatrix;
 pub use storage::{RawTensor, WeightBytes};
 
-/// Which dot-product kernels the K-quant matrices use.
+/// Which matrix kernels the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
     /// Ours, AVX2 with AVX-VNNI (chosen at run time, so one portable build runs the best
@@ -455,7 +457,8 @@ pub enum Linear {
     KQuant(QMatrix),
     Float(FloatMatrix),
     Legacy(LegacyMatrix),
-    Candle(QMatMul),
+    /// Candle's, for the types ours do not cover (Q2_K, Q3_K, ...) or where asked for.
+    Candle(QMatMul, GgmlDType),
 }
 
 impl Linear {
@@ -469,7 +472,19 @@ impl Linear {
         if let Some(matrix) = LegacyMatrix::new(tensor, kernels) {
             return Ok(Linear::Legacy(matrix));
         }
-        Ok(Linear::Candle(QMatMul::from_qtensor(tensor.to_qtensor()?)?))
+        let dtype = tensor.dtype();
+        Ok(Linear::Candle(
+            QMatMul::from_qtensor(tensor.to_qtensor()?)?,
+            dtype,
+        ))
+    }
+
+    /// The tensor type, where Candle's kernels multiply it.
+    pub fn left_to_candle(&self) -> Option<GgmlDType> {
+        match self {
+            Linear::Candle(_, dtype) => Some(*dtype),
+            _ => None,
+        }
     }
 }
 
@@ -479,7 +494,7 @@ impl Module for Linear {
             Linear::KQuant(matrix) => xs.contiguous()?.apply_op1_no_bwd(matrix),
             Linear::Float(matrix) => xs.contiguous()?.apply_op1_no_bwd(matrix),
             Linear::Legacy(matrix) => xs.contiguous()?.apply_op1_no_bwd(matrix),
-            Linear::Candle(matmul) => matmul.forward(xs),
+            Linear::Candle(matmul, _) => matmul.forward(xs),
         }
     }
 }

@@ -64,7 +64,7 @@ fn assert_close(ours: &[f32], theirs: &[f32], what: &str) {
     for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
         assert!(
             (a - b).abs() <= 1e-5 * scale,
-            "{what}: element {i}: ours {a}, Candle's {b} (scale {scale})"
+            "{what}: element {i}: ours {a}, theirs {b} (scale {scale})"
         );
     }
 }
@@ -153,14 +153,27 @@ fn raw_tensors_hold_exactly_their_shape() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn kernels_the_cpu_lacks_are_never_used() {
+    use super::{FloatMatrix, LegacyMatrix};
     let q4k = random_blocks(GgmlDType::Q4K, 4, QK_K, 5);
+    let f16 = QTensor::quantize(
+        &Tensor::from_vec(noise(6, 4 * 64), (4, 64), &Device::Cpu).unwrap(),
+        GgmlDType::F16,
+    )
+    .unwrap();
+    let f16 = RawTensor::from_qtensor(&f16).unwrap();
+    let legacy = LEGACY.map(|dtype| random_legacy_blocks(dtype, 4, 64, 7));
     for kernels in [Kernels::AvxVnni, Kernels::Avx512Vnni, Kernels::Avx2] {
-        let matrix = QMatrix::new(&q4k, kernels);
+        let runs = Kernels::available().contains(&kernels);
+        assert_eq!(QMatrix::new(&q4k, kernels).is_some(), runs, "{kernels:?}");
         assert_eq!(
-            matrix.is_some(),
-            Kernels::available().contains(&kernels),
+            FloatMatrix::new(&f16, kernels).is_some(),
+            runs,
             "{kernels:?}"
         );
+        for weights in &legacy {
+            let matrix = LegacyMatrix::new(weights, kernels);
+            assert_eq!(matrix.is_some(), runs, "{:?} {kernels:?}", weights.dtype());
+        }
     }
 }
 
@@ -280,30 +293,132 @@ fn float_products_match_f64() {
     }
 }
 
-/// Q8_0 and Q4_0 matrices against Candle's `QMatMul`, which also quantizes the activations
-/// to Q8_0: the same integer sums, scaled and added in another order.
+const LEGACY: [GgmlDType; 5] = [
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+];
+
+/// Legacy blocks of random bits (Q8_0's -128, every fifth-bit pattern), with small finite
+/// f16 scales and minimums.
+fn random_legacy_blocks(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> RawTensor {
+    let block_bytes = dtype.type_size();
+    let n_blocks = rows * cols / dtype.block_size();
+    let bits = noise(seed, n_blocks * block_bytes);
+    let mut bytes: Vec<u8> = bits.iter().map(|v| ((v + 1.0) * 128.0) as u8).collect();
+    let factors = noise(seed + 1, n_blocks * 2);
+    let has_min = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1);
+    for (b, block) in bytes.chunks_exact_mut(block_bytes).enumerate() {
+        block[..2].copy_from_slice(&half::f16::from_f32(factors[2 * b] * 0.01).to_le_bytes());
+        if has_min {
+            let m = half::f16::from_f32(factors[2 * b + 1] * 0.1);
+            block[2..4].copy_from_slice(&m.to_le_bytes());
+        }
+    }
+    RawTensor::new(dtype, vec![rows, cols], WeightBytes::copied(&bytes)).unwrap()
+}
+
+/// The product in f64 from the blocks' own fields (d · q + m) and the Q8_0 activations.
+fn legacy_exact(weights: &RawTensor, x: &[f32], m: usize) -> Vec<f32> {
+    use super::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0};
+    let cols = weights.dims()[1];
+    match weights.dtype() {
+        GgmlDType::Q8_0 => legacy_exact_of::<BlockQ8_0>(weights, x, m, cols),
+        GgmlDType::Q4_0 => legacy_exact_of::<BlockQ4_0>(weights, x, m, cols),
+        GgmlDType::Q4_1 => legacy_exact_of::<BlockQ4_1>(weights, x, m, cols),
+        GgmlDType::Q5_0 => legacy_exact_of::<BlockQ5_0>(weights, x, m, cols),
+        GgmlDType::Q5_1 => legacy_exact_of::<BlockQ5_1>(weights, x, m, cols),
+        other => panic!("not a legacy type: {other:?}"),
+    }
+}
+
+fn legacy_exact_of<B: super::legacy::LegacyBlock>(
+    weights: &RawTensor,
+    x: &[f32],
+    m: usize,
+    cols: usize,
+) -> Vec<f32> {
+    use super::legacy::{quantize_q8_0, BlockQ8_0, QK};
+    let blocks: &[B] = super::blocks::as_blocks(weights.bytes().as_bytes()).unwrap();
+    let mut acts = vec![
+        BlockQ8_0 {
+            d: half::f16::ZERO,
+            qs: [0; QK]
+        };
+        m * cols / QK
+    ];
+    quantize_q8_0(x, &mut acts);
+    let per_row = cols / QK;
+    let rows = blocks.len() / per_row;
+    let mut out = Vec::with_capacity(m * rows);
+    for a in acts.chunks_exact(per_row) {
+        for w in blocks.chunks_exact(per_row) {
+            let mut sum = 0f64;
+            for (w, a) in w.iter().zip(a) {
+                let (d, min) = (f64::from(w.d().to_f32()), f64::from(w.m().to_f32()));
+                let ad = f64::from(a.d.to_f32());
+                for (&q, &y) in w.values().iter().zip(&a.qs) {
+                    sum += (d * f64::from(q) + min) * ad * f64::from(y);
+                }
+            }
+            out.push(sum as f32);
+        }
+    }
+    out
+}
+
+/// The legacy types against the f64 product of their own blocks, on random bits and on
+/// blocks Candle quantized (whose products must also match Candle's: its minimum's term
+/// takes the activations' sums rounded to f16: measured up to 2.3e-4 of the largest product).
 #[test]
-fn legacy_products_match_candle() {
+fn legacy_products_match_f64_and_candle() {
     use super::LegacyMatrix;
-    // More rows than a group of 24 and pairs of 2; every microkernel shape (m up to 33).
-    let (rows, cols) = (29, 160);
-    for (t, dtype) in [GgmlDType::Q8_0, GgmlDType::Q4_0].into_iter().enumerate() {
+    // More rows than a group of 24 and pairs of 2; every microkernel shape (m up to 33). An
+    // even number of blocks a row: Candle's Q4_1 and Q5 products assert it.
+    let (rows, cols) = (29, 192);
+    for (t, dtype) in LEGACY.into_iter().enumerate() {
+        let random = random_legacy_blocks(dtype, rows, cols, 60 + t as u64);
         let dense = Tensor::from_vec(
             noise(40 + t as u64, rows * cols),
             (rows, cols),
             &Device::Cpu,
         )
         .unwrap();
-        let weights = RawTensor::from_qtensor(&QTensor::quantize(&dense, dtype).unwrap()).unwrap();
-        for m in [1, 2, 3, 4, 5, 7, 9, 16, 17, 33] {
-            let x = noise(500 + m as u64, m * cols);
-            let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
-            let theirs = candle_product(&weights, &xt);
-            for kernels in kernels_to_test() {
-                let matrix = LegacyMatrix::new(&weights, kernels).expect("a Q8_0/Q4_0 matrix");
-                let what = format!("{dtype:?} m={m} {kernels:?}");
-                assert_close(&matrix.matmul(&x, m), &theirs, &what);
+        let quantized =
+            RawTensor::from_qtensor(&QTensor::quantize(&dense, dtype).unwrap()).unwrap();
+        for (source, weights) in [("random bits", &random), ("quantized", &quantized)] {
+            for m in [1, 2, 3, 4, 5, 7, 9, 16, 17, 33] {
+                let x = noise(500 + m as u64, m * cols);
+                let exact = legacy_exact(weights, &x, m);
+                let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
+                let theirs = candle_product(weights, &xt);
+                let candle_bound = match dtype {
+                    GgmlDType::Q4_1 | GgmlDType::Q5_1 => 1e-3,
+                    _ => 1e-5,
+                };
+                for kernels in kernels_to_test() {
+                    let matrix = LegacyMatrix::new(weights, kernels).expect("a legacy matrix");
+                    let product = matrix.matmul(&x, m);
+                    let what = format!("{dtype:?} {source} m={m} {kernels:?}");
+                    assert_close(&product, &exact, &what);
+                    if source == "quantized" {
+                        assert_within(&product, &theirs, candle_bound, &what);
+                    }
+                }
             }
         }
+    }
+}
+
+/// |ours − theirs| ≤ `bound` · the largest |theirs|, element by element.
+fn assert_within(ours: &[f32], theirs: &[f32], bound: f32, what: &str) {
+    let scale = theirs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        assert!(
+            (a - b).abs() <= bound * scale,
+            "{what}: element {i}: ours {a}, theirs {b} (scale {scale})"
+        );
     }
 }

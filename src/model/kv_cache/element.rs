@@ -102,7 +102,8 @@ impl Element for Q8 {
         {
             let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
             let d = amax / 127.0;
-            let inverse = if d > 0.0 { 1.0 / d } else { 0.0 };
+            // A subnormal scale's inverse can overflow: such a block is stored as zeros.
+            let inverse = if d.is_normal() { 1.0 / d } else { 0.0 };
             scale.copy_from_slice(&d.to_le_bytes());
             for (o, &x) in out.iter_mut().zip(block) {
                 // |x · inverse| <= 127; `as` saturates NaN to 0.

@@ -160,6 +160,7 @@ impl KvCache {
     /// Lets the cache grow to `max_len` tokens (a reused cache serves a new request).
     pub fn set_max_len(&mut self, max_len: usize) {
         self.max_len = max_len;
+        self.room = self.room.max(max_len);
     }
 
     /// A cache of its own holding a copy of the first `len` tokens, sized to them.

@@ -1,7 +1,8 @@
-//! Q8_0 and Q4_0 weight rows times Q8_0 activation rows, with AVX2: per 32 values, the
-//! weights' magnitudes times the activations with the weights' signs (`sign`, `maddubs`),
-//! pairs summed to i32 (`madd`; with VNNI one `vpdpbusd` does both), scaled by both blocks'
-//! scales into f32 sums. A microkernel
+//! Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 weight rows times Q8_0 activation rows, with AVX2: per
+//! 32 values, the weights' magnitudes times the activations with the weights' signs (`sign`,
+//! `maddubs`), pairs summed to i32 (`madd`; with VNNI one `vpdpbusd` does both), scaled by
+//! both blocks' scales into f32 sums; a weight block's minimum adds m · the activation
+//! block's sum. A microkernel
 //! of 2 weight rows × 4 activation rows unpacks each weight block once for four rows and
 //! keeps its eight sums in registers. Decoding (a few rows) prefetches a page ahead, as the
 //! K-quant path does.
@@ -49,10 +50,12 @@ const PREFETCH_ACTS: usize = 8;
 const PREFETCH_AHEAD: usize = 4096;
 
 /// Weight rows `rows` (`weights`: `blocks` blocks a row) with the `m` activation rows
-/// `acts`, into `out[i * stride + r]`.
+/// `acts`, into `out[i * stride + r]`; `sums` holds each activation block's d · Σ q where
+/// the weights have a minimum.
 pub struct LegacyGroup<'a, B> {
     pub weights: &'a [B],
     pub acts: &'a [BlockQ8_0],
+    pub sums: &'a [f32],
     pub blocks: usize,
     pub m: usize,
     pub out: OutPtr,
@@ -61,7 +64,7 @@ pub struct LegacyGroup<'a, B> {
 }
 
 /// Safety: the CPU must have AVX2, FMA and F16C; `weights` holds `rows.len()` rows and
-/// `acts` `m` rows of `blocks` blocks; `out` has room for `m * stride` values, and no other
+/// `acts` `m` rows of `blocks` blocks (and `sums` as many values, if `B::HAS_MIN`); `out` has room for `m * stride` values, and no other
 /// thread writes these rows' outputs meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn legacy_group_avx2<B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
@@ -85,22 +88,23 @@ unsafe fn group<D: ByteDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
     let n = g.rows.len();
     let nb = g.blocks;
     debug_assert!(g.weights.len() >= n * nb && g.acts.len() >= g.m * nb);
+    debug_assert!(!B::HAS_MIN || g.sums.len() >= g.m * nb);
     let w = |j: usize| g.weights.as_ptr().add(j * nb);
     let x = |i: usize| g.acts.as_ptr().add(i * nb);
+    // Only read where B has a minimum (`sums` is empty otherwise): wrapping, never out of
+    // bounds for nothing.
+    let s = |i: usize| g.sums.as_ptr().wrapping_add(i * nb);
     let prefetch = g.m <= PREFETCH_ACTS;
     for first in (0..g.m).step_by(ACTS) {
         let acts = first..(first + ACTS).min(g.m);
         for j in (0..n).step_by(PAIR) {
             for i in acts.clone().step_by(QUAD) {
                 let (r, a) = ((n - j).min(PAIR), (acts.end - i).min(QUAD));
+                let row = |k: usize| i + k * (a > k) as usize;
                 let at = Micro {
                     w: [w(j), w(j + (r > 1) as usize)],
-                    x: [
-                        x(i),
-                        x(i + (a > 1) as usize),
-                        x(i + 2 * (a > 2) as usize),
-                        x(i + 3 * (a > 3) as usize),
-                    ],
+                    x: [x(row(0)), x(row(1)), x(row(2)), x(row(3))],
+                    s: [s(row(0)), s(row(1)), s(row(2)), s(row(3))],
                     blocks: nb,
                 };
                 let sums = micro_any::<D, B>(&at, r, a, prefetch);
@@ -114,10 +118,12 @@ unsafe fn group<D: ByteDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
     }
 }
 
-/// Up to two weight rows and four activation rows (unused slots repeat the first).
+/// Up to two weight rows and four activation rows, with their block sums (unused slots
+/// repeat the first).
 struct Micro<B> {
     w: [*const B; PAIR],
     x: [*const BlockQ8_0; QUAD],
+    s: [*const f32; QUAD],
     blocks: usize,
 }
 
@@ -179,6 +185,9 @@ unsafe fn micro<
     let mut wv = [_mm256_setzero_si256(); R];
     let mut magnitudes = [_mm256_setzero_si256(); R];
     let mut wd = [0f32; R];
+    // The minimums' part: Σ over blocks of m · the activation block's sum.
+    let mut mins = [[0f32; A]; R];
+    let mut wm = [0f32; R];
     for b in 0..at.blocks {
         for j in 0..R {
             let block = &*at.w[j].add(b);
@@ -191,11 +200,20 @@ unsafe fn micro<
             wv[j] = block.unpack();
             magnitudes[j] = _mm256_sign_epi8(wv[j], wv[j]);
             wd[j] = f32_of(block.d());
+            if B::HAS_MIN {
+                wm[j] = f32_of(block.m());
+            }
         }
         for i in 0..A {
             let y = &*at.x[i].add(b);
             let yv = load(y.qs.as_ptr());
             let yd = f32_of(y.d);
+            if B::HAS_MIN {
+                let sum = *at.s[i].add(b);
+                for j in 0..R {
+                    mins[j][i] += wm[j] * sum;
+                }
+            }
             for j in 0..R {
                 // |w| · (y with w's sign) = w · y, with an unsigned first operand.
                 let dots = D::dot(magnitudes[j], _mm256_sign_epi8(yv, wv[j]));
@@ -207,7 +225,7 @@ unsafe fn micro<
     let mut out = [[0f32; A]; R];
     for j in 0..R {
         for i in 0..A {
-            out[j][i] = hsum(acc[j][i]);
+            out[j][i] = hsum(acc[j][i]) + mins[j][i];
         }
     }
     out

@@ -1,101 +1,21 @@
-//! Q8_0 and Q4_0 matrices (blocks of 32 values with one f16 scale: most community Phi-3
-//! files, and the fallbacks of K-quant files for rows that are not whole 256-value blocks),
-//! multiplied in place from the mapped file. Activations are quantized to Q8_0 blocks as
-//! llama.cpp and Candle do, so products agree with Candle's up to the order of additions.
+//! Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 matrices (blocks of 32 values with an f16 scale, and a
+//! minimum for Q4_1 and Q5_1: most community Phi-3 files, and the fallbacks of K-quant files
+//! for rows that are not whole 256-value blocks), multiplied in place from the mapped file.
+//! Activations are quantized to Q8_0 blocks as llama.cpp and Candle do, so products agree
+//! with theirs up to the order of additions; the minimum's term takes each activation
+//! block's sum in f32 (theirs rounds it to f16).
+
+mod blocks;
 
 use half::f16;
 use rayon::prelude::*;
+
+pub use blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, LegacyBlock, QK};
 
 use super::blocks::{as_blocks, WeightBlock};
 use super::storage::RawTensor;
 use super::{par_row_groups, Kernels, OutPtr, WeightBytes};
 use candle_core::quantized::GgmlDType;
-
-/// Values per block.
-pub const QK: usize = 32;
-
-/// 8.5 bits per weight: 32 signed values and their scale.
-#[repr(C)]
-#[derive(Clone)]
-pub struct BlockQ8_0 {
-    pub d: f16,
-    pub qs: [i8; QK],
-}
-
-/// 4.5 bits per weight: byte j holds value j in its low nibble and value j + 16 in its
-/// high one, each offset by 8.
-#[repr(C)]
-pub struct BlockQ4_0 {
-    pub d: f16,
-    pub qs: [u8; QK / 2],
-}
-
-const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
-const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
-
-impl WeightBlock for BlockQ8_0 {}
-impl WeightBlock for BlockQ4_0 {}
-
-/// A weight block's values as signed bytes, and its scale.
-pub trait LegacyBlock: WeightBlock + Sync {
-    fn scale(&self) -> f32;
-    fn values(&self) -> [i8; QK];
-    /// The scale's bits, for the vector kernels' own conversion.
-    fn d(&self) -> f16;
-    /// The 32 values as signed bytes in one vector.
-    ///
-    /// Safety: the CPU has AVX2.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn unpack(&self) -> std::arch::x86_64::__m256i;
-}
-
-impl LegacyBlock for BlockQ8_0 {
-    fn scale(&self) -> f32 {
-        self.d.to_f32()
-    }
-
-    fn values(&self) -> [i8; QK] {
-        self.qs
-    }
-
-    fn d(&self) -> f16 {
-        self.d
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn unpack(&self) -> std::arch::x86_64::__m256i {
-        std::arch::x86_64::_mm256_loadu_si256(self.qs.as_ptr().cast())
-    }
-}
-
-impl LegacyBlock for BlockQ4_0 {
-    fn scale(&self) -> f32 {
-        self.d.to_f32()
-    }
-
-    fn values(&self) -> [i8; QK] {
-        std::array::from_fn(|i| {
-            let byte = self.qs[i % 16];
-            let nibble = if i < 16 { byte & 0x0F } else { byte >> 4 };
-            nibble as i8 - 8
-        })
-    }
-
-    fn d(&self) -> f16 {
-        self.d
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn unpack(&self) -> std::arch::x86_64::__m256i {
-        use std::arch::x86_64::*;
-        let bytes = _mm_loadu_si128(self.qs.as_ptr().cast());
-        let low = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
-        let high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
-        _mm256_sub_epi8(_mm256_set_m128i(high, low), _mm256_set1_epi8(8))
-    }
-}
 
 /// Quantizes `xs` (a multiple of 32 long) to Q8_0 as ggml does: scale from the largest
 /// magnitude, values rounded half away from zero.
@@ -115,13 +35,16 @@ pub fn quantize_q8_0(xs: &[f32], out: &mut [BlockQ8_0]) {
 enum Legacy {
     Q8_0,
     Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
 }
 
 /// Weight rows per group: what stays in L2 while every tile of activations passes (24 rows
 /// of 8192 Q8_0 values are 209 KiB, a tile of 16 activation rows 139 KiB).
 const GROUP_ROWS: usize = 24;
 
-/// A (rows, cols) Q8_0 or Q4_0 matrix, multiplied as `x · Wᵀ`.
+/// A (rows, cols) matrix of one of these types, multiplied as `x · Wᵀ`.
 #[derive(Debug)]
 pub struct LegacyMatrix {
     bytes: WeightBytes,
@@ -137,6 +60,9 @@ impl LegacyMatrix {
         let (kind, block_bytes) = match tensor.dtype() {
             GgmlDType::Q8_0 => (Legacy::Q8_0, BlockQ8_0::BYTES),
             GgmlDType::Q4_0 => (Legacy::Q4_0, BlockQ4_0::BYTES),
+            GgmlDType::Q4_1 => (Legacy::Q4_1, BlockQ4_1::BYTES),
+            GgmlDType::Q5_0 => (Legacy::Q5_0, BlockQ5_0::BYTES),
+            GgmlDType::Q5_1 => (Legacy::Q5_1, BlockQ5_1::BYTES),
             _ => return None,
         };
         let &[rows, cols] = tensor.dims() else {
@@ -184,11 +110,22 @@ impl LegacyMatrix {
         acts.par_chunks_mut(blocks)
             .zip(x.par_chunks(self.cols))
             .for_each(|(a, x)| quantize_q8_0(x, a));
+        let sums = match self.kind {
+            Legacy::Q4_1 | Legacy::Q5_1 => acts.iter().map(block_sum).collect(),
+            _ => Vec::new(),
+        };
+        let acts = Activations {
+            blocks: &acts,
+            sums: &sums,
+        };
         let mut out = vec![0f32; m * self.rows];
         let out_ptr = OutPtr(out.as_mut_ptr());
         par_row_groups(self.rows, GROUP_ROWS, |rows| match self.kind {
             Legacy::Q8_0 => self.group::<BlockQ8_0>(rows, &acts, m, out_ptr),
             Legacy::Q4_0 => self.group::<BlockQ4_0>(rows, &acts, m, out_ptr),
+            Legacy::Q4_1 => self.group::<BlockQ4_1>(rows, &acts, m, out_ptr),
+            Legacy::Q5_0 => self.group::<BlockQ5_0>(rows, &acts, m, out_ptr),
+            Legacy::Q5_1 => self.group::<BlockQ5_1>(rows, &acts, m, out_ptr),
         });
         out
     }
@@ -196,7 +133,7 @@ impl LegacyMatrix {
     fn group<B: LegacyBlock>(
         &self,
         rows: std::ops::Range<usize>,
-        acts: &[BlockQ8_0],
+        acts: &Activations<'_>,
         m: usize,
         out: OutPtr,
     ) {
@@ -204,12 +141,14 @@ impl LegacyMatrix {
         let row_bytes = blocks * B::BYTES;
         let bytes = &self.bytes.as_bytes()[rows.start * row_bytes..rows.end * row_bytes];
         let weights: &[B] = as_blocks(bytes).expect("whole, aligned blocks (checked in new)");
+        debug_assert!(!B::HAS_MIN || acts.sums.len() == acts.blocks.len());
         #[cfg(target_arch = "x86_64")]
         {
             use super::x86;
             let group = x86::LegacyGroup {
                 weights,
-                acts,
+                acts: acts.blocks,
+                sums: acts.sums,
                 blocks,
                 m,
                 out,
@@ -218,7 +157,8 @@ impl LegacyMatrix {
             };
             // SAFETY: `Kernels::available` offers each set only where the CPU has it (and
             // `Kernels::selected` only what it offers); the rows hold `blocks` blocks each,
-            // the activations `m` rows of them; each task writes only its own rows' outputs.
+            // the activations `m` rows of them (and their sums where B has a minimum); each
+            // task writes only its own rows' outputs.
             match self.kernels {
                 Kernels::AvxVnni => return unsafe { x86::legacy_group_avx_vnni(&group) },
                 Kernels::Avx512Vnni => return unsafe { x86::legacy_group_avx512_vnni(&group) },
@@ -227,7 +167,7 @@ impl LegacyMatrix {
             }
         }
         for (j, w) in weights.chunks_exact(blocks).enumerate() {
-            for (i, a) in acts.chunks_exact(blocks).enumerate() {
+            for (i, a) in acts.blocks.chunks_exact(blocks).enumerate() {
                 // SAFETY: in bounds; each task writes only its own rows' outputs.
                 unsafe { *out.at(i * self.rows + rows.start + j) = dot(w, a) };
             }
@@ -235,7 +175,20 @@ impl LegacyMatrix {
     }
 }
 
-/// One weight row · one activation row, portably: each block's integer sum, scaled.
+/// The quantized activation rows, and each block's sum (d · Σ q) where the weights have a
+/// minimum, else none.
+struct Activations<'a> {
+    blocks: &'a [BlockQ8_0],
+    sums: &'a [f32],
+}
+
+/// d · Σ q of an activation block: what a weight block's minimum multiplies.
+pub fn block_sum(a: &BlockQ8_0) -> f32 {
+    a.qs.iter().map(|&q| i32::from(q)).sum::<i32>() as f32 * a.d.to_f32()
+}
+
+/// One weight row · one activation row, portably: each block's integer sum, scaled, and
+/// its minimum times the activations' sum.
 pub fn dot<B: LegacyBlock>(w: &[B], a: &[BlockQ8_0]) -> f32 {
     w.iter()
         .zip(a)
@@ -246,7 +199,12 @@ pub fn dot<B: LegacyBlock>(w: &[B], a: &[BlockQ8_0]) -> f32 {
                 .zip(&a.qs)
                 .map(|(&x, &y)| i32::from(x) * i32::from(y))
                 .sum();
-            sum as f32 * w.scale() * a.d.to_f32()
+            let product = sum as f32 * w.d().to_f32() * a.d.to_f32();
+            if B::HAS_MIN {
+                product + w.m().to_f32() * block_sum(a)
+            } else {
+                product
+            }
         })
         .sum()
 }

@@ -1,0 +1,232 @@
+//! The 32-value blocks of ggml's first quantization types, as the file stores them: each
+//! block's values as signed bytes for the integer products, with the block's scale and, for
+//! the types that have one (Q4_1, Q5_1), its minimum.
+
+use half::f16;
+
+use super::super::blocks::WeightBlock;
+
+/// Values per block.
+pub const QK: usize = 32;
+
+/// 8.5 bits per weight: 32 signed values and their scale.
+#[repr(C)]
+#[derive(Clone)]
+pub struct BlockQ8_0 {
+    pub d: f16,
+    pub qs: [i8; QK],
+}
+
+/// 4.5 bits per weight: byte j holds value j in its low nibble and value j + 16 in its
+/// high one, each offset by 8.
+#[repr(C)]
+pub struct BlockQ4_0 {
+    pub d: f16,
+    pub qs: [u8; QK / 2],
+}
+
+/// 5 bits per weight: Q4_1's nibbles (unsigned, d · q + m).
+#[repr(C)]
+pub struct BlockQ4_1 {
+    pub d: f16,
+    pub m: f16,
+    pub qs: [u8; QK / 2],
+}
+
+/// 5.5 bits per weight: Q4_0's nibbles, with bit i of `qh` (little-endian) as value i's
+/// fifth bit; values offset by 16.
+#[repr(C)]
+pub struct BlockQ5_0 {
+    pub d: f16,
+    pub qh: [u8; 4],
+    pub qs: [u8; QK / 2],
+}
+
+/// 6 bits per weight: Q5_0's values, unsigned (d · q + m).
+#[repr(C)]
+pub struct BlockQ5_1 {
+    pub d: f16,
+    pub m: f16,
+    pub qh: [u8; 4],
+    pub qs: [u8; QK / 2],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
+const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
+const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
+const _: () = assert!(std::mem::size_of::<BlockQ5_1>() == 24);
+
+impl WeightBlock for BlockQ8_0 {}
+impl WeightBlock for BlockQ4_0 {}
+impl WeightBlock for BlockQ4_1 {}
+impl WeightBlock for BlockQ5_0 {}
+impl WeightBlock for BlockQ5_1 {}
+
+/// A weight block as `d · q + m` per value: `q` as signed bytes (unsigned 0..31 for the
+/// types with a minimum), `m` zero for the symmetric types.
+pub trait LegacyBlock: WeightBlock + Sync {
+    /// Whether `m` is there: the products then need each activation block's sum.
+    const HAS_MIN: bool = false;
+    fn values(&self) -> [i8; QK];
+    /// The scale, as stored (the vector kernels convert it themselves).
+    fn d(&self) -> f16;
+    fn m(&self) -> f16 {
+        f16::ZERO
+    }
+    /// The 32 values as bytes in one vector, in order.
+    ///
+    /// Safety: the CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn unpack(&self) -> std::arch::x86_64::__m256i;
+}
+
+/// Value i of a block whose byte j holds values j (low nibble) and j + 16 (high nibble).
+fn nibble(qs: &[u8; QK / 2], i: usize) -> u8 {
+    let byte = qs[i % 16];
+    if i < 16 {
+        byte & 0x0F
+    } else {
+        byte >> 4
+    }
+}
+
+/// Value i's fifth bit, as 16 or 0.
+fn fifth_bit(qh: &[u8; 4], i: usize) -> u8 {
+    (((u32::from_le_bytes(*qh) >> i) & 1) as u8) << 4
+}
+
+impl LegacyBlock for BlockQ8_0 {
+    fn values(&self) -> [i8; QK] {
+        self.qs
+    }
+
+    fn d(&self) -> f16 {
+        self.d
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn unpack(&self) -> std::arch::x86_64::__m256i {
+        std::arch::x86_64::_mm256_loadu_si256(self.qs.as_ptr().cast())
+    }
+}
+
+impl LegacyBlock for BlockQ4_0 {
+    fn values(&self) -> [i8; QK] {
+        std::array::from_fn(|i| nibble(&self.qs, i) as i8 - 8)
+    }
+
+    fn d(&self) -> f16 {
+        self.d
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn unpack(&self) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        _mm256_sub_epi8(x86::nibbles(&self.qs), _mm256_set1_epi8(8))
+    }
+}
+
+impl LegacyBlock for BlockQ4_1 {
+    const HAS_MIN: bool = true;
+
+    fn values(&self) -> [i8; QK] {
+        std::array::from_fn(|i| nibble(&self.qs, i) as i8)
+    }
+
+    fn d(&self) -> f16 {
+        self.d
+    }
+
+    fn m(&self) -> f16 {
+        self.m
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn unpack(&self) -> std::arch::x86_64::__m256i {
+        x86::nibbles(&self.qs)
+    }
+}
+
+impl LegacyBlock for BlockQ5_0 {
+    fn values(&self) -> [i8; QK] {
+        std::array::from_fn(|i| (nibble(&self.qs, i) | fifth_bit(&self.qh, i)) as i8 - 16)
+    }
+
+    fn d(&self) -> f16 {
+        self.d
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn unpack(&self) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // q − 16 is the nibble with its fifth bit set, or with the high four bits all set
+        // (the nibble − 16 as a signed byte) where it is clear.
+        let clear = _mm256_andnot_si256(x86::bit_mask(&self.qh), _mm256_set1_epi8(-16));
+        _mm256_or_si256(x86::nibbles(&self.qs), clear)
+    }
+}
+
+impl LegacyBlock for BlockQ5_1 {
+    const HAS_MIN: bool = true;
+
+    fn values(&self) -> [i8; QK] {
+        std::array::from_fn(|i| (nibble(&self.qs, i) | fifth_bit(&self.qh, i)) as i8)
+    }
+
+    fn d(&self) -> f16 {
+        self.d
+    }
+
+    fn m(&self) -> f16 {
+        self.m
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn unpack(&self) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        let high = _mm256_and_si256(x86::bit_mask(&self.qh), _mm256_set1_epi8(16));
+        _mm256_or_si256(x86::nibbles(&self.qs), high)
+    }
+}
+
+/// Unpacking with AVX2; each function is inlined into a caller that enables it.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::QK;
+
+    /// The 32 nibbles in value order: low nibbles first, then high ones.
+    #[inline(always)]
+    pub unsafe fn nibbles(qs: &[u8; QK / 2]) -> __m256i {
+        let bytes = _mm_loadu_si128(qs.as_ptr().cast());
+        let low = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+        let high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
+        _mm256_set_m128i(high, low)
+    }
+
+    /// Byte i all ones where bit i of `qh` (little-endian) is set, else zero.
+    #[inline(always)]
+    pub unsafe fn bit_mask(qh: &[u8; 4]) -> __m256i {
+        let bits = _mm256_set1_epi32(i32::from_le_bytes(*qh));
+        // Bytes 8k..8k+8 each take byte k of the 32 bits...
+        let spread = _mm256_shuffle_epi8(
+            bits,
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        // ...and byte 8k + b every bit but b set: all ones exactly where bit b is set.
+        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+        _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1))
+    }
+}
