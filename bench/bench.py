@@ -4,12 +4,15 @@
     python bench/bench.py                 # 5 runs, 2 threads; writes bench/.out/
     python bench/bench.py --runs 7 --threads 2 --rust-loop
     python bench/bench.py --weights f16 --layers 8 --kernels avx2,candle   # other files
+    python bench/bench.py --prompts 128,512 --long-context 0 --runs 3      # the short cases
 
 The model has Phi-3-mini-4k-instruct's exact shapes (vocab 32064, hidden 3072, 32 layers, 32
 heads, feed-forward 8192, context 4096) and the tensor-type mix of llama.cpp's Q4_K_M, as in
 the published q4 file, with random weights (built once, deterministically, ~2.2 GB), or all
-matrices in one type (``--weights f16|q8_0|q4_0``; ``--layers`` fewer than 32 for a file
-whose f32 source fits in memory: an F16 file is built from 4 bytes a weight). Each
+matrices in one type (``--weights f16|bf16|q8_0|q5_1|q5_0|q4_1|q4_0``; ``--layers`` fewer
+than 32 for a file whose f32 source fits in memory: an F16 file is built from 4 bytes a
+weight). Prompts of each ``--prompts`` size, decode after a 16-token prompt, and after a
+``--long-context`` prompt (4,000 tokens: its own prompt figure too). Each
 engine runs in a fresh subprocess per run (cold load, its own peak RSS); runs alternate
 between the engines. Figures: median (min-max) over the runs, and candle-phi / llama.cpp.
 Decode ignores end tokens. This is not part of the test suite.
@@ -43,7 +46,9 @@ PHI3_MINI = {
     "intermediate_size": 8192,
     "context_length": 4096,
 }
-PROMPT_SIZES = (128, 512)
+PROMPT_SIZES = "128,512,2048"
+LONG_CONTEXT = 4000
+SHORT_PROMPT = 16
 DECODE_TOKENS = 64
 
 
@@ -61,7 +66,16 @@ def q4_k_m_types(num_layers: int) -> dict[str, str]:
     return types  # everything else: Q4_K
 
 
-WEIGHTS = {"q4_k_m": "Q4_K", "f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+WEIGHTS = {
+    "q4_k_m": "Q4_K",
+    "f16": "F16",
+    "bf16": "BF16",
+    "q8_0": "Q8_0",
+    "q5_1": "Q5_1",
+    "q5_0": "Q5_0",
+    "q4_1": "Q4_1",
+    "q4_0": "Q4_0",
+}
 
 
 def make_model(weights: str = "q4_k_m", layers: int = 32) -> tuple[Path, Path]:
@@ -118,25 +132,35 @@ def prompt_ids(n: int) -> list[int]:
 # --------------------------------------------------------------------------- workers
 
 
-def work_candle(model: Path, tokenizer: Path, threads: int) -> dict[str, float]:
+def work_candle(
+    model: Path, tokenizer: Path, threads: int, sizes: list[int], long_context: int
+) -> dict[str, Any]:
     from candle_phi import Phi3Generator
 
     start = time.perf_counter()
-    gen = Phi3Generator(model, tokenizer=tokenizer, n_threads=threads)
-    result = {"load_s": time.perf_counter() - start}
+    # No prefix reuse: every prompt is computed in full, as llama.cpp's after a reset.
+    gen = Phi3Generator(model, tokenizer=tokenizer, n_threads=threads, prefix_cache_bytes=0)
+    result: dict[str, Any] = {"load_s": time.perf_counter() - start, "kernels": gen.kernels}
     greedy: dict[str, Any] = {"temperature": 0.0, "ignore_eos": True, "repeat_penalty": 1.0}
-    for n in PROMPT_SIZES:
-        stream = gen.generate(prompt_ids(n), max_tokens=1, **greedy)
+
+    def prompt_then_decode(n: int, decode: int) -> tuple[float, float]:
+        """Seconds to the first token of an n-token prompt; tokens/s of `decode` more."""
+        stream = gen.generate(prompt_ids(n), max_tokens=decode + 1, **greedy)
         start = time.perf_counter()
         next(stream)
-        result[f"ttft{n}_s"] = time.perf_counter() - start
-        result[f"pp{n}_tps"] = n / result[f"ttft{n}_s"]
-    stream = gen.generate(prompt_ids(16), max_tokens=DECODE_TOKENS + 1, **greedy)
-    next(stream)  # the first token comes with the prompt
-    start = time.perf_counter()
-    for _ in stream:
-        pass
-    result["decode_tps"] = DECODE_TOKENS / (time.perf_counter() - start)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in stream:
+            pass
+        return ttft, decode / (time.perf_counter() - start) if decode else 0.0
+
+    for n in sizes:
+        ttft, _ = prompt_then_decode(n, 0)
+        result[f"ttft{n}_s"], result[f"pp{n}_tps"] = ttft, n / ttft
+    _, result["decode_tps"] = prompt_then_decode(SHORT_PROMPT, DECODE_TOKENS)
+    if long_context:
+        ttft, result["decode_long_tps"] = prompt_then_decode(long_context, DECODE_TOKENS)
+        result[f"pp{long_context}_tps"] = long_context / ttft
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -157,24 +181,32 @@ def load_llama(model: Path, threads: int, n_ctx: int) -> tuple[Any, float]:
     return llm, time.perf_counter() - start
 
 
-def work_llama(model: Path, tokenizer: Path, threads: int) -> dict[str, float]:
-    llm, load_s = load_llama(model, threads, n_ctx=1024)
-    result = {"load_s": load_s}
-    for n in PROMPT_SIZES:
+def work_llama(
+    model: Path, tokenizer: Path, threads: int, sizes: list[int], long_context: int
+) -> dict[str, Any]:
+    n_ctx = max([*sizes, long_context, SHORT_PROMPT]) + DECODE_TOKENS + 1
+    llm, load_s = load_llama(model, threads, n_ctx=n_ctx)
+    result: dict[str, Any] = {"load_s": load_s, "kernels": "llama.cpp"}
+
+    def prompt_then_decode(n: int, decode: int) -> tuple[float, float]:
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt_ids(n))
-        int(np.argmax(llm.scores[llm.n_tokens - 1]))  # the first token, as TTFT counts it
-        result[f"ttft{n}_s"] = time.perf_counter() - start
-        result[f"pp{n}_tps"] = n / result[f"ttft{n}_s"]
-    llm.reset()
-    llm.eval(prompt_ids(16))
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    start = time.perf_counter()
-    for _ in range(DECODE_TOKENS):
-        llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    result["decode_tps"] = DECODE_TOKENS / (time.perf_counter() - start)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # the first, as TTFT counts it
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(decode):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return ttft, decode / (time.perf_counter() - start) if decode else 0.0
+
+    for n in sizes:
+        ttft, _ = prompt_then_decode(n, 0)
+        result[f"ttft{n}_s"], result[f"pp{n}_tps"] = ttft, n / ttft
+    _, result["decode_tps"] = prompt_then_decode(SHORT_PROMPT, DECODE_TOKENS)
+    if long_context:
+        ttft, result["decode_long_tps"] = prompt_then_decode(long_context, DECODE_TOKENS)
+        result[f"pp{long_context}_tps"] = long_context / ttft
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
@@ -183,13 +215,14 @@ WORKERS = {"candle-phi": work_candle, "llama.cpp": work_llama}
 
 
 def run_worker(
-    engine: str, model: Path, tokenizer: Path, threads: int, kernels: str | None = None
-) -> dict[str, float]:
+    engine: str, model: Path, tokenizer: Path, args: argparse.Namespace, kernels: str = ""
+) -> dict[str, Any]:
     env = dict(os.environ)
     if kernels:
         env["CANDLE_PHI_KERNELS"] = kernels
     command = [sys.executable, __file__, "--worker", engine, "--model", str(model)]
-    command += ["--tokenizer", str(tokenizer), "--threads", str(threads)]
+    command += ["--tokenizer", str(tokenizer), "--threads", str(args.threads)]
+    command += ["--prompts", args.prompts, "--long-context", str(args.long_context)]
     return run_json(command, env=env)
 
 
@@ -252,14 +285,28 @@ def run_rust_loop(model: Path, tokenizer: Path, threads: int) -> float:
 
 # --------------------------------------------------------------------------- report
 
-METRICS = [
-    ("load_s", "load time (s)", False),
-    ("pp128_tps", "prompt 128 tokens (tokens/s)", True),
-    ("pp512_tps", "prompt 512 tokens (tokens/s)", True),
-    ("ttft128_s", "time to first token, 128-token prompt (s)", False),
-    ("decode_tps", f"decode, {DECODE_TOKENS} tokens (tokens/s)", True),
-    ("peak_rss_mb", "peak RSS (MiB)", False),
-]
+
+def metrics(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(result key, label) of each reported figure."""
+    sizes = prompt_sizes(args.prompts)
+    rows = [("load_s", "load time (s)")]
+    rows += [(f"pp{n}_tps", f"prompt {n} tokens (tokens/s)") for n in sizes]
+    if args.long_context:
+        n = args.long_context
+        rows.append((f"pp{n}_tps", f"prompt {n} tokens (tokens/s)"))
+    if sizes:
+        rows.append((f"ttft{sizes[0]}_s", f"time to first token, {sizes[0]}-token prompt (s)"))
+    rows.append(("decode_tps", f"decode {DECODE_TOKENS} after {SHORT_PROMPT} tokens (tokens/s)"))
+    if args.long_context:
+        rows.append(
+            ("decode_long_tps", f"decode {DECODE_TOKENS} after {args.long_context} (tokens/s)")
+        )
+    rows.append(("peak_rss_mb", "peak RSS (MiB)"))
+    return rows
+
+
+def prompt_sizes(text: str) -> list[int]:
+    return [int(n) for n in text.split(",") if n.strip()]
 
 
 def summary(values: list[float]) -> str:
@@ -280,13 +327,14 @@ def machine() -> str:
 
 
 def kernel_table(
-    variants: list[str], model: Path, tokenizer: Path, threads: int, runs: int
+    variants: list[str], model: Path, tokenizer: Path, args: argparse.Namespace
 ) -> list[str]:
     """candle-phi with each matmul kernel variant, runs interleaved, ratios to the first."""
-    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    runs = args.runs
+    results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for run in range(runs):
         for variant in variants if run % 2 == 0 else variants[::-1]:
-            results[variant].append(run_worker("candle-phi", model, tokenizer, threads, variant))
+            results[variant].append(run_worker("candle-phi", model, tokenizer, args, variant))
             print(
                 f"run {run + 1}/{runs} kernels={variant}: {results[variant][-1]}", file=sys.stderr
             )
@@ -297,8 +345,9 @@ def kernel_table(
         "",
         "| metric | " + " | ".join(variants) + " |",
         "| --- |" + " --- |" * len(variants),
+        "| kernels that ran | " + " | ".join(results[v][0]["kernels"] for v in variants) + " |",
     ]
-    for key, label, _ in METRICS:
+    for key, label in metrics(args):
         base = statistics.median(r[key] for r in results[first])
         cells = []
         for v in variants:
@@ -317,6 +366,15 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=32, help="Phi-3-mini has 32")
     parser.add_argument("--rust-loop", action="store_true", help="also time a pure-Rust decode")
     parser.add_argument(
+        "--prompts", default=PROMPT_SIZES, help=f"prompt sizes (default {PROMPT_SIZES})"
+    )
+    parser.add_argument(
+        "--long-context",
+        type=int,
+        default=LONG_CONTEXT,
+        help=f"decode after a prompt this long (default {LONG_CONTEXT}; 0: not)",
+    )
+    parser.add_argument(
         "--kernels",
         help="also compare candle-phi's matmul kernels, e.g. avx-vnni,avx2,candle "
         "(CANDLE_PHI_KERNELS; 'candle' is Candle's own QMatMul)",
@@ -326,16 +384,18 @@ def main() -> int:
     parser.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](args.model, args.tokenizer, args.threads)))
+        work = WORKERS[args.worker]
+        sizes = prompt_sizes(args.prompts)
+        print(json.dumps(work(args.model, args.tokenizer, args.threads, sizes, args.long_context)))
         return 0
 
     model, tokenizer = make_model(args.weights, args.layers)
     read_through(model)  # both engines memory-map the file: neither pays the disk
     engines = ["candle-phi"] if args.skip_llama else ["candle-phi", "llama.cpp"]
-    results: dict[str, list[dict[str, float]]] = {e: [] for e in engines}
+    results: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
     for run in range(args.runs):
         for engine in engines if run % 2 == 0 else engines[::-1]:
-            results[engine].append(run_worker(engine, model, tokenizer, args.threads))
+            results[engine].append(run_worker(engine, model, tokenizer, args))
             print(f"run {run + 1}/{args.runs} {engine}: {results[engine][-1]}", file=sys.stderr)
 
     size = model.stat().st_size
@@ -346,38 +406,49 @@ def main() -> int:
         f"model {size / 2**30:.2f} GiB (Phi-3-mini shapes, {args.layers} layers, "
         f"{args.weights}, random weights).",
         "",
+        f"candle-phi's kernels: {results['candle-phi'][0]['kernels']}.",
+        "",
         "| metric | candle-phi | llama.cpp | candle-phi / llama.cpp |",
         "| --- | --- | --- | --- |",
     ]
-    for key, label, _ in METRICS:
+    for key, label in metrics(args):
         ours = [r[key] for r in results["candle-phi"]]
         theirs = [r[key] for r in results.get("llama.cpp", [])]
         ratio = f"{statistics.median(ours) / statistics.median(theirs):.2f}" if theirs else "-"
         lines.append(
             f"| {label} | {summary(ours)} | {summary(theirs) if theirs else '-'} | {ratio} |"
         )
-    kv_mb = 2 * args.layers * 32 * 96 * 2 * (512 + 1) / 2**20  # the default f16 cache
+    # The default f16 cache: keys and values of 32 heads x 96 per layer, 2 bytes each.
+    kv_per_token = 2 * args.layers * 32 * 96 * 2
+    context = max([*prompt_sizes(args.prompts), args.long_context]) + DECODE_TOKENS + 1
+    kv_mb = kv_per_token * context / 2**20
     lines += [
         "",
         f"Decode bound from memory bandwidth: {per_token / 2**20:.0f} MiB of weights read per "
         f"token / {bandwidth / 2**30:.1f} GiB/s ({args.threads}-thread read of a 1 GiB buffer) = "
         f"{bandwidth / per_token:.2f} tokens/s. RSS budget (issue target): GGUF "
-        f"{size / 2**20:.0f} MiB x 1.15 + KV cache of the 513-token prompt {kv_mb:.0f} MiB = "
-        f"{size / 2**20 * 1.15 + kv_mb:.0f} MiB.",
+        f"{size / 2**20:.0f} MiB x 1.10 + KV cache of the {context}-token context "
+        f"{kv_mb:.0f} MiB = {size / 2**20 * 1.10 + kv_mb:.0f} MiB.",
     ]
+    if args.long_context:
+        read = per_token + kv_per_token * args.long_context
+        lines.append(
+            f"Decode after {args.long_context} tokens also reads their keys and values (f16): "
+            f"{read / 2**20:.0f} MiB a token, a bound of {bandwidth / read:.2f} tokens/s."
+        )
     if args.rust_loop:
         # Interleaved with Python runs of the same decode, so both see the same conditions.
         rust, python = [], []
         for _ in range(args.runs):
             rust.append(run_rust_loop(model, tokenizer, args.threads))
-            python.append(run_worker("candle-phi", model, tokenizer, args.threads)["decode_tps"])
+            python.append(run_worker("candle-phi", model, tokenizer, args)["decode_tps"])
         r, p = statistics.median(rust), statistics.median(python)
         lines.append(
             f"Python iterator vs pure-Rust loop (decode, {args.runs} interleaved runs each): "
             f"{summary(python)} vs {summary(rust)} tokens/s, {(1 - p / r) * 100:+.1f}% cost."
         )
     if args.kernels:
-        lines += kernel_table(args.kernels.split(","), model, tokenizer, args.threads, args.runs)
+        lines += kernel_table(args.kernels.split(","), model, tokenizer, args)
     report = "\n".join(lines)
     print(report)
     (OUT / "latest.md").write_text(report + "\n")

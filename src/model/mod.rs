@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub use config::Phi3Config;
-pub use kv_cache::KvCacheType;
+pub use kv_cache::{KvCacheType, PAGE};
 pub use pass::{forward as forward_batch, Output, Segment};
 pub use phi3::{Phi3Model, Phi3Weights, TensorSource, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT};
 pub use rope::RopeFactors;

@@ -185,7 +185,6 @@ impl Phi3Model {
                     config.num_kv_heads,
                     config.head_dim,
                     span.min(config.context_length),
-                    config.context_length,
                 )
             })
             .collect();

@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use candle_phi::model::PAGE;
 use candle_phi::model::{
     Phi3Config, Phi3Model, Phi3Weights, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT,
 };
@@ -198,33 +199,25 @@ fn kv_cache_grows_with_use_up_to_the_context() {
     }
 }
 
+/// Pages of `PAGE` tokens are added as the sequence grows: what it holds is what it has
+/// seen, rounded up to a page, up to the context.
 fn kv_cache_grows(kind: KvCacheType) {
-    let short = config();
-    let per_token = short.kv_bytes_per_token(kind);
-    let mut m = model_with_cache(short.clone(), GgmlDType::Q8_0, kind);
-    assert_eq!((m.kv_cache_bytes(), m.kv_capacity()), (0, 0));
-    m.forward(&tokens(10, short.vocab_size)).unwrap();
-    assert_eq!(m.kv_capacity(), 256); // the first allocation
-    assert_eq!(m.kv_cache_bytes(), 256 * per_token);
-    m.forward(&tokens(250, short.vocab_size)).unwrap();
-    assert_eq!(m.kv_capacity(), short.context_length); // doubling stops at the context
-
+    let pages = |tokens: usize| tokens.div_ceil(PAGE) * PAGE;
     let long = Phi3Config {
         context_length: 3000,
         ..config()
     };
+    let per_token = long.kv_bytes_per_token(kind);
     let mut m = model_with_cache(long.clone(), GgmlDType::Q8_0, kind);
-    m.forward(&tokens(10, long.vocab_size)).unwrap();
-    assert_eq!(m.kv_capacity(), 256);
-    m.forward(&tokens(300, long.vocab_size)).unwrap();
-    assert_eq!(m.kv_capacity(), 512);
-    m.forward(&tokens(800, long.vocab_size)).unwrap();
-    assert_eq!(m.kv_capacity(), 1110); // a chunk larger than double: just what it needs
-    m.forward(&tokens(1000, long.vocab_size)).unwrap();
-    assert_eq!(m.kv_capacity(), 2220);
-    m.forward(&tokens(890, long.vocab_size)).unwrap(); // 3000 tokens: the context is full
-    assert_eq!(m.kv_capacity(), 3000); // doubling stops at the context
-    assert_eq!(m.kv_cache_bytes(), 3000 * per_token);
+    assert_eq!((m.kv_cache_bytes(), m.kv_capacity()), (0, 0));
+    let mut seen = 0;
+    for chunk in [10, 300, 800, 1000, 890] {
+        m.forward(&tokens(chunk, long.vocab_size)).unwrap();
+        seen += chunk;
+        assert_eq!(m.kv_capacity(), pages(seen), "{kind:?} after {seen}");
+        assert_eq!(m.kv_cache_bytes(), pages(seen) * per_token);
+    }
+    assert_eq!(seen, long.context_length); // the context is full
     let err = m.forward(&[1]).unwrap_err().to_string();
     assert!(err.contains("context length"), "{err}");
 }

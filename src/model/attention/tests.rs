@@ -20,7 +20,7 @@ fn tensor(data: &[f32], heads: usize, n: usize, d: usize) -> Tensor {
 /// A cache of `kind` holding `keys` and `values`, (kv_heads, n, d) each.
 fn cache(kind: KvCacheType, kv_heads: usize, d: usize, keys: &[f32], values: &[f32]) -> KvCache {
     let n = keys.len() / (kv_heads * d);
-    let mut cache = KvCache::new(kind, kv_heads, d, n, n);
+    let mut cache = KvCache::new(kind, kv_heads, d, n);
     cache
         .append(
             &tensor(keys, kv_heads, n, d),

@@ -1,18 +1,24 @@
 //! A key/value cache that grows with use, so a stream costs memory for the tokens it has
 //! seen rather than for the whole context window up front, stored compactly: f16 by
 //! default (half of f32's bytes; llama.cpp's default too), 8-bit blocks, or f32.
+//!
+//! Rows live in pages of `PAGE` tokens: growing adds pages, so nothing is ever copied or
+//! held twice (a buffer that doubled held its old and new copy at once: half as much KV
+//! again at the peak), and a forked sequence (a conversation's next turn, through prefix
+//! reuse) shares its prefix's pages, copying one only when it writes into it.
 
 mod element;
+
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, Result, Storage, Tensor};
 
 pub use element::{Element, F16, F32, Q8};
 
-/// First allocation, in tokens (or the whole room if shorter); growth then doubles, up to
-/// the context length, so a sequence copies O(log n) times however often it is continued
-/// (a chat's next turn, through prefix reuse), and holds at most twice what it uses.
-/// Small, because allocated memory is memory: the allocator zeroes buffers it reuses.
-const FIRST_CAPACITY: usize = 256;
+/// Tokens per page: a prompt chunk's worth. At most one page per layer is unused (24 MiB
+/// for Phi-3-mini's 32 layers in f16); each head's rows in a page are contiguous (12 KiB
+/// for Phi-3-mini in f16), long enough runs for the hardware prefetchers.
+pub const PAGE: usize = 64;
 
 /// How the cache stores keys and values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,11 +56,15 @@ impl KvCacheType {
     }
 }
 
-/// Keys and values of every head, in one format: head-major, `(kv_heads, capacity)` rows of
-/// `E::units(head_dim)` units, so a head's rows are one contiguous run that attention streams.
+/// `PAGE` tokens of every head, head-major: `(kv_heads, PAGE)` rows of `E::units(head_dim)`
+/// units, so a head's rows in the page are one contiguous run that attention streams.
+/// Shared between the sequences forked from one prefix until one writes into it.
+type Page<E> = Arc<Vec<<E as Element>::Unit>>;
+
+/// Keys and values of every head, in one format, page by page.
 pub struct Buffers<E: Element> {
-    keys: Vec<E::Unit>,
-    values: Vec<E::Unit>,
+    keys: Vec<Page<E>>,
+    values: Vec<Page<E>>,
 }
 
 impl<E: Element> std::fmt::Debug for Buffers<E> {
@@ -62,9 +72,8 @@ impl<E: Element> std::fmt::Debug for Buffers<E> {
         // The sizes, not megabytes of numbers.
         write!(
             f,
-            "Buffers({} + {} units)",
-            self.keys.len(),
-            self.values.len()
+            "Buffers({} pages of keys and of values)",
+            self.keys.len()
         )
     }
 }
@@ -85,9 +94,7 @@ pub enum Rows<'a> {
 
 /// Every head's keys (or values) in one format.
 pub struct HeadRows<'a, E: Element> {
-    data: &'a [E::Unit],
-    /// Rows per head.
-    capacity: usize,
+    pages: &'a [Page<E>],
     head_dim: usize,
 }
 
@@ -108,8 +115,8 @@ impl<'a, E: Element> HeadRows<'a, E> {
     #[inline(always)]
     pub fn row(&self, h: usize, j: usize) -> &'a [E::Unit] {
         let units = E::units(self.head_dim);
-        let at = (h * self.capacity + j) * units;
-        &self.data[at..at + units]
+        let at = (h * PAGE + j % PAGE) * units;
+        &self.pages[j / PAGE][at..at + units]
     }
 }
 
@@ -119,32 +126,20 @@ pub struct KvCache {
     kv_heads: usize,
     head_dim: usize,
     store: Store,
-    /// Rows allocated per head; rows past `len` are unused.
-    capacity: usize,
     len: usize,
     /// The most tokens the current request may hold.
     max_len: usize,
-    /// The most tokens a buffer is ever sized for (the context length).
-    room: usize,
 }
 
 impl KvCache {
-    pub fn new(
-        kind: KvCacheType,
-        kv_heads: usize,
-        head_dim: usize,
-        max_len: usize,
-        room: usize,
-    ) -> Self {
+    pub fn new(kind: KvCacheType, kv_heads: usize, head_dim: usize, max_len: usize) -> Self {
         Self {
             kind,
             kv_heads,
             head_dim,
             store: Store::empty(kind),
-            capacity: 0,
             len: 0,
             max_len,
-            room: room.max(max_len),
         }
     }
 
@@ -160,38 +155,28 @@ impl KvCache {
     /// Lets the cache grow to `max_len` tokens (a reused cache serves a new request).
     pub fn set_max_len(&mut self, max_len: usize) {
         self.max_len = max_len;
-        self.room = self.room.max(max_len);
     }
 
-    /// A cache of its own holding a copy of the first `len` tokens, sized to them.
+    /// A cache of its own holding the first `len` tokens: it shares their pages until
+    /// either side writes into one.
     pub fn copy_prefix(&self, len: usize, max_len: usize) -> Self {
         let len = len.min(self.len);
-        let mut copy = Self {
-            store: Store::empty(self.kind),
-            capacity: 0,
-            len: 0,
+        Self {
+            store: self.store.first_pages(len.div_ceil(PAGE)),
+            len,
             max_len,
-            room: self.room.max(max_len),
             ..*self
-        };
-        if len > 0 {
-            copy.store = self
-                .store
-                .resized(self.kv_heads, self.capacity, len, len, self.head_dim);
-            copy.capacity = len;
-            copy.len = len;
         }
-        copy
     }
 
-    /// Tokens the buffers are sized for now.
+    /// Tokens the pages hold room for; rows past `len` are unused.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.store.pages() * PAGE
     }
 
-    /// Bytes allocated for keys and values.
+    /// Bytes of the pages this cache holds (shared ones too).
     pub fn bytes(&self) -> usize {
-        2 * self.kv_heads * self.capacity * self.kind.row_bytes(self.head_dim)
+        2 * self.kv_heads * self.capacity() * self.kind.row_bytes(self.head_dim)
     }
 
     /// Appends keys and values of shape (1, kv_heads, seq, head_dim), f32, any strides.
@@ -212,27 +197,11 @@ impl KvCache {
                 self.max_len
             )
         }
-        if needed > self.capacity {
-            let capacity = needed
-                .max(2 * self.capacity)
-                .max(FIRST_CAPACITY)
-                .min(self.room);
-            self.store = self.store.resized(
-                self.kv_heads,
-                self.capacity,
-                self.len,
-                capacity,
-                self.head_dim,
-            );
-            self.capacity = capacity;
-        }
-        let (kv_heads, capacity, len, d) = (self.kv_heads, self.capacity, self.len, self.head_dim);
         let place = Placement {
-            kv_heads,
-            capacity,
-            len,
+            kv_heads: self.kv_heads,
+            len: self.len,
             seq,
-            d,
+            d: self.head_dim,
         };
         match &mut self.store {
             Store::F32(b) => b.write(&place, k, v)?,
@@ -249,9 +218,8 @@ impl KvCache {
             b: &'a Buffers<E>,
             c: &KvCache,
         ) -> (HeadRows<'a, E>, HeadRows<'a, E>) {
-            let rows = |data| HeadRows {
-                data,
-                capacity: c.capacity,
+            let rows = |pages| HeadRows {
+                pages,
                 head_dim: c.head_dim,
             };
             (rows(&b.keys), rows(&b.values))
@@ -277,10 +245,9 @@ impl KvCache {
     }
 }
 
-/// Where an append's rows go.
+/// Where an append's rows go: positions `len..len + seq`.
 struct Placement {
     kv_heads: usize,
-    capacity: usize,
     len: usize,
     seq: usize,
     d: usize,
@@ -295,12 +262,20 @@ impl Store {
         }
     }
 
-    /// The first `len` rows of each head in buffers of `capacity` rows.
-    fn resized(&self, heads: usize, old: usize, len: usize, capacity: usize, d: usize) -> Self {
+    fn pages(&self) -> usize {
         match self {
-            Self::F32(b) => Self::F32(b.resized(heads, old, len, capacity, d)),
-            Self::F16(b) => Self::F16(b.resized(heads, old, len, capacity, d)),
-            Self::Q8(b) => Self::Q8(b.resized(heads, old, len, capacity, d)),
+            Self::F32(b) => b.keys.len(),
+            Self::F16(b) => b.keys.len(),
+            Self::Q8(b) => b.keys.len(),
+        }
+    }
+
+    /// The first `count` pages, shared.
+    fn first_pages(&self, count: usize) -> Self {
+        match self {
+            Self::F32(b) => Self::F32(b.first_pages(count)),
+            Self::F16(b) => Self::F16(b.first_pages(count)),
+            Self::Q8(b) => Self::Q8(b.first_pages(count)),
         }
     }
 }
@@ -313,25 +288,23 @@ impl<E: Element> Buffers<E> {
         }
     }
 
-    fn resized(&self, heads: usize, old: usize, len: usize, capacity: usize, d: usize) -> Self {
-        let units = E::units(d);
-        let copy = |from: &[E::Unit]| {
-            // Zeroed (the allocator's fresh pages for u8/u16/f32); only held rows are copied.
-            let mut to = vec![E::Unit::default(); heads * capacity * units];
-            for h in 0..heads {
-                let rows = len * units;
-                to[h * capacity * units..][..rows]
-                    .copy_from_slice(&from[h * old * units..][..rows]);
-            }
-            to
-        };
+    fn first_pages(&self, count: usize) -> Self {
+        let count = count.min(self.keys.len());
         Self {
-            keys: copy(&self.keys),
-            values: copy(&self.values),
+            keys: self.keys[..count].to_vec(),
+            values: self.values[..count].to_vec(),
         }
     }
 
     fn write(&mut self, at: &Placement, k: &Tensor, v: &Tensor) -> Result<()> {
+        let units = E::units(at.d);
+        let pages = (at.len + at.seq).div_ceil(PAGE);
+        for buffer in [&mut self.keys, &mut self.values] {
+            // Zeroed: the allocator's fresh pages for u8/u16/f32.
+            buffer.resize_with(pages.max(buffer.len()), || {
+                Arc::new(vec![E::Unit::default(); at.kv_heads * PAGE * units])
+            });
+        }
         for (buffer, tensor) in [(&mut self.keys, k), (&mut self.values, v)] {
             let (storage, layout) = tensor.storage_and_layout();
             let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
@@ -341,17 +314,24 @@ impl<E: Element> Buffers<E> {
                 candle_core::bail!("KV cache: keys and values must have 4 dimensions")
             };
             let start = layout.start_offset();
-            let units = E::units(at.d);
             let mut row = vec![0f32; at.d];
-            for h in 0..at.kv_heads {
-                for n in 0..at.seq {
-                    let first = start + h * sh + n * sn;
-                    for (c, x) in row.iter_mut().enumerate() {
-                        *x = data[first + c * sd];
+            let (mut first, last) = (at.len, at.len + at.seq);
+            while first < last {
+                // The positions in this page; a page still shared with another sequence is
+                // copied first (once: the copy is this cache's own).
+                let end = ((first / PAGE + 1) * PAGE).min(last);
+                let page = Arc::make_mut(&mut buffer[first / PAGE]);
+                for h in 0..at.kv_heads {
+                    for pos in first..end {
+                        let from = start + h * sh + (pos - at.len) * sn;
+                        for (c, x) in row.iter_mut().enumerate() {
+                            *x = data[from + c * sd];
+                        }
+                        let to = (h * PAGE + pos % PAGE) * units;
+                        E::encode(&row, &mut page[to..to + units]);
                     }
-                    let to = (h * at.capacity + at.len + n) * units;
-                    E::encode(&row, &mut buffer[to..to + units]);
                 }
+                first = end;
             }
         }
         Ok(())
@@ -380,43 +360,102 @@ mod tests {
         out
     }
 
+    fn value(cache: &KvCache, h: usize, j: usize) -> Vec<f32> {
+        let mut out = vec![0f32; cache.head_dim];
+        match cache.rows() {
+            Rows::F32(_, v) => F32::decode(v.row(h, j), &mut out),
+            Rows::F16(_, v) => F16::decode(v.row(h, j), &mut out),
+            Rows::Q8(_, v) => Q8::decode(v.row(h, j), &mut out),
+        }
+        out
+    }
+
     #[test]
     fn appends_grow_and_keep_every_row() {
         for kind in KvCacheType::ALL {
             let (heads, d) = (2, 40);
-            let mut cache = KvCache::new(kind, heads, d, 600, 600);
-            // A prompt, then decode steps past the first capacity (a growth copies rows).
+            let mut cache = KvCache::new(kind, heads, d, 600);
+            // A prompt, then decode steps into a new page.
             let first = tensor(heads, 250, d, 0.0);
             cache.append(&first, &first).unwrap();
+            assert_eq!((cache.len(), cache.capacity()), (250, 4 * PAGE), "{kind:?}");
             let steps: Vec<Tensor> = (0..10)
                 .map(|i| tensor(heads, 1, d, 1e4 + i as f32))
                 .collect();
             for step in &steps {
                 cache.append(step, step).unwrap();
             }
-            assert_eq!((cache.len(), cache.capacity()), (260, 512), "{kind:?}");
-            assert_eq!(cache.bytes(), 2 * heads * 512 * kind.row_bytes(d));
-            let tolerance = match kind {
-                KvCacheType::F32 => 0.0,
-                KvCacheType::F16 => 1e-3,
-                KvCacheType::Q8_0 => 1e-2,
-            };
-            let check = |cache: &KvCache, h: usize, j: usize, want: &Tensor, n: usize| {
-                let want = want.narrow(1, h, 1).unwrap().narrow(2, n, 1).unwrap();
-                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                for (a, b) in key(cache, h, j).iter().zip(&want) {
-                    assert!((a - b).abs() <= tolerance, "{kind:?} {h} {j}: {a} vs {b}");
-                }
-            };
+            assert_eq!((cache.len(), cache.capacity()), (260, 5 * PAGE), "{kind:?}");
+            assert_eq!(cache.bytes(), 2 * heads * 5 * PAGE * kind.row_bytes(d));
             for h in 0..heads {
                 check(&cache, h, 7, &first, 7);
+                check(&cache, h, 249, &first, 249);
                 check(&cache, h, 255, &steps[5], 0);
+                check(&cache, h, 256, &steps[6], 0);
             }
             let copy = cache.copy_prefix(256, 600);
-            assert_eq!((copy.len(), copy.capacity()), (256, 256));
+            assert_eq!((copy.len(), copy.capacity()), (256, 4 * PAGE));
             check(&copy, 1, 249, &first, 249);
             check(&copy, 1, 255, &steps[5], 0);
         }
+    }
+
+    /// The row `cache` holds for head `h` at `j` is `want`'s head `h`, position `n`.
+    fn check(cache: &KvCache, h: usize, j: usize, want: &Tensor, n: usize) {
+        let tolerance = match cache.kind {
+            KvCacheType::F32 => 0.0,
+            KvCacheType::F16 => 1e-3,
+            KvCacheType::Q8_0 => 1e-2,
+        };
+        let want = want.narrow(1, h, 1).unwrap().narrow(2, n, 1).unwrap();
+        let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (which, got) in [("key", key(cache, h, j)), ("value", value(cache, h, j))] {
+            for (a, b) in got.iter().zip(&want) {
+                let kind = cache.kind;
+                assert!(
+                    (a - b).abs() <= tolerance,
+                    "{kind:?} {which} {h} {j}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn forks_share_pages_until_one_writes() {
+        let (heads, d) = (2, 16);
+        let mut original = KvCache::new(KvCacheType::F32, heads, d, 300);
+        let prompt = tensor(heads, 150, d, 0.0);
+        original.append(&prompt, &prompt).unwrap();
+        // A fork of the first 100 tokens shares pages 0 and 1 (page 1 holds 64..128).
+        let mut fork = original.copy_prefix(100, 300);
+        let Store::F32(ours) = &original.store else {
+            unreachable!()
+        };
+        let Store::F32(theirs) = &fork.store else {
+            unreachable!()
+        };
+        assert_eq!(theirs.keys.len(), 2);
+        assert!(Arc::ptr_eq(&ours.keys[0], &theirs.keys[0]));
+        assert!(Arc::ptr_eq(&ours.values[1], &theirs.values[1]));
+        // The fork writes other tokens at 100..110: it copies page 1 and leaves the
+        // original's rows as they were; page 0 stays shared.
+        let other = tensor(heads, 10, d, 5e3);
+        fork.append(&other, &other).unwrap();
+        for h in 0..heads {
+            check(&fork, h, 99, &prompt, 99);
+            check(&fork, h, 105, &other, 5);
+            check(&original, h, 105, &prompt, 105);
+        }
+        let (Store::F32(ours), Store::F32(theirs)) = (&original.store, &fork.store) else {
+            unreachable!()
+        };
+        assert!(Arc::ptr_eq(&ours.keys[0], &theirs.keys[0]));
+        assert!(!Arc::ptr_eq(&ours.keys[1], &theirs.keys[1]));
+        // The original, truncated and continued, writes into its own page 1 alone too.
+        original.truncate(100);
+        original.append(&other, &other).unwrap();
+        check(&original, 0, 101, &other, 1);
+        check(&fork, 0, 101, &other, 1);
     }
 
     #[test]
@@ -425,7 +464,7 @@ mod tests {
         let qkv = tensor(1, 3, 2 * 8, 0.0).squeeze(0).unwrap(); // (1, 3, 16): seq 3, 2 heads
         let v = qkv.reshape((1, 3, 2, 8)).unwrap().transpose(1, 2).unwrap();
         assert!(!v.is_contiguous());
-        let mut cache = KvCache::new(KvCacheType::F32, 2, 8, 8, 8);
+        let mut cache = KvCache::new(KvCacheType::F32, 2, 8, 8);
         cache.append(&v, &v).unwrap();
         let want = v.contiguous().unwrap();
         let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -434,7 +473,7 @@ mod tests {
 
     #[test]
     fn a_full_cache_refuses_more() {
-        let mut cache = KvCache::new(KvCacheType::F16, 1, 8, 2, 2);
+        let mut cache = KvCache::new(KvCacheType::F16, 1, 8, 2);
         let three = tensor(1, 3, 8, 0.0);
         assert!(cache.append(&three, &three).is_err());
         assert_eq!(cache.len(), 0);
