@@ -5,12 +5,14 @@
 
 use half::f16;
 
+use super::page::Plain;
+
 /// Values per scale in the 8-bit rows.
 pub const Q8_BLOCK: usize = 32;
 
 /// A row format: `units(d)` storage units hold one row of `d` values.
 pub trait Element: Send + Sync + 'static {
-    type Unit: Copy + Default + Send + Sync;
+    type Unit: Plain;
 
     /// Storage units per row of `d` values.
     fn units(d: usize) -> usize;

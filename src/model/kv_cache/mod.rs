@@ -8,17 +8,21 @@
 //! reuse) shares its prefix's pages, copying one only when it writes into it.
 
 mod element;
+mod page;
 
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, Result, Storage, Tensor};
 
 pub use element::{Element, F16, F32, Q8};
+use page::Page;
 
-/// Tokens per page: a prompt chunk's worth. At most one page per layer is unused (24 MiB
-/// for Phi-3-mini's 32 layers in f16); each head's rows in a page are contiguous (12 KiB
-/// for Phi-3-mini in f16), long enough runs for the hardware prefetchers.
-pub const PAGE: usize = 64;
+/// Tokens per page. Each head's rows in a page are contiguous (48 KiB for Phi-3-mini in
+/// f16), long runs for the hardware prefetchers, and the rows not yet written in a page
+/// cost no memory (the kernel maps memory in as it is written). Pages are mappings of
+/// their own: a full 4k context of Phi-3-mini is 1,024 of them, far below the kernel's
+/// 65,530 per process (`vm.max_map_count`), with many sequences alive.
+pub const PAGE: usize = 256;
 
 /// How the cache stores keys and values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -59,12 +63,12 @@ impl KvCacheType {
 /// `PAGE` tokens of every head, head-major: `(kv_heads, PAGE)` rows of `E::units(head_dim)`
 /// units, so a head's rows in the page are one contiguous run that attention streams.
 /// Shared between the sequences forked from one prefix until one writes into it.
-type Page<E> = Arc<Vec<<E as Element>::Unit>>;
+type SharedPage<E> = Arc<Page<<E as Element>::Unit>>;
 
 /// Keys and values of every head, in one format, page by page.
 pub struct Buffers<E: Element> {
-    keys: Vec<Page<E>>,
-    values: Vec<Page<E>>,
+    keys: Vec<SharedPage<E>>,
+    values: Vec<SharedPage<E>>,
 }
 
 impl<E: Element> std::fmt::Debug for Buffers<E> {
@@ -94,7 +98,7 @@ pub enum Rows<'a> {
 
 /// Every head's keys (or values) in one format.
 pub struct HeadRows<'a, E: Element> {
-    pages: &'a [Page<E>],
+    pages: &'a [SharedPage<E>],
     head_dim: usize,
 }
 
@@ -116,7 +120,7 @@ impl<'a, E: Element> HeadRows<'a, E> {
     pub fn row(&self, h: usize, j: usize) -> &'a [E::Unit] {
         let units = E::units(self.head_dim);
         let at = (h * PAGE + j % PAGE) * units;
-        &self.pages[j / PAGE][at..at + units]
+        &self.pages[j / PAGE].units()[at..at + units]
     }
 }
 
@@ -299,11 +303,14 @@ impl<E: Element> Buffers<E> {
     fn write(&mut self, at: &Placement, k: &Tensor, v: &Tensor) -> Result<()> {
         let units = E::units(at.d);
         let pages = (at.len + at.seq).div_ceil(PAGE);
+        let no_memory = |e: std::io::Error| {
+            candle_core::Error::Msg(format!("no memory for the KV cache's next page: {e}"))
+        };
         for buffer in [&mut self.keys, &mut self.values] {
-            // Zeroed: the allocator's fresh pages for u8/u16/f32.
-            buffer.resize_with(pages.max(buffer.len()), || {
-                Arc::new(vec![E::Unit::default(); at.kv_heads * PAGE * units])
-            });
+            while buffer.len() < pages {
+                let page = Page::zeroed(at.kv_heads * PAGE * units).map_err(no_memory)?;
+                buffer.push(Arc::new(page));
+            }
         }
         for (buffer, tensor) in [(&mut self.keys, k), (&mut self.values, v)] {
             let (storage, layout) = tensor.storage_and_layout();
@@ -320,7 +327,13 @@ impl<E: Element> Buffers<E> {
                 // The positions in this page; a page still shared with another sequence is
                 // copied first (once: the copy is this cache's own).
                 let end = ((first / PAGE + 1) * PAGE).min(last);
-                let page = Arc::make_mut(&mut buffer[first / PAGE]);
+                let shared = &mut buffer[first / PAGE];
+                if Arc::get_mut(shared).is_none() {
+                    *shared = Arc::new(shared.try_clone().map_err(no_memory)?);
+                }
+                let page = Arc::get_mut(shared)
+                    .expect("a page of its own: just copied")
+                    .units_mut();
                 for h in 0..at.kv_heads {
                     for pos in first..end {
                         let from = start + h * sh + (pos - at.len) * sn;
@@ -374,29 +387,29 @@ mod tests {
     fn appends_grow_and_keep_every_row() {
         for kind in KvCacheType::ALL {
             let (heads, d) = (2, 40);
-            let mut cache = KvCache::new(kind, heads, d, 600);
+            let mut cache = KvCache::new(kind, heads, d, 6 * PAGE);
             // A prompt, then decode steps into a new page.
-            let first = tensor(heads, 250, d, 0.0);
+            let first = tensor(heads, 4 * PAGE - 6, d, 0.0);
             cache.append(&first, &first).unwrap();
-            assert_eq!((cache.len(), cache.capacity()), (250, 4 * PAGE), "{kind:?}");
+            assert_eq!(cache.capacity(), 4 * PAGE, "{kind:?}");
             let steps: Vec<Tensor> = (0..10)
                 .map(|i| tensor(heads, 1, d, 1e4 + i as f32))
                 .collect();
             for step in &steps {
                 cache.append(step, step).unwrap();
             }
-            assert_eq!((cache.len(), cache.capacity()), (260, 5 * PAGE), "{kind:?}");
+            assert_eq!((cache.len(), cache.capacity()), (4 * PAGE + 4, 5 * PAGE));
             assert_eq!(cache.bytes(), 2 * heads * 5 * PAGE * kind.row_bytes(d));
             for h in 0..heads {
                 check(&cache, h, 7, &first, 7);
-                check(&cache, h, 249, &first, 249);
-                check(&cache, h, 255, &steps[5], 0);
-                check(&cache, h, 256, &steps[6], 0);
+                check(&cache, h, 4 * PAGE - 7, &first, 4 * PAGE - 7);
+                check(&cache, h, 4 * PAGE - 1, &steps[5], 0);
+                check(&cache, h, 4 * PAGE, &steps[6], 0);
             }
-            let copy = cache.copy_prefix(256, 600);
-            assert_eq!((copy.len(), copy.capacity()), (256, 4 * PAGE));
-            check(&copy, 1, 249, &first, 249);
-            check(&copy, 1, 255, &steps[5], 0);
+            let copy = cache.copy_prefix(4 * PAGE, 6 * PAGE);
+            assert_eq!((copy.len(), copy.capacity()), (4 * PAGE, 4 * PAGE));
+            check(&copy, 1, 4 * PAGE - 7, &first, 4 * PAGE - 7);
+            check(&copy, 1, 4 * PAGE - 1, &steps[5], 0);
         }
     }
 
@@ -423,39 +436,36 @@ mod tests {
     #[test]
     fn forks_share_pages_until_one_writes() {
         let (heads, d) = (2, 16);
-        let mut original = KvCache::new(KvCacheType::F32, heads, d, 300);
-        let prompt = tensor(heads, 150, d, 0.0);
+        let mut original = KvCache::new(KvCacheType::F32, heads, d, 4 * PAGE);
+        let prompt = tensor(heads, 2 * PAGE + 22, d, 0.0);
         original.append(&prompt, &prompt).unwrap();
-        // A fork of the first 100 tokens shares pages 0 and 1 (page 1 holds 64..128).
-        let mut fork = original.copy_prefix(100, 300);
-        let Store::F32(ours) = &original.store else {
-            unreachable!()
+        // A fork of the first PAGE + PAGE / 2 tokens shares pages 0 and 1.
+        let keep = PAGE + PAGE / 2;
+        let mut fork = original.copy_prefix(keep, 4 * PAGE);
+        let shared = |a: &KvCache, b: &KvCache, page: usize| {
+            let (Store::F32(a), Store::F32(b)) = (&a.store, &b.store) else {
+                unreachable!("f32 caches")
+            };
+            Arc::ptr_eq(&a.keys[page], &b.keys[page])
+                && Arc::ptr_eq(&a.values[page], &b.values[page])
         };
-        let Store::F32(theirs) = &fork.store else {
-            unreachable!()
-        };
-        assert_eq!(theirs.keys.len(), 2);
-        assert!(Arc::ptr_eq(&ours.keys[0], &theirs.keys[0]));
-        assert!(Arc::ptr_eq(&ours.values[1], &theirs.values[1]));
-        // The fork writes other tokens at 100..110: it copies page 1 and leaves the
+        assert_eq!(fork.capacity(), 2 * PAGE);
+        assert!(shared(&original, &fork, 0) && shared(&original, &fork, 1));
+        // The fork writes other tokens after `keep`: it copies page 1 and leaves the
         // original's rows as they were; page 0 stays shared.
         let other = tensor(heads, 10, d, 5e3);
         fork.append(&other, &other).unwrap();
         for h in 0..heads {
-            check(&fork, h, 99, &prompt, 99);
-            check(&fork, h, 105, &other, 5);
-            check(&original, h, 105, &prompt, 105);
+            check(&fork, h, keep - 1, &prompt, keep - 1);
+            check(&fork, h, keep + 5, &other, 5);
+            check(&original, h, keep + 5, &prompt, keep + 5);
         }
-        let (Store::F32(ours), Store::F32(theirs)) = (&original.store, &fork.store) else {
-            unreachable!()
-        };
-        assert!(Arc::ptr_eq(&ours.keys[0], &theirs.keys[0]));
-        assert!(!Arc::ptr_eq(&ours.keys[1], &theirs.keys[1]));
+        assert!(shared(&original, &fork, 0) && !shared(&original, &fork, 1));
         // The original, truncated and continued, writes into its own page 1 alone too.
-        original.truncate(100);
+        original.truncate(keep);
         original.append(&other, &other).unwrap();
-        check(&original, 0, 101, &other, 1);
-        check(&fork, 0, 101, &other, 1);
+        check(&original, 0, keep + 1, &other, 1);
+        check(&fork, 0, keep + 1, &other, 1);
     }
 
     #[test]
