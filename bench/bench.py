@@ -181,6 +181,13 @@ def load_llama(model: Path, threads: int, n_ctx: int) -> tuple[Any, float]:
     return llm, time.perf_counter() - start
 
 
+def next_token(llm: Any) -> int:
+    """The argmax of the last position's logits (llama-cpp-python 0.3 keeps no scores of
+    its own unless every position's logits are asked for)."""
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+    return int(np.argmax(logits))
+
+
 def work_llama(
     model: Path, tokenizer: Path, threads: int, sizes: list[int], long_context: int
 ) -> dict[str, Any]:
@@ -192,12 +199,12 @@ def work_llama(
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt_ids(n))
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # the first, as TTFT counts it
+        token = next_token(llm)  # the first, as TTFT counts it
         ttft = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(decode):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = next_token(llm)
         return ttft, decode / (time.perf_counter() - start) if decode else 0.0
 
     for n in sizes:

@@ -357,7 +357,8 @@ fn legacy_exact_of<B: super::legacy::LegacyBlock>(
         for w in blocks.chunks_exact(per_row) {
             let mut sum = 0f64;
             for (w, a) in w.iter().zip(a) {
-                let (d, min) = (f64::from(w.d().to_f32()), f64::from(w.m().to_f32()));
+                let d = f64::from(w.d().to_f32());
+                let min = f64::from(w.m_bits().to_f32()) + f64::from(B::OFFSET) * d;
                 let ad = f64::from(a.d.to_f32());
                 for (&q, &y) in w.values().iter().zip(&a.qs) {
                     sum += (d * f64::from(q) + min) * ad * f64::from(y);

@@ -1,6 +1,9 @@
 //! The 32-value blocks of ggml's first quantization types, as the file stores them: each
-//! block's values as signed bytes for the integer products, with the block's scale and, for
-//! the types that have one (Q4_1, Q5_1), its minimum.
+//! block's values as bytes for the integer products, with the block's scale and minimum.
+//!
+//! Q8_0's values are signed. The others' are read unsigned (the nibbles, with Q5's fifth
+//! bit), their offset moved into the minimum (Q4_0's d · (q − 8) is d · q − 8d): `vpdpbusd`
+//! and `maddubs` take an unsigned operand, so those products need no sign juggling.
 
 use half::f16;
 
@@ -63,16 +66,25 @@ impl WeightBlock for BlockQ4_1 {}
 impl WeightBlock for BlockQ5_0 {}
 impl WeightBlock for BlockQ5_1 {}
 
-/// A weight block as `d · q + m` per value: `q` as signed bytes (unsigned 0..31 for the
-/// types with a minimum), `m` zero for the symmetric types.
+/// A weight block as `d · q + m` per value, with `m` = the stored minimum (Q4_1, Q5_1) +
+/// `OFFSET` · d (Q4_0, Q5_0), or none (Q8_0).
 pub trait LegacyBlock: WeightBlock + Sync {
+    /// Whether the values are signed (Q8_0) rather than unsigned (0..31).
+    const SIGNED: bool = false;
     /// Whether `m` is there: the products then need each activation block's sum.
-    const HAS_MIN: bool = false;
+    const HAS_MIN: bool = true;
+    /// What the values are offset by, in units of d.
+    const OFFSET: f32 = 0.0;
     fn values(&self) -> [i8; QK];
     /// The scale, as stored (the vector kernels convert it themselves).
     fn d(&self) -> f16;
-    fn m(&self) -> f16 {
+    /// The stored minimum (zero for the types without one).
+    fn m_bits(&self) -> f16 {
         f16::ZERO
+    }
+    /// `m`, portably.
+    fn min(&self) -> f32 {
+        self.m_bits().to_f32() + Self::OFFSET * self.d().to_f32()
     }
     /// The 32 values as bytes in one vector, in order.
     ///
@@ -97,6 +109,9 @@ fn fifth_bit(qh: &[u8; 4], i: usize) -> u8 {
 }
 
 impl LegacyBlock for BlockQ8_0 {
+    const SIGNED: bool = true;
+    const HAS_MIN: bool = false;
+
     fn values(&self) -> [i8; QK] {
         self.qs
     }
@@ -113,24 +128,7 @@ impl LegacyBlock for BlockQ8_0 {
 }
 
 impl LegacyBlock for BlockQ4_0 {
-    fn values(&self) -> [i8; QK] {
-        std::array::from_fn(|i| nibble(&self.qs, i) as i8 - 8)
-    }
-
-    fn d(&self) -> f16 {
-        self.d
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn unpack(&self) -> std::arch::x86_64::__m256i {
-        use std::arch::x86_64::*;
-        _mm256_sub_epi8(x86::nibbles(&self.qs), _mm256_set1_epi8(8))
-    }
-}
-
-impl LegacyBlock for BlockQ4_1 {
-    const HAS_MIN: bool = true;
+    const OFFSET: f32 = -8.0;
 
     fn values(&self) -> [i8; QK] {
         std::array::from_fn(|i| nibble(&self.qs, i) as i8)
@@ -140,7 +138,23 @@ impl LegacyBlock for BlockQ4_1 {
         self.d
     }
 
-    fn m(&self) -> f16 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn unpack(&self) -> std::arch::x86_64::__m256i {
+        x86::nibbles(&self.qs)
+    }
+}
+
+impl LegacyBlock for BlockQ4_1 {
+    fn values(&self) -> [i8; QK] {
+        std::array::from_fn(|i| nibble(&self.qs, i) as i8)
+    }
+
+    fn d(&self) -> f16 {
+        self.d
+    }
+
+    fn m_bits(&self) -> f16 {
         self.m
     }
 
@@ -152,27 +166,7 @@ impl LegacyBlock for BlockQ4_1 {
 }
 
 impl LegacyBlock for BlockQ5_0 {
-    fn values(&self) -> [i8; QK] {
-        std::array::from_fn(|i| (nibble(&self.qs, i) | fifth_bit(&self.qh, i)) as i8 - 16)
-    }
-
-    fn d(&self) -> f16 {
-        self.d
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn unpack(&self) -> std::arch::x86_64::__m256i {
-        use std::arch::x86_64::*;
-        // q − 16 is the nibble with its fifth bit set, or with the high four bits all set
-        // (the nibble − 16 as a signed byte) where it is clear.
-        let clear = _mm256_andnot_si256(x86::bit_mask(&self.qh), _mm256_set1_epi8(-16));
-        _mm256_or_si256(x86::nibbles(&self.qs), clear)
-    }
-}
-
-impl LegacyBlock for BlockQ5_1 {
-    const HAS_MIN: bool = true;
+    const OFFSET: f32 = -16.0;
 
     fn values(&self) -> [i8; QK] {
         std::array::from_fn(|i| (nibble(&self.qs, i) | fifth_bit(&self.qh, i)) as i8)
@@ -182,16 +176,30 @@ impl LegacyBlock for BlockQ5_1 {
         self.d
     }
 
-    fn m(&self) -> f16 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn unpack(&self) -> std::arch::x86_64::__m256i {
+        x86::five_bits(&self.qs, &self.qh)
+    }
+}
+
+impl LegacyBlock for BlockQ5_1 {
+    fn values(&self) -> [i8; QK] {
+        std::array::from_fn(|i| (nibble(&self.qs, i) | fifth_bit(&self.qh, i)) as i8)
+    }
+
+    fn d(&self) -> f16 {
+        self.d
+    }
+
+    fn m_bits(&self) -> f16 {
         self.m
     }
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn unpack(&self) -> std::arch::x86_64::__m256i {
-        use std::arch::x86_64::*;
-        let high = _mm256_and_si256(x86::bit_mask(&self.qh), _mm256_set1_epi8(16));
-        _mm256_or_si256(x86::nibbles(&self.qs), high)
+        x86::five_bits(&self.qs, &self.qh)
     }
 }
 
@@ -211,9 +219,16 @@ mod x86 {
         _mm256_set_m128i(high, low)
     }
 
+    /// The 32 five-bit values: the nibbles with their fifth bits from `qh`.
+    #[inline(always)]
+    pub unsafe fn five_bits(qs: &[u8; QK / 2], qh: &[u8; 4]) -> __m256i {
+        let high = _mm256_and_si256(bit_mask(qh), _mm256_set1_epi8(16));
+        _mm256_or_si256(nibbles(qs), high)
+    }
+
     /// Byte i all ones where bit i of `qh` (little-endian) is set, else zero.
     #[inline(always)]
-    pub unsafe fn bit_mask(qh: &[u8; 4]) -> __m256i {
+    unsafe fn bit_mask(qh: &[u8; 4]) -> __m256i {
         let bits = _mm256_set1_epi32(i32::from_le_bytes(*qh));
         // Bytes 8k..8k+8 each take byte k of the 32 bits...
         let spread = _mm256_shuffle_epi8(

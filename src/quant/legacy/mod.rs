@@ -111,8 +111,8 @@ impl LegacyMatrix {
             .zip(x.par_chunks(self.cols))
             .for_each(|(a, x)| quantize_q8_0(x, a));
         let sums = match self.kind {
-            Legacy::Q4_1 | Legacy::Q5_1 => acts.iter().map(block_sum).collect(),
-            _ => Vec::new(),
+            Legacy::Q8_0 => Vec::new(),
+            _ => acts.iter().map(block_sum).collect(),
         };
         let acts = Activations {
             blocks: &acts,
@@ -201,7 +201,7 @@ pub fn dot<B: LegacyBlock>(w: &[B], a: &[BlockQ8_0]) -> f32 {
                 .sum();
             let product = sum as f32 * w.d().to_f32() * a.d.to_f32();
             if B::HAS_MIN {
-                product + w.m().to_f32() * block_sum(a)
+                product + w.min() * block_sum(a)
             } else {
                 product
             }

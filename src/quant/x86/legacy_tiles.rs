@@ -1,8 +1,8 @@
 //! Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 weight rows times Q8_0 activation rows, with AVX2: per
-//! 32 values, the weights' magnitudes times the activations with the weights' signs (`sign`,
-//! `maddubs`), pairs summed to i32 (`madd`; with VNNI one `vpdpbusd` does both), scaled by
-//! both blocks' scales into f32 sums; a weight block's minimum adds m · the activation
-//! block's sum. A microkernel
+//! 32 values, unsigned weights times signed activations (`maddubs`: Q8_0's signed weights
+//! as their magnitudes, the activations taking their signs), pairs summed to i32 (`madd`;
+//! with VNNI one `vpdpbusd` does both), scaled by both blocks' scales into f32 sums; a
+//! weight block's minimum (or offset) adds m · the activation block's sum. A microkernel
 //! of 2 weight rows × 4 activation rows unpacks each weight block once for four rows and
 //! keeps its eight sums in registers. Decoding (a few rows) prefetches a page ahead, as the
 //! K-quant path does.
@@ -198,10 +198,12 @@ unsafe fn micro<
                 _mm_prefetch::<_MM_HINT_T0>(ahead);
             }
             wv[j] = block.unpack();
-            magnitudes[j] = _mm256_sign_epi8(wv[j], wv[j]);
+            if B::SIGNED {
+                magnitudes[j] = _mm256_sign_epi8(wv[j], wv[j]);
+            }
             wd[j] = f32_of(block.d());
             if B::HAS_MIN {
-                wm[j] = f32_of(block.m());
+                wm[j] = f32_of(block.m_bits()) + B::OFFSET * wd[j];
             }
         }
         for i in 0..A {
@@ -215,8 +217,12 @@ unsafe fn micro<
                 }
             }
             for j in 0..R {
-                // |w| · (y with w's sign) = w · y, with an unsigned first operand.
-                let dots = D::dot(magnitudes[j], _mm256_sign_epi8(yv, wv[j]));
+                let dots = if B::SIGNED {
+                    // |w| · (y with w's sign) = w · y, with an unsigned first operand.
+                    D::dot(magnitudes[j], _mm256_sign_epi8(yv, wv[j]))
+                } else {
+                    D::dot(wv[j], yv)
+                };
                 let sums = _mm256_cvtepi32_ps(dots);
                 acc[j][i] = _mm256_fmadd_ps(sums, _mm256_set1_ps(wd[j] * yd), acc[j][i]);
             }
