@@ -376,7 +376,8 @@ fn legacy_exact_of<B: super::legacy::LegacyBlock>(
 #[test]
 fn legacy_products_match_f64_and_candle() {
     use super::LegacyMatrix;
-    // More rows than a group of 24 and pairs of 2; every microkernel shape (m up to 33). An
+    // More rows than a group of 24 and pairs of 2; every microkernel shape (m up to 40), and
+    // 1 to 5 interleaved groups of eight activation rows with 0 to 7 rows beside them. An
     // even number of blocks a row: Candle's Q4_1 and Q5 products assert it.
     let (rows, cols) = (29, 192);
     for (t, dtype) in LEGACY.into_iter().enumerate() {
@@ -390,7 +391,7 @@ fn legacy_products_match_f64_and_candle() {
         let quantized =
             RawTensor::from_qtensor(&QTensor::quantize(&dense, dtype).unwrap()).unwrap();
         for (source, weights) in [("random bits", &random), ("quantized", &quantized)] {
-            for m in [1, 2, 3, 4, 5, 7, 9, 16, 17, 33] {
+            for m in [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 24, 31, 33, 40] {
                 let x = noise(500 + m as u64, m * cols);
                 let exact = legacy_exact(weights, &x, m);
                 let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();

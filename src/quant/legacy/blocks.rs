@@ -66,15 +66,58 @@ impl WeightBlock for BlockQ4_1 {}
 impl WeightBlock for BlockQ5_0 {}
 impl WeightBlock for BlockQ5_1 {}
 
-/// A weight block as `d · q + m` per value, with `m` = the stored minimum (Q4_1, Q5_1) +
+/// Eight activation rows' Q8_0 blocks of one block column, interleaved for `vpdpbusd`:
+/// bytes 32g + 4r .. 32g + 4r + 4 are row r's values 4g .. 4g + 4, so one instruction
+/// multiplies four weights (broadcast) with eight rows, and the eight sums come out as the
+/// eight lanes of one vector.
+#[repr(C, align(32))]
+pub struct BlockQ8_0x8 {
+    pub qs: [i8; 8 * QK],
+    /// Each row's scale.
+    pub d: [f32; 8],
+    /// Each row's Σ q times the weights' `k` (below): taken off the integer products.
+    pub offsets: [i32; 8],
+    /// Each row's d · Σ q, for the weights' stored minimums.
+    pub ds: [f32; 8],
+}
+
+impl BlockQ8_0x8 {
+    /// `rows` interleaved, for weights whose integer products exceed the true ones by `k`
+    /// · Σ q: 128 for Q8_0's (shifted to unsigned), 8 for Q4_0's nibbles (q − 8), 16 for
+    /// Q5_0's, 0 for the others.
+    pub fn interleave(rows: [&BlockQ8_0; 8], k: i32) -> Self {
+        let mut qs = [0i8; 8 * QK];
+        for (r, row) in rows.iter().enumerate() {
+            for g in 0..QK / 4 {
+                qs[32 * g + 4 * r..][..4].copy_from_slice(&row.qs[4 * g..4 * g + 4]);
+            }
+        }
+        let sums = rows.map(|row| row.qs.iter().map(|&q| i32::from(q)).sum::<i32>());
+        let d = rows.map(|row| row.d.to_f32());
+        Self {
+            qs,
+            d,
+            offsets: sums.map(|s| k * s),
+            ds: std::array::from_fn(|r| d[r] * sums[r] as f32),
+        }
+    }
+}
+
+/// A weight block as `d · q + m` per value, with `m` = the stored minimum (Q4_1, Q5_1) or
 /// `OFFSET` · d (Q4_0, Q5_0), or none (Q8_0).
 pub trait LegacyBlock: WeightBlock + Sync {
     /// Whether the values are signed (Q8_0) rather than unsigned (0..31).
     const SIGNED: bool = false;
+    /// What the values are offset by, in units of d: 0 or minus a power of two.
+    const OFFSET: i32 = 0;
+    /// Whether the block stores a minimum.
+    const STORED_MIN: bool = false;
     /// Whether `m` is there: the products then need each activation block's sum.
-    const HAS_MIN: bool = true;
-    /// What the values are offset by, in units of d.
-    const OFFSET: f32 = 0.0;
+    const HAS_MIN: bool = Self::OFFSET != 0 || Self::STORED_MIN;
+    /// By how many times each activation block's Σ q the interleaved kernels' integer
+    /// products exceed the true ones: Q8_0's weights are shifted by +128 to be unsigned,
+    /// Q4_0's and Q5_0's are read without their offset.
+    const EXCESS: i32 = if Self::SIGNED { 128 } else { -Self::OFFSET };
     fn values(&self) -> [i8; QK];
     /// The scale, as stored (the vector kernels convert it themselves).
     fn d(&self) -> f16;
@@ -84,7 +127,7 @@ pub trait LegacyBlock: WeightBlock + Sync {
     }
     /// `m`, portably.
     fn min(&self) -> f32 {
-        self.m_bits().to_f32() + Self::OFFSET * self.d().to_f32()
+        self.m_bits().to_f32() + Self::OFFSET as f32 * self.d().to_f32()
     }
     /// The 32 values as bytes in one vector, in order.
     ///
@@ -110,7 +153,6 @@ fn fifth_bit(qh: &[u8; 4], i: usize) -> u8 {
 
 impl LegacyBlock for BlockQ8_0 {
     const SIGNED: bool = true;
-    const HAS_MIN: bool = false;
 
     fn values(&self) -> [i8; QK] {
         self.qs
@@ -128,7 +170,7 @@ impl LegacyBlock for BlockQ8_0 {
 }
 
 impl LegacyBlock for BlockQ4_0 {
-    const OFFSET: f32 = -8.0;
+    const OFFSET: i32 = -8;
 
     fn values(&self) -> [i8; QK] {
         std::array::from_fn(|i| nibble(&self.qs, i) as i8)
@@ -146,6 +188,8 @@ impl LegacyBlock for BlockQ4_0 {
 }
 
 impl LegacyBlock for BlockQ4_1 {
+    const STORED_MIN: bool = true;
+
     fn values(&self) -> [i8; QK] {
         std::array::from_fn(|i| nibble(&self.qs, i) as i8)
     }
@@ -166,7 +210,7 @@ impl LegacyBlock for BlockQ4_1 {
 }
 
 impl LegacyBlock for BlockQ5_0 {
-    const OFFSET: f32 = -16.0;
+    const OFFSET: i32 = -16;
 
     fn values(&self) -> [i8; QK] {
         std::array::from_fn(|i| (nibble(&self.qs, i) | fifth_bit(&self.qh, i)) as i8)
@@ -184,6 +228,8 @@ impl LegacyBlock for BlockQ5_0 {
 }
 
 impl LegacyBlock for BlockQ5_1 {
+    const STORED_MIN: bool = true;
+
     fn values(&self) -> [i8; QK] {
         std::array::from_fn(|i| (nibble(&self.qs, i) | fifth_bit(&self.qh, i)) as i8)
     }

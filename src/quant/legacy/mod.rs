@@ -10,7 +10,9 @@ mod blocks;
 use half::f16;
 use rayon::prelude::*;
 
-pub use blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, LegacyBlock, QK};
+pub use blocks::{
+    BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_0x8, LegacyBlock, QK,
+};
 
 use super::blocks::{as_blocks, WeightBlock};
 use super::storage::RawTensor;
@@ -99,6 +101,16 @@ impl LegacyMatrix {
 
     /// `x` is (m, cols) row-major; returns (m, rows).
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        match self.kind {
+            Legacy::Q8_0 => self.matmul_of::<BlockQ8_0>(x, m),
+            Legacy::Q4_0 => self.matmul_of::<BlockQ4_0>(x, m),
+            Legacy::Q4_1 => self.matmul_of::<BlockQ4_1>(x, m),
+            Legacy::Q5_0 => self.matmul_of::<BlockQ5_0>(x, m),
+            Legacy::Q5_1 => self.matmul_of::<BlockQ5_1>(x, m),
+        }
+    }
+
+    fn matmul_of<B: LegacyBlock>(&self, x: &[f32], m: usize) -> Vec<f32> {
         let blocks = self.cols / QK;
         let mut acts = vec![
             BlockQ8_0 {
@@ -110,22 +122,26 @@ impl LegacyMatrix {
         acts.par_chunks_mut(blocks)
             .zip(x.par_chunks(self.cols))
             .for_each(|(a, x)| quantize_q8_0(x, a));
-        let sums = match self.kind {
-            Legacy::Q8_0 => Vec::new(),
-            _ => acts.iter().map(block_sum).collect(),
+        let sums = match B::HAS_MIN {
+            true => acts.iter().map(block_sum).collect(),
+            false => Vec::new(),
+        };
+        // Whole groups of eight rows, interleaved, where this CPU's kernels take them.
+        let groups = match (m >= 8, self.kernels) {
+            (true, Kernels::AvxVnni | Kernels::Avx512Vnni) => interleave::<B>(&acts, blocks),
+            (true, Kernels::Avx2) if !B::SIGNED => interleave::<B>(&acts, blocks),
+            _ => Vec::new(),
         };
         let acts = Activations {
             blocks: &acts,
             sums: &sums,
+            grouped: groups.len() / blocks * 8,
+            groups: &groups,
         };
         let mut out = vec![0f32; m * self.rows];
         let out_ptr = OutPtr(out.as_mut_ptr());
-        par_row_groups(self.rows, GROUP_ROWS, |rows| match self.kind {
-            Legacy::Q8_0 => self.group::<BlockQ8_0>(rows, &acts, m, out_ptr),
-            Legacy::Q4_0 => self.group::<BlockQ4_0>(rows, &acts, m, out_ptr),
-            Legacy::Q4_1 => self.group::<BlockQ4_1>(rows, &acts, m, out_ptr),
-            Legacy::Q5_0 => self.group::<BlockQ5_0>(rows, &acts, m, out_ptr),
-            Legacy::Q5_1 => self.group::<BlockQ5_1>(rows, &acts, m, out_ptr),
+        par_row_groups(self.rows, GROUP_ROWS, |rows| {
+            self.group::<B>(rows, &acts, m, out_ptr)
         });
         out
     }
@@ -145,13 +161,34 @@ impl LegacyMatrix {
         #[cfg(target_arch = "x86_64")]
         {
             use super::x86;
+            // The first `grouped` activation rows, eight at a time...
+            let grouped = acts.grouped;
+            if grouped > 0 {
+                let group = x86::InterleavedGroup {
+                    weights,
+                    groups: acts.groups,
+                    blocks,
+                    out,
+                    rows: rows.clone(),
+                    stride: self.rows,
+                };
+                // SAFETY: as below; groups are only built for the kernels and types that
+                // take them (`matmul_of`), with B's excess.
+                match self.kernels {
+                    Kernels::AvxVnni => unsafe { x86::interleaved_avx_vnni(&group) },
+                    Kernels::Avx512Vnni => unsafe { x86::interleaved_avx512_vnni(&group) },
+                    Kernels::Avx2 => unsafe { x86::interleaved_avx2(&group) },
+                    Kernels::Scalar | Kernels::Candle => unreachable!("no groups built"),
+                }
+            }
+            // ...and the rest row by row.
             let group = x86::LegacyGroup {
                 weights,
-                acts: acts.blocks,
-                sums: acts.sums,
+                acts: &acts.blocks[grouped * blocks..],
+                sums: acts.sums.get(grouped * blocks..).unwrap_or_default(),
                 blocks,
-                m,
-                out,
+                m: m - grouped,
+                out: OutPtr(out.at(grouped * self.rows)),
                 rows: rows.clone(),
                 stride: self.rows,
             };
@@ -175,11 +212,25 @@ impl LegacyMatrix {
     }
 }
 
-/// The quantized activation rows, and each block's sum (d · Σ q) where the weights have a
-/// minimum, else none.
+/// The quantized activation rows, each block's sum (d · Σ q) where the weights have a
+/// minimum (else none), and the first `grouped` rows interleaved by eight (or none).
 struct Activations<'a> {
     blocks: &'a [BlockQ8_0],
     sums: &'a [f32],
+    groups: &'a [BlockQ8_0x8],
+    grouped: usize,
+}
+
+/// The whole groups of eight rows of `acts` (`blocks` blocks a row), interleaved for B.
+fn interleave<B: LegacyBlock>(acts: &[BlockQ8_0], blocks: usize) -> Vec<BlockQ8_0x8> {
+    let rows: Vec<&[BlockQ8_0]> = acts.chunks_exact(blocks).collect();
+    rows.chunks_exact(8)
+        .flat_map(|group| {
+            (0..blocks).map(move |b| {
+                BlockQ8_0x8::interleave(std::array::from_fn(|r| &group[r][b]), B::EXCESS)
+            })
+        })
+        .collect()
 }
 
 /// d · Σ q of an activation block: what a weight block's minimum multiplies.

@@ -15,9 +15,15 @@ use super::super::OutPtr;
 use super::vnni::{Evex, Vex};
 use super::{f32_of, hsum, load, Avx2};
 
-/// `Σ4 u8 · i8` per i32 lane, from zero.
+/// `Σ4 u8 · i8` per i32 lane (AVX2's `maddubs` saturates pairs past ±32767: operands whose
+/// pairs cannot reach that only).
 pub trait ByteDot {
-    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i;
+    /// From zero.
+    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
+        Self::dot_acc(_mm256_setzero_si256(), unsigned, signed)
+    }
+    /// Added to `acc`.
+    unsafe fn dot_acc(acc: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i;
 }
 
 impl ByteDot for Avx2 {
@@ -25,19 +31,24 @@ impl ByteDot for Avx2 {
     unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), _mm256_set1_epi16(1))
     }
+
+    #[inline(always)]
+    unsafe fn dot_acc(acc: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, Self::dot(unsigned, signed))
+    }
 }
 
 impl ByteDot for Vex {
     #[inline(always)]
-    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
-        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), unsigned, signed)
+    unsafe fn dot_acc(acc: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(acc, unsigned, signed)
     }
 }
 
 impl ByteDot for Evex {
     #[inline(always)]
-    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), unsigned, signed)
+    unsafe fn dot_acc(acc: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, unsigned, signed)
     }
 }
 
@@ -203,7 +214,7 @@ unsafe fn micro<
             }
             wd[j] = f32_of(block.d());
             if B::HAS_MIN {
-                wm[j] = f32_of(block.m_bits()) + B::OFFSET * wd[j];
+                wm[j] = f32_of(block.m_bits()) + B::OFFSET as f32 * wd[j];
             }
         }
         for i in 0..A {

@@ -20,11 +20,15 @@ use super::{TILE_ACTS, TILE_ROWS};
 mod activations;
 mod float_tiles;
 mod k_blocks;
+mod legacy_interleaved;
 mod legacy_tiles;
 mod vnni;
 pub use activations::{quantize_q8k, transpose};
 pub use float_tiles::{float_group, FloatGroup};
 use k_blocks::Unpacked;
+pub use legacy_interleaved::{
+    interleaved_avx2, interleaved_avx512_vnni, interleaved_avx_vnni, InterleavedGroup,
+};
 pub use legacy_tiles::{
     legacy_group_avx2, legacy_group_avx512_vnni, legacy_group_avx_vnni, LegacyGroup,
 };
