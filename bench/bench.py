@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,25 @@ def prompt_ids(n: int) -> list[int]:
 # --------------------------------------------------------------------------- workers
 
 
+def measure(
+    prompt_then_decode: Callable[[int, int], tuple[float, float]],
+    sizes: list[int],
+    long_context: int,
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    """Each figure of one engine, through its `prompt_then_decode(n, decode)`: seconds to
+    the first token of an n-token prompt, and tokens/s of `decode` more."""
+    for n in sizes:
+        ttft, _ = prompt_then_decode(n, 0)
+        result[f"ttft{n}_s"], result[f"pp{n}_tps"] = ttft, n / ttft
+    _, result["decode_tps"] = prompt_then_decode(SHORT_PROMPT, DECODE_TOKENS)
+    if long_context:
+        ttft, result["decode_long_tps"] = prompt_then_decode(long_context, DECODE_TOKENS)
+        result[f"pp{long_context}_tps"] = long_context / ttft
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
 def work_candle(
     model: Path, tokenizer: Path, threads: int, sizes: list[int], long_context: int
 ) -> dict[str, Any]:
@@ -165,15 +185,7 @@ def work_candle(
             pass
         return ttft, decode / (time.perf_counter() - start) if decode else 0.0
 
-    for n in sizes:
-        ttft, _ = prompt_then_decode(n, 0)
-        result[f"ttft{n}_s"], result[f"pp{n}_tps"] = ttft, n / ttft
-    _, result["decode_tps"] = prompt_then_decode(SHORT_PROMPT, DECODE_TOKENS)
-    if long_context:
-        ttft, result["decode_long_tps"] = prompt_then_decode(long_context, DECODE_TOKENS)
-        result[f"pp{long_context}_tps"] = long_context / ttft
-    result["peak_rss_mb"] = peak_rss_mb()
-    return result
+    return measure(prompt_then_decode, sizes, long_context, result)
 
 
 def load_llama(model: Path, threads: int, n_ctx: int) -> tuple[Any, float]:
@@ -218,15 +230,7 @@ def work_llama(
             token = next_token(llm)
         return ttft, decode / (time.perf_counter() - start) if decode else 0.0
 
-    for n in sizes:
-        ttft, _ = prompt_then_decode(n, 0)
-        result[f"ttft{n}_s"], result[f"pp{n}_tps"] = ttft, n / ttft
-    _, result["decode_tps"] = prompt_then_decode(SHORT_PROMPT, DECODE_TOKENS)
-    if long_context:
-        ttft, result["decode_long_tps"] = prompt_then_decode(long_context, DECODE_TOKENS)
-        result[f"pp{long_context}_tps"] = long_context / ttft
-    result["peak_rss_mb"] = peak_rss_mb()
-    return result
+    return measure(prompt_then_decode, sizes, long_context, result)
 
 
 WORKERS = {"candle-phi": work_candle, "llama.cpp": work_llama}

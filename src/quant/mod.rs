@@ -212,6 +212,14 @@ impl QMatrix {
         })
     }
 
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// `x` is (m, cols) row-major; returns (m, rows).
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let blocks_per_row = self.cols / QK_K;
@@ -364,53 +372,27 @@ impl QMatrix {
     }
 }
 
-impl CustomOp1 for QMatrix {
-    fn name(&self) -> &'static str {
-        "kquant-matmul"
-    }
+/// Each matrix type as a Candle op on the activations.
+macro_rules! matmul_op {
+    ($($matrix:ty => $name:literal),*) => {$(
+        impl CustomOp1 for $matrix {
+            fn name(&self) -> &'static str {
+                $name
+            }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        product(
-            self.name(),
-            (self.rows, self.cols),
-            storage,
-            layout,
-            |x, m| self.matmul(x, m),
-        )
-    }
+            fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+                let shape = (self.rows(), self.cols());
+                product(self.name(), shape, storage, layout, |x, m| self.matmul(x, m))
+            }
+        }
+    )*};
 }
 
-impl CustomOp1 for FloatMatrix {
-    fn name(&self) -> &'static str {
-        "float-matmul"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        product(
-            self.name(),
-            (self.rows(), self.cols()),
-            storage,
-            layout,
-            |x, m| self.matmul(x, m),
-        )
-    }
-}
-
-impl CustomOp1 for LegacyMatrix {
-    fn name(&self) -> &'static str {
-        "legacy-quant-matmul"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        product(
-            self.name(),
-            (self.rows(), self.cols()),
-            storage,
-            layout,
-            |x, m| self.matmul(x, m),
-        )
-    }
-}
+matmul_op!(
+    QMatrix => "kquant-matmul",
+    FloatMatrix => "float-matmul",
+    LegacyMatrix => "legacy-quant-matmul"
+);
 
 /// Runs `f` on ranges of up to `group` rows covering `0..rows`, in parallel tasks that
 /// each take a run of them (about four tasks per thread), so the weights stream once.
