@@ -3,7 +3,8 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
-use super::{Kernels, QMatrix, RawTensor, WeightBytes, QK_K};
+use super::blocks::QK_K;
+use super::{Kernels, QMatrix, RawTensor, WeightBytes};
 
 /// Deterministic pseudo-random numbers in [-1, 1).
 fn noise(seed: u64, n: usize) -> Vec<f32> {
@@ -191,9 +192,9 @@ fn simd_quantization_is_candles() {
     xs[2 * QK_K..3 * QK_K].fill(0.0);
     xs[3 * QK_K + 5] = -2.0;
     xs[3 * QK_K + 9] = 2.0;
-    let mut scalar = vec![super::BlockQ8K::ZERO; 4];
-    let mut simd = vec![super::BlockQ8K::ZERO; 4];
-    super::quantize_q8k(&xs, &mut scalar);
+    let mut scalar = vec![super::blocks::BlockQ8K::ZERO; 4];
+    let mut simd = vec![super::blocks::BlockQ8K::ZERO; 4];
+    super::blocks::quantize_q8k(&xs, &mut scalar);
     // SAFETY: AVX2 checked above.
     unsafe { super::x86::quantize_q8k(&xs, &mut simd) };
     for (a, b) in scalar.iter().zip(&simd) {
@@ -422,5 +423,30 @@ fn assert_within(ours: &[f32], theirs: &[f32], bound: f32, what: &str) {
             (a - b).abs() <= bound * scale,
             "{what}: element {i}: ours {a}, theirs {b} (scale {scale})"
         );
+    }
+}
+
+/// A row's product is the same, bit for bit, alone or among others (in a group of eight or
+/// beside one): the batcher promises each stream its results alone.
+#[test]
+fn legacy_rows_are_the_same_alone_or_among_others() {
+    use super::LegacyMatrix;
+    let (rows, cols) = (24, 192);
+    for (t, dtype) in LEGACY.into_iter().enumerate() {
+        let weights = random_legacy_blocks(dtype, rows, cols, 90 + t as u64);
+        for kernels in kernels_to_test() {
+            let matrix = LegacyMatrix::new(&weights, kernels).expect("a legacy matrix");
+            for m in [2, 8, 9, 17, 40] {
+                let x = noise(m as u64, m * cols);
+                let together = matrix.matmul(&x, m);
+                for (i, row) in x.chunks_exact(cols).enumerate() {
+                    assert_eq!(
+                        matrix.matmul(row, 1),
+                        together[i * rows..(i + 1) * rows],
+                        "{dtype:?} {kernels:?}: row {i} of {m}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -98,7 +98,7 @@ impl BlockQ8_0x8 {
             qs,
             d,
             offsets: sums.map(|s| k * s),
-            ds: std::array::from_fn(|r| d[r] * sums[r] as f32),
+            ds: std::array::from_fn(|r| sums[r] as f32 * d[r]),
         }
     }
 }
@@ -124,10 +124,6 @@ pub trait LegacyBlock: WeightBlock + Sync {
     /// The stored minimum (zero for the types without one).
     fn m_bits(&self) -> f16 {
         f16::ZERO
-    }
-    /// `m`, portably.
-    fn min(&self) -> f32 {
-        self.m_bits().to_f32() + Self::OFFSET as f32 * self.d().to_f32()
     }
     /// The 32 values as bytes in one vector, in order.
     ///

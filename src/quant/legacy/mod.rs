@@ -19,6 +19,17 @@ use super::storage::RawTensor;
 use super::{par_row_groups, Kernels, OutPtr, WeightBytes};
 use candle_core::quantized::GgmlDType;
 
+/// Σ q of an activation block.
+fn q_sum(a: &BlockQ8_0) -> i32 {
+    a.qs.iter().map(|&q| i32::from(q)).sum()
+}
+
+/// d · Σ q of an activation block: what a weight block's stored minimum multiplies (the
+/// interleaved activations compute it alike).
+fn d_sum(a: &BlockQ8_0, q_sum: i32) -> f32 {
+    q_sum as f32 * a.d.to_f32()
+}
+
 /// Quantizes `xs` (a multiple of 32 long) to Q8_0 as ggml does: scale from the largest
 /// magnitude, values rounded half away from zero.
 pub fn quantize_q8_0(xs: &[f32], out: &mut [BlockQ8_0]) {
@@ -122,10 +133,11 @@ impl LegacyMatrix {
         acts.par_chunks_mut(blocks)
             .zip(x.par_chunks(self.cols))
             .for_each(|(a, x)| quantize_q8_0(x, a));
-        let sums = match B::HAS_MIN {
-            true => acts.iter().map(block_sum).collect(),
+        let qsums: Vec<i32> = match B::HAS_MIN {
+            true => acts.iter().map(q_sum).collect(),
             false => Vec::new(),
         };
+        let sums: Vec<f32> = acts.iter().zip(&qsums).map(|(a, &q)| d_sum(a, q)).collect();
         // Whole groups of eight rows, interleaved, where this CPU's kernels take them.
         let groups = match (m >= 8, self.kernels) {
             (true, Kernels::AvxVnni | Kernels::Avx512Vnni) => interleave::<B>(&acts, blocks),
@@ -134,6 +146,7 @@ impl LegacyMatrix {
         };
         let acts = Activations {
             blocks: &acts,
+            qsums: &qsums,
             sums: &sums,
             grouped: groups.len() / blocks * 8,
             groups: &groups,
@@ -185,6 +198,7 @@ impl LegacyMatrix {
             let group = x86::LegacyGroup {
                 weights,
                 acts: &acts.blocks[grouped * blocks..],
+                qsums: acts.qsums.get(grouped * blocks..).unwrap_or_default(),
                 sums: acts.sums.get(grouped * blocks..).unwrap_or_default(),
                 blocks,
                 m: m - grouped,
@@ -212,10 +226,11 @@ impl LegacyMatrix {
     }
 }
 
-/// The quantized activation rows, each block's sum (d · Σ q) where the weights have a
+/// The quantized activation rows, each block's Σ q and d · Σ q where the weights have a
 /// minimum (else none), and the first `grouped` rows interleaved by eight (or none).
 struct Activations<'a> {
     blocks: &'a [BlockQ8_0],
+    qsums: &'a [i32],
     sums: &'a [f32],
     groups: &'a [BlockQ8_0x8],
     grouped: usize,
@@ -233,29 +248,23 @@ fn interleave<B: LegacyBlock>(acts: &[BlockQ8_0], blocks: usize) -> Vec<BlockQ8_
         .collect()
 }
 
-/// d · Σ q of an activation block: what a weight block's minimum multiplies.
-pub fn block_sum(a: &BlockQ8_0) -> f32 {
-    a.qs.iter().map(|&q| i32::from(q)).sum::<i32>() as f32 * a.d.to_f32()
-}
-
-/// One weight row · one activation row, portably: each block's integer sum, scaled, and
-/// its minimum times the activations' sum.
+/// One weight row · one activation row, portably, in the vector kernels' order: per block,
+/// the exact integer sum (less the weights' integer offset) scaled in one fused step, then
+/// the stored minimum's term.
 pub fn dot<B: LegacyBlock>(w: &[B], a: &[BlockQ8_0]) -> f32 {
-    w.iter()
-        .zip(a)
-        .map(|(w, a)| {
-            let sum: i32 = w
-                .values()
-                .iter()
-                .zip(&a.qs)
-                .map(|(&x, &y)| i32::from(x) * i32::from(y))
-                .sum();
-            let product = sum as f32 * w.d().to_f32() * a.d.to_f32();
-            if B::HAS_MIN {
-                product + w.min() * block_sum(a)
-            } else {
-                product
-            }
-        })
-        .sum()
+    w.iter().zip(a).fold(0f32, |acc, (w, a)| {
+        let sum: i32 = w
+            .values()
+            .iter()
+            .zip(&a.qs)
+            .map(|(&x, &y)| i32::from(x) * i32::from(y))
+            .sum();
+        let q = q_sum(a);
+        let total = sum + B::OFFSET * q;
+        let acc = (total as f32).mul_add(w.d().to_f32() * a.d.to_f32(), acc);
+        match B::STORED_MIN {
+            true => w.m_bits().to_f32().mul_add(d_sum(a, q), acc),
+            false => acc,
+        }
+    })
 }

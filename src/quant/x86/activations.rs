@@ -16,7 +16,10 @@ pub unsafe fn quantize_q8k(xs: &[f32], out: &mut [BlockQ8K]) {
     let one = _mm256_set1_ps(1.0);
     // packs interleave 128-bit lanes; this puts the 32 bytes back in order.
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (x, block) in xs.chunks_exact(super::super::QK_K).zip(out.iter_mut()) {
+    for (x, block) in xs
+        .chunks_exact(super::super::blocks::QK_K)
+        .zip(out.iter_mut())
+    {
         let mut amax = _mm256_setzero_ps();
         for i in 0..32 {
             let v = _mm256_loadu_ps(x.as_ptr().add(8 * i));

@@ -13,7 +13,7 @@ use std::ops::Range;
 use super::super::legacy::{BlockQ8_0, LegacyBlock};
 use super::super::OutPtr;
 use super::vnni::{Evex, Vex};
-use super::{f32_of, hsum, load, Avx2};
+use super::{f32_of, load, Avx2};
 
 /// `Σ4 u8 · i8` per i32 lane (AVX2's `maddubs` saturates pairs past ±32767: operands whose
 /// pairs cannot reach that only).
@@ -61,11 +61,12 @@ const PREFETCH_ACTS: usize = 8;
 const PREFETCH_AHEAD: usize = 4096;
 
 /// Weight rows `rows` (`weights`: `blocks` blocks a row) with the `m` activation rows
-/// `acts`, into `out[i * stride + r]`; `sums` holds each activation block's d · Σ q where
-/// the weights have a minimum.
+/// `acts`, into `out[i * stride + r]`; where the weights have a minimum, `qsums` holds each
+/// activation block's Σ q and `sums` its d · Σ q.
 pub struct LegacyGroup<'a, B> {
     pub weights: &'a [B],
     pub acts: &'a [BlockQ8_0],
+    pub qsums: &'a [i32],
     pub sums: &'a [f32],
     pub blocks: usize,
     pub m: usize,
@@ -75,7 +76,8 @@ pub struct LegacyGroup<'a, B> {
 }
 
 /// Safety: the CPU must have AVX2, FMA and F16C; `weights` holds `rows.len()` rows and
-/// `acts` `m` rows of `blocks` blocks (and `sums` as many values, if `B::HAS_MIN`); `out` has room for `m * stride` values, and no other
+/// `acts` `m` rows of `blocks` blocks (and `qsums` and `sums` as many values, if
+/// `B::HAS_MIN`); `out` has room for `m * stride` values, and no other
 /// thread writes these rows' outputs meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn legacy_group_avx2<B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
@@ -99,12 +101,13 @@ unsafe fn group<D: ByteDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
     let n = g.rows.len();
     let nb = g.blocks;
     debug_assert!(g.weights.len() >= n * nb && g.acts.len() >= g.m * nb);
-    debug_assert!(!B::HAS_MIN || g.sums.len() >= g.m * nb);
+    debug_assert!(!B::HAS_MIN || (g.sums.len() >= g.m * nb && g.qsums.len() >= g.m * nb));
     let w = |j: usize| g.weights.as_ptr().add(j * nb);
     let x = |i: usize| g.acts.as_ptr().add(i * nb);
     // Only read where B has a minimum (`sums` is empty otherwise): wrapping, never out of
     // bounds for nothing.
     let s = |i: usize| g.sums.as_ptr().wrapping_add(i * nb);
+    let q = |i: usize| g.qsums.as_ptr().wrapping_add(i * nb);
     let prefetch = g.m <= PREFETCH_ACTS;
     for first in (0..g.m).step_by(ACTS) {
         let acts = first..(first + ACTS).min(g.m);
@@ -116,6 +119,7 @@ unsafe fn group<D: ByteDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
                     w: [w(j), w(j + (r > 1) as usize)],
                     x: [x(row(0)), x(row(1)), x(row(2)), x(row(3))],
                     s: [s(row(0)), s(row(1)), s(row(2)), s(row(3))],
+                    q: [q(row(0)), q(row(1)), q(row(2)), q(row(3))],
                     blocks: nb,
                 };
                 let sums = micro_any::<D, B>(&at, r, a, prefetch);
@@ -135,6 +139,7 @@ struct Micro<B> {
     w: [*const B; PAIR],
     x: [*const BlockQ8_0; QUAD],
     s: [*const f32; QUAD],
+    q: [*const i32; QUAD],
     blocks: usize,
 }
 
@@ -190,14 +195,15 @@ unsafe fn micro<
 >(
     at: &Micro<B>,
 ) -> [[f32; A]; R] {
-    let mut acc = [[_mm256_setzero_ps(); A]; R];
+    // Each product in the interleaved kernels' order, so a row's result does not depend on
+    // the rows beside it (the batcher's promise): per block, the exact integer sum less the
+    // weights' integer offset, scaled in one fused step; then the stored minimum's term.
+    let mut acc = [[0f32; A]; R];
     // Loops, not `array::from_fn`: a closure would not inherit the target features, and
     // its intrinsics would be calls.
     let mut wv = [_mm256_setzero_si256(); R];
     let mut magnitudes = [_mm256_setzero_si256(); R];
     let mut wd = [0f32; R];
-    // The minimums' part: Σ over blocks of m · the activation block's sum.
-    let mut mins = [[0f32; A]; R];
     let mut wm = [0f32; R];
     for b in 0..at.blocks {
         for j in 0..R {
@@ -213,20 +219,14 @@ unsafe fn micro<
                 magnitudes[j] = _mm256_sign_epi8(wv[j], wv[j]);
             }
             wd[j] = f32_of(block.d());
-            if B::HAS_MIN {
-                wm[j] = f32_of(block.m_bits()) + B::OFFSET as f32 * wd[j];
+            if B::STORED_MIN {
+                wm[j] = f32_of(block.m_bits());
             }
         }
         for i in 0..A {
             let y = &*at.x[i].add(b);
             let yv = load(y.qs.as_ptr());
             let yd = f32_of(y.d);
-            if B::HAS_MIN {
-                let sum = *at.s[i].add(b);
-                for j in 0..R {
-                    mins[j][i] += wm[j] * sum;
-                }
-            }
             for j in 0..R {
                 let dots = if B::SIGNED {
                     // |w| · (y with w's sign) = w · y, with an unsigned first operand.
@@ -234,16 +234,25 @@ unsafe fn micro<
                 } else {
                     D::dot(wv[j], yv)
                 };
-                let sums = _mm256_cvtepi32_ps(dots);
-                acc[j][i] = _mm256_fmadd_ps(sums, _mm256_set1_ps(wd[j] * yd), acc[j][i]);
+                let mut total = hsum_i32(dots);
+                if B::OFFSET != 0 {
+                    total += B::OFFSET * *at.q[i].add(b);
+                }
+                acc[j][i] = (total as f32).mul_add(wd[j] * yd, acc[j][i]);
+                if B::STORED_MIN {
+                    acc[j][i] = wm[j].mul_add(*at.s[i].add(b), acc[j][i]);
+                }
             }
         }
     }
-    let mut out = [[0f32; A]; R];
-    for j in 0..R {
-        for i in 0..A {
-            out[j][i] = hsum(acc[j][i]) + mins[j][i];
-        }
-    }
-    out
+    acc
+}
+
+/// The sum of the eight lanes.
+#[inline(always)]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<1>(s));
+    _mm_cvtsi128_si32(s)
 }

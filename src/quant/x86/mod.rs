@@ -1,7 +1,8 @@
-//! x86 products of K-quant weight rows with Q8_K activation rows, in builds chosen at run
-//! time: the tiles here (AVX2), the VNNI ones in `vnni.rs`, each block type's unpacking in
-//! `k_blocks.rs`, the activations' quantizing and the output's transposing in
-//! `activations.rs`.
+//! x86 matrix products, in builds chosen at run time. K-quant weight rows with Q8_K
+//! activation rows: the tiles here (AVX2), the VNNI ones in `vnni.rs`, each block type's
+//! unpacking in `k_blocks.rs`, the activations' quantizing and the output's transposing in
+//! `activations.rs`. The 32-value types: row by row in `legacy_tiles.rs`, eight activation
+//! rows at a time in `legacy_interleaved.rs`. Float weights: `float_tiles.rs`.
 //!
 //! The weights are read in the file's own block layout (no repacked copy). A prompt's tile
 //! of weight rows meets its tile of activation rows one 256-value block column at a time, so
@@ -15,7 +16,7 @@
 use std::arch::x86_64::*;
 
 use super::blocks::BlockQ8K;
-use super::{TILE_ACTS, TILE_ROWS};
+use super::kquant::{TILE_ACTS, TILE_ROWS};
 
 mod activations;
 mod float_tiles;

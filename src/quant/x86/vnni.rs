@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::super::blocks::{scales_and_mins, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8Kx8};
-use super::super::{TILE_ACTS, TILE_ROWS};
+use super::super::kquant::{TILE_ACTS, TILE_ROWS};
 use super::{f32_of, has_avx2, load, prefetch, tile, Avx2Block, MulAdd, Unpacked};
 
 /// A K-quant block that can be multiplied with interleaved groups of activation blocks.

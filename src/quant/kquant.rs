@@ -1,0 +1,253 @@
+//! K-quant matrices (Q4_K, Q5_K, Q6_K): the file's 256-value blocks times activations
+//! quantized to Q8_K, in tiles of weight rows and activation rows, with the kernels this
+//! CPU runs (x86/ for AVX2 and VNNI, scalar.rs elsewhere).
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::blocks::{as_blocks, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8Kx8, WeightBlock};
+use super::blocks::{quantize_q8k, BlockQ8K, QK_K};
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+use super::{scalar, Kernels, OutPtr, RawTensor, WeightBytes};
+use candle_core::quantized::GgmlDType;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockType {
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl BlockType {
+    fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4K => Some(BlockType::Q4K),
+            GgmlDType::Q5K => Some(BlockType::Q5K),
+            GgmlDType::Q6K => Some(BlockType::Q6K),
+            _ => None,
+        }
+    }
+
+    fn block_bytes(self) -> usize {
+        match self {
+            BlockType::Q4K => BlockQ4K::BYTES,
+            BlockType::Q5K => BlockQ5K::BYTES,
+            BlockType::Q6K => BlockQ6K::BYTES,
+        }
+    }
+}
+
+/// Weight rows in a tile.
+pub(super) const TILE_ROWS: usize = 8;
+/// Activation rows in a tile: 32 × 292 bytes of one block column fit L1 beside the rest
+/// (and make four interleaved groups of eight).
+pub(super) const TILE_ACTS: usize = 32;
+
+/// A block type every kernel of this build handles.
+#[cfg(target_arch = "x86_64")]
+trait KernelBlock: WeightBlock + scalar::ScalarBlock + x86::VnniBlock {}
+#[cfg(target_arch = "x86_64")]
+impl<T: WeightBlock + scalar::ScalarBlock + x86::VnniBlock> KernelBlock for T {}
+#[cfg(not(target_arch = "x86_64"))]
+trait KernelBlock: WeightBlock + scalar::ScalarBlock {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T: WeightBlock + scalar::ScalarBlock> KernelBlock for T {}
+
+/// A (rows, cols) K-quant weight matrix, multiplied as `x · Wᵀ`.
+#[derive(Debug)]
+pub struct QMatrix {
+    bytes: WeightBytes,
+    block_type: BlockType,
+    rows: usize,
+    cols: usize,
+    kernels: Kernels,
+}
+
+impl QMatrix {
+    /// `None` when our kernels do not handle this tensor (type, shape or alignment).
+    pub fn new(tensor: &RawTensor, kernels: Kernels) -> Option<Self> {
+        let block_type = BlockType::of(tensor.dtype())?;
+        let &[rows, cols] = tensor.dims() else {
+            return None;
+        };
+        let bytes = tensor.bytes();
+        let aligned = (bytes.as_bytes().as_ptr() as usize).is_multiple_of(8);
+        // `RawTensor` holds whole blocks for its shape; checked again because the kernels
+        // read without bounds checks.
+        let sized = cols % QK_K == 0
+            && rows
+                .checked_mul(cols / QK_K)
+                .and_then(|n| n.checked_mul(block_type.block_bytes()))
+                == Some(bytes.as_bytes().len());
+        // Kernels this CPU lacks would be undefined behaviour, not just slow.
+        let runnable = kernels != Kernels::Candle && Kernels::available().contains(&kernels);
+        (runnable && aligned && sized).then(|| Self {
+            bytes: bytes.clone(),
+            block_type,
+            rows,
+            cols,
+            kernels,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// `x` is (m, cols) row-major; returns (m, rows).
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let blocks_per_row = self.cols / QK_K;
+        let mut acts = vec![BlockQ8K::ZERO; m * blocks_per_row];
+        let kernels = self.kernels;
+        acts.par_chunks_mut(blocks_per_row)
+            .zip(x.par_chunks(self.cols))
+            .for_each(|(a, x)| match kernels {
+                // SAFETY: these kernels are only selected where the CPU has AVX2.
+                #[cfg(target_arch = "x86_64")]
+                Kernels::Avx2 | Kernels::AvxVnni | Kernels::Avx512Vnni => unsafe {
+                    x86::quantize_q8k(x, a)
+                },
+                _ => quantize_q8k(x, a),
+            });
+        let acts: Vec<&[BlockQ8K]> = acts.chunks_exact(blocks_per_row).collect();
+        let interleaved = self.interleave(&acts, blocks_per_row);
+        let act_groups: Vec<&[BlockQ8Kx8]> = interleaved.chunks_exact(blocks_per_row).collect();
+
+        // Tasks take runs of weight-row groups, so the weights stream from memory once.
+        let groups = self.rows.div_ceil(TILE_ROWS);
+        let groups_per_task = groups.div_ceil(rayon::current_num_threads() * 4).max(1);
+        let tasks = groups.div_ceil(groups_per_task);
+        let mut out = vec![0f32; m * self.rows];
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        (0..tasks).into_par_iter().for_each(|task| {
+            let task_rows = task * groups_per_task * TILE_ROWS
+                ..((task + 1) * groups_per_task * TILE_ROWS).min(self.rows);
+            // Tiles write a (task rows, m) buffer contiguously, transposed afterwards into the
+            // (m, rows) output in 8×8 blocks. With one activation row (decoding) the two
+            // layouts are the same, and the buffer is this task's part of the output.
+            let width = task_rows.len();
+            let mut owned = Vec::new();
+            let local: &mut [f32] = if m == 1 {
+                // SAFETY: in bounds, and no other task touches these rows.
+                unsafe { std::slice::from_raw_parts_mut(out_ptr.at(task_rows.start), width) }
+            } else {
+                owned.resize(width * m, 0f32);
+                &mut owned
+            };
+            let mut tile_out = [0f32; TILE_ROWS * TILE_ACTS];
+            for first_row in task_rows.clone().step_by(TILE_ROWS) {
+                let rows = first_row..(first_row + TILE_ROWS).min(task_rows.end);
+                let local_rows = &mut local[(first_row - task_rows.start) * m..][..rows.len() * m];
+                for first_act in (0..m).step_by(TILE_ACTS) {
+                    let tile_acts = &acts[first_act..(first_act + TILE_ACTS).min(m)];
+                    let n = tile_acts.len();
+                    // The whole groups of eight among these rows (TILE_ACTS is a multiple).
+                    let first_group = (first_act / 8).min(act_groups.len());
+                    let last_group = (first_group + n / 8).min(act_groups.len());
+                    let tile_groups = &act_groups[first_group..last_group];
+                    let tile_out = &mut tile_out[..rows.len() * n];
+                    self.tile(rows.clone(), tile_acts, tile_groups, tile_out);
+                    for (j, values) in tile_out.chunks_exact(n).enumerate() {
+                        local_rows[j * m + first_act..][..n].copy_from_slice(values);
+                    }
+                }
+            }
+            if m == 1 {
+                return;
+            }
+            let dst = out_ptr.at(task_rows.start);
+            match self.kernels {
+                // SAFETY: AVX2 as the kernels; the writes stay within this task's columns.
+                #[cfg(target_arch = "x86_64")]
+                Kernels::Avx2 | Kernels::AvxVnni | Kernels::Avx512Vnni => unsafe {
+                    x86::transpose(local, m, dst, self.rows)
+                },
+                _ => {
+                    for (j, values) in local.chunks_exact(m).enumerate() {
+                        for (i, &v) in values.iter().enumerate() {
+                            // SAFETY: in bounds, and each task writes only its own rows'
+                            // columns, so no two tasks touch one element.
+                            unsafe { *dst.add(i * self.rows + j) = v };
+                        }
+                    }
+                }
+            }
+        });
+        out
+    }
+
+    /// The activations in groups of eight rows, interleaved, for the VNNI kernels (whole
+    /// groups only: a group padded with zero rows costs as much as a full one, more than
+    /// four rows' AVX2 products; the rest go row by row).
+    fn interleave(&self, acts: &[&[BlockQ8K]], blocks_per_row: usize) -> Vec<BlockQ8Kx8> {
+        if !matches!(self.kernels, Kernels::AvxVnni | Kernels::Avx512Vnni) {
+            return Vec::new();
+        }
+        acts.chunks_exact(8)
+            .flat_map(|rows| {
+                let rows: &[&[BlockQ8K]; 8] = rows.try_into().expect("chunks of eight");
+                (0..blocks_per_row).map(move |b| BlockQ8Kx8::interleave(rows, b))
+            })
+            .collect()
+    }
+
+    /// `out[j * acts.len() + i]` = weight row `rows.start + j` · `acts[i]`; `groups` holds
+    /// the first whole groups of eight of `acts` interleaved, if the kernel takes them.
+    fn tile(
+        &self,
+        rows: Range<usize>,
+        acts: &[&[BlockQ8K]],
+        groups: &[&[BlockQ8Kx8]],
+        out: &mut [f32],
+    ) {
+        match self.block_type {
+            BlockType::Q4K => self.tile_of::<BlockQ4K>(rows, acts, groups, out),
+            BlockType::Q5K => self.tile_of::<BlockQ5K>(rows, acts, groups, out),
+            BlockType::Q6K => self.tile_of::<BlockQ6K>(rows, acts, groups, out),
+        }
+    }
+
+    fn tile_of<B: KernelBlock>(
+        &self,
+        rows: Range<usize>,
+        acts: &[&[BlockQ8K]],
+        groups: &[&[BlockQ8Kx8]],
+        out: &mut [f32],
+    ) {
+        let row_bytes = self.cols / QK_K * B::BYTES;
+        let weights = &self.bytes.as_bytes()[rows.start * row_bytes..rows.end * row_bytes];
+        let weights: &[B] =
+            as_blocks(weights).expect("whole, aligned blocks (checked in QMatrix::new)");
+        let mut w: [&[B]; TILE_ROWS] = [&[]; TILE_ROWS];
+        for (slot, row) in w.iter_mut().zip(weights.chunks_exact(self.cols / QK_K)) {
+            *slot = row;
+        }
+        let w = &w[..rows.len()];
+        // Only the x86 VNNI kernels read the interleaved groups.
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = groups;
+        match self.kernels {
+            // SAFETY: these kernels are only selected where the CPU has them; all rows have
+            // the same number of blocks; the tile is within TILE_ROWS × TILE_ACTS.
+            #[cfg(target_arch = "x86_64")]
+            Kernels::AvxVnni => unsafe { x86::tile_avx_vnni(w, acts, groups, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx512Vnni => unsafe { x86::tile_avx512_vnni(w, acts, groups, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2 => unsafe { x86::tile_avx2(w, acts, out) },
+            _ => {
+                for (j, row) in w.iter().enumerate() {
+                    for (i, act) in acts.iter().enumerate() {
+                        out[j * acts.len() + i] = scalar::dot(row, act);
+                    }
+                }
+            }
+        }
+    }
+}
