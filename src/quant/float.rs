@@ -6,7 +6,7 @@
 use half::{bf16, f16};
 
 use super::storage::{RawTensor, WeightBytes};
-use super::{par_row_groups, Kernels, OutPtr};
+use super::{par_row_groups, readable, Kernels, OutPtr};
 use candle_core::quantized::GgmlDType;
 
 /// How a float matrix stores its values.
@@ -76,29 +76,11 @@ impl FloatMatrix {
     /// `None` for other tensor types, and where Candle's kernels are asked for.
     pub fn new(tensor: &RawTensor, kernels: Kernels) -> Option<Self> {
         let format = FloatFormat::of(tensor.dtype())?;
-        let &[rows, cols] = tensor.dims() else {
-            return None;
-        };
-        let bytes = tensor.bytes();
-        // `RawTensor` holds exactly the shape's bytes; checked again because the tiles read
-        // without bounds checks.
-        let sized = rows
-            .checked_mul(cols)
-            .and_then(|n| n.checked_mul(format.bytes()))
-            == Some(bytes.as_bytes().len());
-        let aligned = (bytes.as_bytes().as_ptr() as usize).is_multiple_of(format.bytes());
-        // Kernels this CPU lacks would be undefined behaviour, not just slow.
-        if !Kernels::available().contains(&kernels) {
-            return None;
-        }
-        let simd = match kernels {
-            Kernels::Candle => return None,
-            Kernels::Scalar => false,
-            // Every other kernel set needs AVX2, FMA and F16C, which is what the tiles use.
-            _ => cols.is_multiple_of(8),
-        };
-        (sized && aligned).then(|| Self {
-            bytes: bytes.clone(),
+        let (rows, cols) = readable(tensor, kernels, 1, format.bytes(), format.bytes())?;
+        // Every kernel set but the portable one needs AVX2, FMA and F16C, which the tiles use.
+        let simd = kernels != Kernels::Scalar && cols.is_multiple_of(8);
+        Some(Self {
+            bytes: tensor.bytes().clone(),
             format,
             rows,
             cols,

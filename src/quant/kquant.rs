@@ -10,7 +10,7 @@ use super::blocks::{as_blocks, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8Kx8, WeightB
 use super::blocks::{quantize_q8k, BlockQ8K, QK_K};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{scalar, Kernels, OutPtr, RawTensor, WeightBytes};
+use super::{readable, scalar, Kernels, OutPtr, RawTensor, WeightBytes};
 use candle_core::quantized::GgmlDType;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,22 +69,9 @@ impl QMatrix {
     /// `None` when our kernels do not handle this tensor (type, shape or alignment).
     pub fn new(tensor: &RawTensor, kernels: Kernels) -> Option<Self> {
         let block_type = BlockType::of(tensor.dtype())?;
-        let &[rows, cols] = tensor.dims() else {
-            return None;
-        };
-        let bytes = tensor.bytes();
-        let aligned = (bytes.as_bytes().as_ptr() as usize).is_multiple_of(8);
-        // `RawTensor` holds whole blocks for its shape; checked again because the kernels
-        // read without bounds checks.
-        let sized = cols % QK_K == 0
-            && rows
-                .checked_mul(cols / QK_K)
-                .and_then(|n| n.checked_mul(block_type.block_bytes()))
-                == Some(bytes.as_bytes().len());
-        // Kernels this CPU lacks would be undefined behaviour, not just slow.
-        let runnable = kernels != Kernels::Candle && Kernels::available().contains(&kernels);
-        (runnable && aligned && sized).then(|| Self {
-            bytes: bytes.clone(),
+        let (rows, cols) = readable(tensor, kernels, QK_K, block_type.block_bytes(), 8)?;
+        Some(Self {
+            bytes: tensor.bytes().clone(),
             block_type,
             rows,
             cols,

@@ -169,6 +169,32 @@ fn par_row_groups(rows: usize, group: usize, f: impl Fn(Range<usize>) + Sync) {
     });
 }
 
+/// The (rows, cols) of `tensor` where our `kernels` may read it unchecked: kernels this
+/// CPU runs (others would be undefined behaviour, not just slow), a matrix of whole blocks
+/// of `block` values and `block_bytes` bytes a row, exactly its bytes (`RawTensor` holds
+/// them; checked again because the kernels read without bounds checks), aligned to
+/// `align`. `None` otherwise: Candle's kernels take it.
+fn readable(
+    tensor: &RawTensor,
+    kernels: Kernels,
+    block: usize,
+    block_bytes: usize,
+    align: usize,
+) -> Option<(usize, usize)> {
+    let &[rows, cols] = tensor.dims() else {
+        return None;
+    };
+    let bytes = tensor.bytes().as_bytes();
+    let runnable = kernels != Kernels::Candle && Kernels::available().contains(&kernels);
+    let sized = cols.is_multiple_of(block)
+        && rows
+            .checked_mul(cols / block)
+            .and_then(|n| n.checked_mul(block_bytes))
+            == Some(bytes.len());
+    let aligned = (bytes.as_ptr() as usize).is_multiple_of(align);
+    (runnable && sized && aligned).then_some((rows, cols))
+}
+
 /// `x · Wᵀ` for a (rows, cols) matrix whose `matmul` takes (m, cols) activations: checks
 /// the activations and shapes the (…, rows) result.
 fn product(

@@ -16,7 +16,7 @@ pub use blocks::{
 
 use super::blocks::{as_blocks, WeightBlock};
 use super::storage::RawTensor;
-use super::{par_row_groups, Kernels, OutPtr, WeightBytes};
+use super::{par_row_groups, readable, Kernels, OutPtr, WeightBytes};
 use candle_core::quantized::GgmlDType;
 
 /// Σ q of an activation block.
@@ -78,23 +78,9 @@ impl LegacyMatrix {
             GgmlDType::Q5_1 => (Legacy::Q5_1, BlockQ5_1::BYTES),
             _ => return None,
         };
-        let &[rows, cols] = tensor.dims() else {
-            return None;
-        };
-        let bytes = tensor.bytes();
-        // Checked again (`RawTensor` holds whole blocks) because the tiles read unchecked.
-        let sized = cols.is_multiple_of(QK)
-            && rows
-                .checked_mul(cols / QK)
-                .and_then(|n| n.checked_mul(block_bytes))
-                == Some(bytes.as_bytes().len());
-        let aligned = (bytes.as_bytes().as_ptr() as usize).is_multiple_of(2);
-        // Kernels this CPU lacks would be undefined behaviour, not just slow.
-        if kernels == Kernels::Candle || !Kernels::available().contains(&kernels) {
-            return None;
-        }
-        (sized && aligned).then(|| Self {
-            bytes: bytes.clone(),
+        let (rows, cols) = readable(tensor, kernels, QK, block_bytes, 2)?;
+        Some(Self {
+            bytes: tensor.bytes().clone(),
             kind,
             rows,
             cols,
