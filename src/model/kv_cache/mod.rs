@@ -325,11 +325,13 @@ impl<E: Element> Buffers<E> {
             let (mut first, last) = (at.len, at.len + at.seq);
             while first < last {
                 // The positions in this page; a page still shared with another sequence is
-                // copied first (once: the copy is this cache's own).
+                // copied first, the rows this cache holds of it (once: the copy is its own).
                 let end = ((first / PAGE + 1) * PAGE).min(last);
                 let shared = &mut buffer[first / PAGE];
                 if Arc::get_mut(shared).is_none() {
-                    *shared = Arc::new(shared.try_clone().map_err(no_memory)?);
+                    let kept = (first % PAGE) * units;
+                    let copy = shared.try_clone_runs(PAGE * units, kept);
+                    *shared = Arc::new(copy.map_err(no_memory)?);
                 }
                 let page = Arc::get_mut(shared)
                     .expect("a page of its own: just copied")

@@ -38,10 +38,19 @@ impl<U: Plain> Page<U> {
         })
     }
 
-    /// A page of its own with the same contents (copy on write of a shared page).
-    pub fn try_clone(&self) -> std::io::Result<Self> {
+    /// A page of its own holding the first `kept` units of each run of `run` units (each
+    /// head's rows written so far): copy on write of a shared page. The rest is not
+    /// touched, so it costs no memory until written (a whole copy made the last page of
+    /// every layer resident at each fork: 96 MiB a chat turn for Phi-3-mini).
+    pub fn try_clone_runs(&self, run: usize, kept: usize) -> std::io::Result<Self> {
         let mut copy = Self::zeroed(self.units)?;
-        copy.map.copy_from_slice(&self.map);
+        for (to, from) in copy
+            .units_mut()
+            .chunks_mut(run)
+            .zip(self.units().chunks(run))
+        {
+            to[..kept].copy_from_slice(&from[..kept]);
+        }
         Ok(copy)
     }
 

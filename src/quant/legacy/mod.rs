@@ -123,7 +123,10 @@ impl LegacyMatrix {
             true => acts.iter().map(q_sum).collect(),
             false => Vec::new(),
         };
-        let sums: Vec<f32> = acts.iter().zip(&qsums).map(|(a, &q)| d_sum(a, q)).collect();
+        let sums: Vec<f32> = match B::STORED_MIN {
+            true => acts.iter().zip(&qsums).map(|(a, &q)| d_sum(a, q)).collect(),
+            false => Vec::new(),
+        };
         // Whole groups of eight rows, interleaved, where this CPU's kernels take them.
         let groups = match (m >= 8, self.kernels) {
             (true, Kernels::AvxVnni | Kernels::Avx512Vnni) => interleave::<B>(&acts, blocks),
@@ -156,7 +159,8 @@ impl LegacyMatrix {
         let row_bytes = blocks * B::BYTES;
         let bytes = &self.bytes.as_bytes()[rows.start * row_bytes..rows.end * row_bytes];
         let weights: &[B] = as_blocks(bytes).expect("whole, aligned blocks (checked in new)");
-        debug_assert!(!B::HAS_MIN || acts.sums.len() == acts.blocks.len());
+        debug_assert!(!B::HAS_MIN || acts.qsums.len() == acts.blocks.len());
+        debug_assert!(!B::STORED_MIN || acts.sums.len() == acts.blocks.len());
         #[cfg(target_arch = "x86_64")]
         {
             use super::x86;
@@ -212,8 +216,9 @@ impl LegacyMatrix {
     }
 }
 
-/// The quantized activation rows, each block's Σ q and d · Σ q where the weights have a
-/// minimum (else none), and the first `grouped` rows interleaved by eight (or none).
+/// The quantized activation rows, each block's Σ q where the weights have a minimum and its
+/// d · Σ q where they store one (else none), and the first `grouped` rows interleaved by
+/// eight (or none).
 struct Activations<'a> {
     blocks: &'a [BlockQ8_0],
     qsums: &'a [i32],

@@ -61,8 +61,8 @@ const PREFETCH_ACTS: usize = 8;
 const PREFETCH_AHEAD: usize = 4096;
 
 /// Weight rows `rows` (`weights`: `blocks` blocks a row) with the `m` activation rows
-/// `acts`, into `out[i * stride + r]`; where the weights have a minimum, `qsums` holds each
-/// activation block's Σ q and `sums` its d · Σ q.
+/// `acts`, into `out[i * stride + r]`; `qsums` holds each activation block's Σ q where the
+/// weights have a minimum, `sums` its d · Σ q where they store one.
 pub struct LegacyGroup<'a, B> {
     pub weights: &'a [B],
     pub acts: &'a [BlockQ8_0],
@@ -76,9 +76,9 @@ pub struct LegacyGroup<'a, B> {
 }
 
 /// Safety: the CPU must have AVX2, FMA and F16C; `weights` holds `rows.len()` rows and
-/// `acts` `m` rows of `blocks` blocks (and `qsums` and `sums` as many values, if
-/// `B::HAS_MIN`); `out` has room for `m * stride` values, and no other
-/// thread writes these rows' outputs meanwhile.
+/// `acts` `m` rows of `blocks` blocks (and `qsums` as many values if `B::HAS_MIN`, `sums`
+/// if `B::STORED_MIN`); `out` has room for `m * stride` values, and no other thread writes
+/// these rows' outputs meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn legacy_group_avx2<B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
     group::<Avx2, B>(g)
@@ -101,7 +101,8 @@ unsafe fn group<D: ByteDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
     let n = g.rows.len();
     let nb = g.blocks;
     debug_assert!(g.weights.len() >= n * nb && g.acts.len() >= g.m * nb);
-    debug_assert!(!B::HAS_MIN || (g.sums.len() >= g.m * nb && g.qsums.len() >= g.m * nb));
+    debug_assert!(!B::HAS_MIN || g.qsums.len() >= g.m * nb);
+    debug_assert!(!B::STORED_MIN || g.sums.len() >= g.m * nb);
     let w = |j: usize| g.weights.as_ptr().add(j * nb);
     let x = |i: usize| g.acts.as_ptr().add(i * nb);
     // Only read where B has a minimum (`sums` is empty otherwise): wrapping, never out of
