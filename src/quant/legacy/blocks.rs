@@ -2,8 +2,9 @@
 //! block's values as bytes for the integer products, with the block's scale and minimum.
 //!
 //! Q8_0's values are signed. The others' are read unsigned (the nibbles, with Q5's fifth
-//! bit), their offset moved into the minimum (Q4_0's d · (q − 8) is d · q − 8d): `vpdpbusd`
-//! and `maddubs` take an unsigned operand, so those products need no sign juggling.
+//! bit), their offset taken off in integers afterwards (Q4_0's Σ (q − 8) · y is
+//! Σ q · y − 8 Σ y): `vpdpbusd` and `maddubs` take an unsigned operand, so those products
+//! need no sign juggling.
 
 use half::f16;
 
@@ -54,6 +55,18 @@ pub struct BlockQ5_1 {
     pub qs: [u8; QK / 2],
 }
 
+impl BlockQ8_0 {
+    /// Σ q: what the weights' integer offsets multiply.
+    pub fn q_sum(&self) -> i32 {
+        self.qs.iter().map(|&q| i32::from(q)).sum()
+    }
+
+    /// d · Σ q (given Σ q): what a stored minimum multiplies.
+    pub fn d_sum(&self, q_sum: i32) -> f32 {
+        q_sum as f32 * self.d.to_f32()
+    }
+}
+
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
@@ -92,13 +105,12 @@ impl BlockQ8_0x8 {
                 qs[32 * g + 4 * r..][..4].copy_from_slice(&row.qs[4 * g..4 * g + 4]);
             }
         }
-        let sums = rows.map(|row| row.qs.iter().map(|&q| i32::from(q)).sum::<i32>());
-        let d = rows.map(|row| row.d.to_f32());
+        let sums = rows.map(BlockQ8_0::q_sum);
         Self {
             qs,
-            d,
+            d: rows.map(|row| row.d.to_f32()),
             offsets: sums.map(|s| k * s),
-            ds: std::array::from_fn(|r| sums[r] as f32 * d[r]),
+            ds: std::array::from_fn(|r| rows[r].d_sum(sums[r])),
         }
     }
 }

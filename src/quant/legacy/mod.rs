@@ -19,17 +19,6 @@ use super::storage::RawTensor;
 use super::{par_row_groups, readable, Kernels, OutPtr, WeightBytes};
 use candle_core::quantized::GgmlDType;
 
-/// Σ q of an activation block.
-fn q_sum(a: &BlockQ8_0) -> i32 {
-    a.qs.iter().map(|&q| i32::from(q)).sum()
-}
-
-/// d · Σ q of an activation block: what a weight block's stored minimum multiplies (the
-/// interleaved activations compute it alike).
-fn d_sum(a: &BlockQ8_0, q_sum: i32) -> f32 {
-    q_sum as f32 * a.d.to_f32()
-}
-
 /// Quantizes `xs` (a multiple of 32 long) to Q8_0 as ggml does: scale from the largest
 /// magnitude, values rounded half away from zero.
 pub fn quantize_q8_0(xs: &[f32], out: &mut [BlockQ8_0]) {
@@ -120,11 +109,11 @@ impl LegacyMatrix {
             .zip(x.par_chunks(self.cols))
             .for_each(|(a, x)| quantize_q8_0(x, a));
         let qsums: Vec<i32> = match B::HAS_MIN {
-            true => acts.iter().map(q_sum).collect(),
+            true => acts.iter().map(BlockQ8_0::q_sum).collect(),
             false => Vec::new(),
         };
         let sums: Vec<f32> = match B::STORED_MIN {
-            true => acts.iter().zip(&qsums).map(|(a, &q)| d_sum(a, q)).collect(),
+            true => acts.iter().zip(&qsums).map(|(a, &q)| a.d_sum(q)).collect(),
             false => Vec::new(),
         };
         // Whole groups of eight rows, interleaved, where this CPU's kernels take them.
@@ -250,11 +239,11 @@ pub fn dot<B: LegacyBlock>(w: &[B], a: &[BlockQ8_0]) -> f32 {
             .zip(&a.qs)
             .map(|(&x, &y)| i32::from(x) * i32::from(y))
             .sum();
-        let q = q_sum(a);
+        let q = a.q_sum();
         let total = sum + B::OFFSET * q;
         let acc = (total as f32).mul_add(w.d().to_f32() * a.d.to_f32(), acc);
         match B::STORED_MIN {
-            true => w.m_bits().to_f32().mul_add(d_sum(a, q), acc),
+            true => w.m_bits().to_f32().mul_add(a.d_sum(q), acc),
             false => acc,
         }
     })
