@@ -365,22 +365,24 @@ mod tests {
         Tensor::from_vec(data, (1, heads, seq, d), &Device::Cpu).unwrap()
     }
 
-    fn key(cache: &KvCache, h: usize, j: usize) -> Vec<f32> {
-        let mut out = vec![0f32; cache.head_dim];
-        match cache.rows() {
-            Rows::F32(k, _) => F32::decode(k.row(h, j), &mut out),
-            Rows::F16(k, _) => F16::decode(k.row(h, j), &mut out),
-            Rows::Q8(k, _) => Q8::decode(k.row(h, j), &mut out),
+    /// The key (`value` false) or value of head `h` at position `j`, decoded.
+    fn stored(cache: &KvCache, h: usize, j: usize, value: bool) -> Vec<f32> {
+        fn pick<'a, E: Element>(
+            k: HeadRows<'a, E>,
+            v: HeadRows<'a, E>,
+            value: bool,
+        ) -> HeadRows<'a, E> {
+            if value {
+                v
+            } else {
+                k
+            }
         }
-        out
-    }
-
-    fn value(cache: &KvCache, h: usize, j: usize) -> Vec<f32> {
         let mut out = vec![0f32; cache.head_dim];
         match cache.rows() {
-            Rows::F32(_, v) => F32::decode(v.row(h, j), &mut out),
-            Rows::F16(_, v) => F16::decode(v.row(h, j), &mut out),
-            Rows::Q8(_, v) => Q8::decode(v.row(h, j), &mut out),
+            Rows::F32(k, v) => F32::decode(pick(k, v, value).row(h, j), &mut out),
+            Rows::F16(k, v) => F16::decode(pick(k, v, value).row(h, j), &mut out),
+            Rows::Q8(k, v) => Q8::decode(pick(k, v, value).row(h, j), &mut out),
         }
         out
     }
@@ -424,7 +426,8 @@ mod tests {
         };
         let want = want.narrow(1, h, 1).unwrap().narrow(2, n, 1).unwrap();
         let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for (which, got) in [("key", key(cache, h, j)), ("value", value(cache, h, j))] {
+        for (which, value) in [("key", false), ("value", true)] {
+            let got = stored(cache, h, j, value);
             for (a, b) in got.iter().zip(&want) {
                 let kind = cache.kind;
                 assert!(
@@ -480,7 +483,7 @@ mod tests {
         cache.append(&v, &v).unwrap();
         let want = v.contiguous().unwrap();
         let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(key(&cache, 1, 2), want[(3 + 2) * 8..(3 + 3) * 8]);
+        assert_eq!(stored(&cache, 1, 2, false), want[(3 + 2) * 8..(3 + 3) * 8]);
     }
 
     #[test]
