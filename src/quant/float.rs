@@ -69,6 +69,7 @@ pub struct FloatMatrix {
     rows: usize,
     cols: usize,
     /// The AVX2 tiles; else the portable loop.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     simd: bool,
 }
 
@@ -129,7 +130,7 @@ impl FloatMatrix {
         let mut w = vec![0f32; self.cols];
         for (j, row) in weights.chunks_exact(row_bytes).enumerate() {
             self.format.decode(row, &mut w);
-            for (i, x) in x.chunks_exact(self.cols).enumerate() {
+            for (i, x) in x.chunks_exact(self.cols).take(m).enumerate() {
                 let dot = w.iter().zip(x).map(|(a, b)| a * b).sum::<f32>();
                 // SAFETY: in bounds; each task writes only its own rows' outputs.
                 unsafe { *out.at(i * self.rows + rows.start + j) = dot };

@@ -83,6 +83,7 @@ impl WeightBlock for BlockQ5_1 {}
 /// bytes 32g + 4r .. 32g + 4r + 4 are row r's values 4g .. 4g + 4, so one instruction
 /// multiplies four weights (broadcast) with eight rows, and the eight sums come out as the
 /// eight lanes of one vector.
+#[cfg(target_arch = "x86_64")]
 #[repr(C, align(32))]
 pub struct BlockQ8_0x8 {
     pub qs: [i8; 8 * QK],
@@ -94,6 +95,7 @@ pub struct BlockQ8_0x8 {
     pub ds: [f32; 8],
 }
 
+#[cfg(target_arch = "x86_64")]
 impl BlockQ8_0x8 {
     /// `rows` interleaved, for weights whose integer products exceed the true ones by `k`
     /// · Σ q: 128 for Q8_0's (shifted to unsigned), 8 for Q4_0's nibbles (q − 8), 16 for
@@ -119,6 +121,7 @@ impl BlockQ8_0x8 {
 /// `OFFSET` · d (Q4_0, Q5_0), or none (Q8_0).
 pub trait LegacyBlock: WeightBlock + Sync {
     /// Whether the values are signed (Q8_0) rather than unsigned (0..31).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     const SIGNED: bool = false;
     /// What the values are offset by, in units of d: 0 or minus a power of two.
     const OFFSET: i32 = 0;
@@ -129,6 +132,7 @@ pub trait LegacyBlock: WeightBlock + Sync {
     /// By how many times each activation block's Σ q the interleaved kernels' integer
     /// products exceed the true ones: Q8_0's weights are shifted by +128 to be unsigned,
     /// Q4_0's and Q5_0's are read without their offset.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     const EXCESS: i32 = if Self::SIGNED { 128 } else { -Self::OFFSET };
     fn values(&self) -> [i8; QK];
     /// The scale, as stored (the vector kernels convert it themselves).

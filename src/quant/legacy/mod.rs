@@ -10,9 +10,9 @@ mod blocks;
 use half::f16;
 use rayon::prelude::*;
 
-pub use blocks::{
-    BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_0x8, LegacyBlock, QK,
-};
+#[cfg(target_arch = "x86_64")]
+pub use blocks::BlockQ8_0x8;
+pub use blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, LegacyBlock, QK};
 
 use super::blocks::{as_blocks, WeightBlock};
 use super::storage::RawTensor;
@@ -53,6 +53,7 @@ pub struct LegacyMatrix {
     kind: Legacy,
     rows: usize,
     cols: usize,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     kernels: Kernels,
 }
 
@@ -116,18 +117,24 @@ impl LegacyMatrix {
             true => acts.iter().zip(&qsums).map(|(a, &q)| a.d_sum(q)).collect(),
             false => Vec::new(),
         };
-        // Whole groups of eight rows, interleaved, where this CPU's kernels take them.
-        let groups = match (m >= 8, self.kernels) {
-            (true, Kernels::AvxVnni | Kernels::Avx512Vnni) => interleave::<B>(&acts, blocks),
-            (true, Kernels::Avx2) if !B::SIGNED => interleave::<B>(&acts, blocks),
-            _ => Vec::new(),
+        // Whole groups of eight rows, interleaved, where this CPU has a kernel for them.
+        #[cfg(target_arch = "x86_64")]
+        let interleaved = (m >= 8)
+            .then(|| super::x86::interleaved::<B>(self.kernels))
+            .flatten();
+        #[cfg(target_arch = "x86_64")]
+        let groups = match interleaved {
+            Some(_) => interleave::<B>(&acts, blocks),
+            None => Vec::new(),
         };
         let acts = Activations {
             blocks: &acts,
             qsums: &qsums,
             sums: &sums,
-            grouped: groups.len() / blocks * 8,
-            groups: &groups,
+            #[cfg(target_arch = "x86_64")]
+            groups: interleaved.map(|kernel| (&groups[..], kernel)),
+            #[cfg(not(target_arch = "x86_64"))]
+            groups: std::marker::PhantomData,
         };
         let mut out = vec![0f32; m * self.rows];
         let out_ptr = OutPtr(out.as_mut_ptr());
@@ -140,7 +147,7 @@ impl LegacyMatrix {
     fn group<B: LegacyBlock>(
         &self,
         rows: std::ops::Range<usize>,
-        acts: &Activations<'_>,
+        acts: &Activations<'_, B>,
         m: usize,
         out: OutPtr,
     ) {
@@ -153,25 +160,21 @@ impl LegacyMatrix {
         #[cfg(target_arch = "x86_64")]
         {
             use super::x86;
-            // The first `grouped` activation rows, eight at a time...
-            let grouped = acts.grouped;
-            if grouped > 0 {
+            // The first activation rows, eight at a time...
+            let mut grouped = 0;
+            if let Some((groups, kernel)) = acts.groups {
+                grouped = groups.len() / blocks * 8;
                 let group = x86::InterleavedGroup {
                     weights,
-                    groups: acts.groups,
+                    groups,
                     blocks,
                     out,
                     rows: rows.clone(),
                     stride: self.rows,
                 };
-                // SAFETY: as below; groups are only built for the kernels and types that
-                // take them (`matmul_of`), with B's excess.
-                match self.kernels {
-                    Kernels::AvxVnni => unsafe { x86::interleaved_avx_vnni(&group) },
-                    Kernels::Avx512Vnni => unsafe { x86::interleaved_avx512_vnni(&group) },
-                    Kernels::Avx2 => unsafe { x86::interleaved_avx2(&group) },
-                    Kernels::Scalar | Kernels::Candle => unreachable!("no groups built"),
-                }
+                // SAFETY: as below; `x86::interleaved` offers a kernel only where the CPU
+                // runs it and it takes B; the groups were built with B's excess.
+                unsafe { kernel(&group) };
             }
             // ...and the rest row by row.
             let group = x86::LegacyGroup {
@@ -197,7 +200,7 @@ impl LegacyMatrix {
             }
         }
         for (j, w) in weights.chunks_exact(blocks).enumerate() {
-            for (i, a) in acts.blocks.chunks_exact(blocks).enumerate() {
+            for (i, a) in acts.blocks.chunks_exact(blocks).take(m).enumerate() {
                 // SAFETY: in bounds; each task writes only its own rows' outputs.
                 unsafe { *out.at(i * self.rows + rows.start + j) = dot(w, a) };
             }
@@ -206,17 +209,20 @@ impl LegacyMatrix {
 }
 
 /// The quantized activation rows, each block's Σ q where the weights have a minimum and its
-/// d · Σ q where they store one (else none), and the first `grouped` rows interleaved by
-/// eight (or none).
-struct Activations<'a> {
+/// d · Σ q where they store one (else none), and the first rows' whole groups of eight
+/// interleaved, with the kernel that takes them (or none).
+struct Activations<'a, B> {
     blocks: &'a [BlockQ8_0],
     qsums: &'a [i32],
     sums: &'a [f32],
-    groups: &'a [BlockQ8_0x8],
-    grouped: usize,
+    #[cfg(target_arch = "x86_64")]
+    groups: Option<(&'a [BlockQ8_0x8], super::x86::InterleavedKernel<B>)>,
+    #[cfg(not(target_arch = "x86_64"))]
+    groups: std::marker::PhantomData<B>,
 }
 
 /// The whole groups of eight rows of `acts` (`blocks` blocks a row), interleaved for B.
+#[cfg(target_arch = "x86_64")]
 fn interleave<B: LegacyBlock>(acts: &[BlockQ8_0], blocks: usize) -> Vec<BlockQ8_0x8> {
     let rows: Vec<&[BlockQ8_0]> = acts.chunks_exact(blocks).collect();
     rows.chunks_exact(8)

@@ -10,7 +10,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::super::legacy::{BlockQ8_0x8, LegacyBlock};
-use super::super::OutPtr;
+use super::super::{Kernels, OutPtr};
 use super::legacy_tiles::ByteDot;
 use super::vnni::{Evex, Vex};
 use super::{f32_of, load, Avx2};
@@ -31,29 +31,43 @@ pub struct InterleavedGroup<'a, B> {
     pub stride: usize,
 }
 
+/// One of the kernels below.
+pub type InterleavedKernel<B> = for<'a> unsafe fn(&InterleavedGroup<'a, B>);
+
+/// The kernel for B with `kernels`, if they have one: VNNI for every type, AVX2 for the
+/// unsigned ones (Q8_0's weights, shifted to unsigned, would saturate `maddubs`).
+pub fn interleaved<B: LegacyBlock>(kernels: Kernels) -> Option<InterleavedKernel<B>> {
+    match kernels {
+        Kernels::AvxVnni => Some(interleaved_avx_vnni::<B>),
+        Kernels::Avx512Vnni => Some(interleaved_avx512_vnni::<B>),
+        Kernels::Avx2 if !B::SIGNED => Some(interleaved_avx2::<B>),
+        _ => None,
+    }
+}
+
 /// Safety: the CPU must have AVX2, FMA and F16C; B must not be signed (Q8_0);
 /// `weights` holds `rows.len()` rows and `groups` whole groups of `blocks` blocks, built
 /// with B's `EXCESS`; `out` has room for every group's rows at `stride`, and no other
 /// thread writes these rows' outputs meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn interleaved_avx2<B: LegacyBlock>(g: &InterleavedGroup<'_, B>) {
-    interleaved::<Avx2, B>(g)
+    run::<Avx2, B>(g)
 }
 
 /// `interleaved_avx2`, with AVX-VNNI (`has_avx_vnni`), for every type.
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 pub unsafe fn interleaved_avx_vnni<B: LegacyBlock>(g: &InterleavedGroup<'_, B>) {
-    interleaved::<Vex, B>(g)
+    run::<Vex, B>(g)
 }
 
 /// `interleaved_avx2`, with AVX-512 VNNI's encoding (`has_avx512_vnni`), for every type.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
 pub unsafe fn interleaved_avx512_vnni<B: LegacyBlock>(g: &InterleavedGroup<'_, B>) {
-    interleaved::<Evex, B>(g)
+    run::<Evex, B>(g)
 }
 
 #[inline(always)]
-unsafe fn interleaved<D: ByteDot, B: LegacyBlock>(g: &InterleavedGroup<'_, B>) {
+unsafe fn run<D: ByteDot, B: LegacyBlock>(g: &InterleavedGroup<'_, B>) {
     let nb = g.blocks;
     let n_groups = g.groups.len() / nb;
     debug_assert!(g.weights.len() >= g.rows.len() * nb && g.groups.len() == n_groups * nb);

@@ -27,9 +27,7 @@ mod vnni;
 pub use activations::{quantize_q8k, transpose};
 pub use float_tiles::{float_group, FloatGroup};
 use k_blocks::Unpacked;
-pub use legacy_interleaved::{
-    interleaved_avx2, interleaved_avx512_vnni, interleaved_avx_vnni, InterleavedGroup,
-};
+pub use legacy_interleaved::{interleaved, InterleavedGroup, InterleavedKernel};
 pub use legacy_tiles::{
     legacy_group_avx2, legacy_group_avx512_vnni, legacy_group_avx_vnni, LegacyGroup,
 };
