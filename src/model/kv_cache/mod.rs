@@ -304,7 +304,10 @@ impl<E: Element> Buffers<E> {
         let units = E::units(at.d);
         let pages = (at.len + at.seq).div_ceil(PAGE);
         let no_memory = |e: std::io::Error| {
-            candle_core::Error::Msg(format!("no memory for the KV cache's next page: {e}"))
+            candle_core::Error::Msg(format!(
+                "no memory for the KV cache's next page ({e}); free memory, ask for fewer \
+                 tokens, or keep keys and values in 8 bits (kv_cache_type=\"q8_0\")"
+            ))
         };
         for buffer in [&mut self.keys, &mut self.values] {
             while buffer.len() < pages {
