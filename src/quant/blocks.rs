@@ -123,25 +123,40 @@ impl BlockQ8K {
     };
 }
 
-/// Eight activation rows' Q8_K blocks of one block column, interleaved for `vpdpbusd`:
-/// `qs[k]` holds values 4k..4k+4 of row 0, then of row 1, ..., so one instruction multiplies
-/// four weights with the same four positions of all eight rows.
+/// Activation rows' Q8_K blocks of one block column, interleaved for `vpdpbusd`: each
+/// 32-byte vector `qs[k]` holds values RUN·k..RUN·(k+1) of row 0, then of row 1, ..., so one
+/// instruction multiplies RUN broadcast weights with the same positions of every row. RUN 4
+/// groups eight rows (one i32 lane each); RUN 8 four (a pair of lanes each, summed at the
+/// end), for four to seven decoding streams, which eight would leave half idle.
 #[repr(C, align(32))]
 #[derive(Clone)]
-pub struct BlockQ8Kx8 {
+pub struct BlockQ8Kx<const RUN: usize> {
+    /// The first `QK_K / RUN` vectors hold the values.
     pub qs: [[i8; 32]; QK_K / 4],
+    /// Per lane, its row's scale.
     pub d: [f32; 8],
-    /// `sums[q]`: per row r, the sums of its 32-value sub-blocks 2q and 2q+1, as the i16
-    /// pair at 2r, 2r+1 (what the weights' minimums multiply).
+    /// `sums[q]`: in each row's first lane, the sums of its 32-value sub-blocks 2q and 2q+1
+    /// as an i16 pair (what the weights' minimums multiply); zero in the others.
     pub sums: [[i16; 16]; 4],
     /// `bsums[q]`: the same for the 16-value sums 2q and 2q+1 (Q6_K's sub-blocks).
     pub bsums: [[i16; 16]; 8],
 }
 
-impl BlockQ8Kx8 {
-    /// Block column `b` of eight activation rows.
-    pub fn interleave(rows: &[&[BlockQ8K]; 8], b: usize) -> Self {
-        let mut out = BlockQ8Kx8 {
+/// Eight rows, four values of each per vector.
+pub type BlockQ8Kx8 = BlockQ8Kx<4>;
+/// Four rows, eight values of each per vector.
+pub type BlockQ8Kx4 = BlockQ8Kx<8>;
+
+impl<const RUN: usize> BlockQ8Kx<RUN> {
+    /// Activation rows in a group.
+    pub const ROWS: usize = 32 / RUN;
+    /// i32 lanes per row.
+    pub const LANES: usize = RUN / 4;
+
+    /// Block column `b` of up to `ROWS` activation rows; the rest of the group is zeros.
+    pub fn interleave(rows: &[&[BlockQ8K]], b: usize) -> Self {
+        assert!(rows.len() <= Self::ROWS, "at most {} rows", Self::ROWS);
+        let mut out = Self {
             qs: [[0; 32]; QK_K / 4],
             d: [0.0; 8],
             sums: [[0; 16]; 4],
@@ -149,19 +164,20 @@ impl BlockQ8Kx8 {
         };
         for (r, row) in rows.iter().enumerate() {
             let y = &row[b];
-            out.d[r] = y.d;
-            for (k, group) in out.qs.iter_mut().enumerate() {
-                group[4 * r..4 * r + 4].copy_from_slice(&y.qs[4 * k..4 * k + 4]);
+            let lane = r * Self::LANES;
+            out.d[lane..lane + Self::LANES].fill(y.d);
+            for (k, group) in out.qs[..QK_K / RUN].iter_mut().enumerate() {
+                group[RUN * r..RUN * (r + 1)].copy_from_slice(&y.qs[RUN * k..RUN * (k + 1)]);
             }
             for (q, sums) in out.sums.iter_mut().enumerate() {
                 for half in 0..2 {
                     let s = 2 * q + half;
-                    sums[2 * r + half] = y.bsums[2 * s] + y.bsums[2 * s + 1];
+                    sums[2 * lane + half] = y.bsums[2 * s] + y.bsums[2 * s + 1];
                 }
             }
             for (q, bsums) in out.bsums.iter_mut().enumerate() {
-                bsums[2 * r] = y.bsums[2 * q];
-                bsums[2 * r + 1] = y.bsums[2 * q + 1];
+                bsums[2 * lane] = y.bsums[2 * q];
+                bsums[2 * lane + 1] = y.bsums[2 * q + 1];
             }
         }
         out

@@ -2,11 +2,12 @@
 //! quantized to Q8_K, in tiles of weight rows and activation rows, with the kernels this
 //! CPU runs (x86/ for AVX2 and VNNI, scalar.rs elsewhere).
 
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 
 use rayon::prelude::*;
 
-use super::blocks::{as_blocks, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8Kx8, WeightBlock};
+use super::blocks::WeightBlock;
+use super::blocks::{as_blocks, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8Kx4, BlockQ8Kx8};
 use super::blocks::{quantize_q8k, BlockQ8K, QK_K};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
@@ -41,9 +42,24 @@ impl BlockType {
 
 /// Weight rows in a tile.
 pub(super) const TILE_ROWS: usize = 8;
+/// Rows left beyond the groups of eight that the VNNI kernels take as groups of four, and
+/// as a padded group of eight. Measured per pass of a Phi-3-mini-shaped 8192×3072 Q4_K
+/// matrix on a Xeon with AVX-VNNI: rows by AVX2 1 0.60 ms, 2 0.80, 3 ~1.0; a group of four
+/// 1.01 ms (1.29 for Q6_K); two groups of four 1.74 ms; a group of eight 1.47 ms.
+const FOURS: RangeInclusive<usize> = 3..=4;
+const PADDED_EIGHT: RangeInclusive<usize> = 5..=7;
 /// Activation rows in a tile: 32 × 292 bytes of one block column fit L1 beside the rest
 /// (and make four interleaved groups of eight).
 pub(super) const TILE_ACTS: usize = 32;
+
+/// A tile's activation rows as the VNNI kernels take them: its whole groups of eight
+/// (rows `8g..8g+8` in `eights[g]`), then groups of four (`fours`, the last padded with
+/// zeros past the tile's rows). Rows in neither go through the AVX2 path.
+#[derive(Clone, Copy)]
+pub(super) struct Groups<'a> {
+    pub(super) eights: &'a [&'a [BlockQ8Kx8]],
+    pub(super) fours: &'a [&'a [BlockQ8Kx4]],
+}
 
 /// A block type every kernel of this build handles.
 #[cfg(target_arch = "x86_64")]
@@ -103,8 +119,9 @@ impl QMatrix {
                 _ => quantize_q8k(x, a),
             });
         let acts: Vec<&[BlockQ8K]> = acts.chunks_exact(blocks_per_row).collect();
-        let interleaved = self.interleave(&acts, blocks_per_row);
-        let act_groups: Vec<&[BlockQ8Kx8]> = interleaved.chunks_exact(blocks_per_row).collect();
+        let (eights, fours) = self.interleave(&acts, blocks_per_row);
+        let eights: Vec<&[BlockQ8Kx8]> = eights.chunks_exact(blocks_per_row).collect();
+        let fours: Vec<&[BlockQ8Kx4]> = fours.chunks_exact(blocks_per_row).collect();
 
         // Tasks take runs of weight-row groups, so the weights stream from memory once.
         let groups = self.rows.div_ceil(TILE_ROWS);
@@ -134,12 +151,16 @@ impl QMatrix {
                 for first_act in (0..m).step_by(TILE_ACTS) {
                     let tile_acts = &acts[first_act..(first_act + TILE_ACTS).min(m)];
                     let n = tile_acts.len();
-                    // The whole groups of eight among these rows (TILE_ACTS is a multiple).
-                    let first_group = (first_act / 8).min(act_groups.len());
-                    let last_group = (first_group + n / 8).min(act_groups.len());
-                    let tile_groups = &act_groups[first_group..last_group];
+                    // The groups of eight among these rows (TILE_ACTS is a multiple; the
+                    // last tile's may be padded) and of four (in the last tile only).
+                    let first_group = (first_act / 8).min(eights.len());
+                    let last_group = (first_group + n.div_ceil(8)).min(eights.len());
+                    let groups = Groups {
+                        eights: &eights[first_group..last_group],
+                        fours: if first_act + n == m { &fours } else { &[] },
+                    };
                     let tile_out = &mut tile_out[..rows.len() * n];
-                    self.tile(rows.clone(), tile_acts, tile_groups, tile_out);
+                    self.tile(rows.clone(), tile_acts, groups, tile_out);
                     for (j, values) in tile_out.chunks_exact(n).enumerate() {
                         local_rows[j * m + first_act..][..n].copy_from_slice(values);
                     }
@@ -169,30 +190,45 @@ impl QMatrix {
         out
     }
 
-    /// The activations in groups of eight rows, interleaved, for the VNNI kernels (whole
-    /// groups only: a group padded with zero rows costs as much as a full one, more than
-    /// four rows' AVX2 products; the rest go row by row).
-    fn interleave(&self, acts: &[&[BlockQ8K]], blocks_per_row: usize) -> Vec<BlockQ8Kx8> {
+    /// The activations interleaved for the VNNI kernels: in groups of eight rows, then
+    /// the rows left over, if `FOURS` holds their count, as groups of four, or if
+    /// `PADDED_EIGHT` does, as a last group of eight padded with zeros (a group costs the
+    /// same however many of its rows are real); if neither, they go row by row.
+    fn interleave(
+        &self,
+        acts: &[&[BlockQ8K]],
+        blocks_per_row: usize,
+    ) -> (Vec<BlockQ8Kx8>, Vec<BlockQ8Kx4>) {
         if !matches!(self.kernels, Kernels::AvxVnni | Kernels::Avx512Vnni) {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         }
-        acts.chunks_exact(8)
-            .flat_map(|rows| {
-                let rows: &[&[BlockQ8K]; 8] = rows.try_into().expect("chunks of eight");
-                (0..blocks_per_row).map(move |b| BlockQ8Kx8::interleave(rows, b))
-            })
-            .collect()
+        let left = acts.len() % 8;
+        let whole = acts.len() - left;
+        let eights = if PADDED_EIGHT.contains(&left) {
+            acts
+        } else {
+            &acts[..whole]
+        };
+        let fours = if FOURS.contains(&left) {
+            &acts[whole..]
+        } else {
+            &[]
+        };
+        let interleaved = |rows, b| BlockQ8Kx8::interleave(rows, b);
+        let eights = eights
+            .chunks(8)
+            .flat_map(|rows| (0..blocks_per_row).map(move |b| interleaved(rows, b)))
+            .collect();
+        let fours = fours
+            .chunks(4)
+            .flat_map(|rows| (0..blocks_per_row).map(move |b| BlockQ8Kx4::interleave(rows, b)))
+            .collect();
+        (eights, fours)
     }
 
     /// `out[j * acts.len() + i]` = weight row `rows.start + j` · `acts[i]`; `groups` holds
-    /// the first whole groups of eight of `acts` interleaved, if the kernel takes them.
-    fn tile(
-        &self,
-        rows: Range<usize>,
-        acts: &[&[BlockQ8K]],
-        groups: &[&[BlockQ8Kx8]],
-        out: &mut [f32],
-    ) {
+    /// the first rows of `acts` interleaved, if the kernel takes them.
+    fn tile(&self, rows: Range<usize>, acts: &[&[BlockQ8K]], groups: Groups, out: &mut [f32]) {
         match self.block_type {
             BlockType::Q4K => self.tile_of::<BlockQ4K>(rows, acts, groups, out),
             BlockType::Q5K => self.tile_of::<BlockQ5K>(rows, acts, groups, out),
@@ -204,7 +240,7 @@ impl QMatrix {
         &self,
         rows: Range<usize>,
         acts: &[&[BlockQ8K]],
-        groups: &[&[BlockQ8Kx8]],
+        groups: Groups,
         out: &mut [f32],
     ) {
         let row_bytes = self.cols / QK_K * B::BYTES;

@@ -98,7 +98,9 @@ fn k_quant_products_match_candle() {
             // The decode case, groups of 4 and of 8 (VNNI) with every remainder, also in a
             // second tile of activations (32 rows), and more than one tile of weights (44
             // rows: five tiles and a part).
-            for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 20, 37, 42, 44, 63] {
+            for m in [
+                1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 15, 16, 20, 37, 42, 44, 63,
+            ] {
                 let x = noise(1000 + m as u64, m * cols);
                 let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
                 let theirs = candle_product(weights, &xt);

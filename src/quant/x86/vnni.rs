@@ -4,19 +4,25 @@
 //! broadcast serves up to four such groups. A sub-block's scale then applies once per eight
 //! rows: half the multiplies of the AVX2 path. The instruction comes in two encodings, one
 //! build each: AVX-VNNI (VEX) and AVX-512 VNNI with VL (EVEX, on 256-bit registers).
+//!
+//! Three or four rows left (decoding as many streams) are a group of four (`BlockQ8Kx4`): one
+//! `vpdpbusd` multiplies eight broadcast weights with eight positions of each row, two lanes
+//! per row. Against the AVX2 path's `maddubs` + `vpdpwssd` per row and 32 values, that is
+//! one instruction per row and 32 values, besides the scale's multiply per sub-block.
 
 use std::arch::x86_64::*;
 
-use super::super::blocks::{scales_and_mins, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8Kx8};
-use super::super::kquant::{TILE_ACTS, TILE_ROWS};
+use super::super::blocks::BlockQ8Kx;
+use super::super::blocks::{scales_and_mins, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
+use super::super::kquant::{Groups, TILE_ACTS, TILE_ROWS};
 use super::{f32_of, has_avx2, load, prefetch, tile, Avx2Block, MulAdd, Unpacked};
 
 /// A K-quant block that can be multiplied with interleaved groups of activation blocks.
 pub trait VnniBlock: Avx2Block {
-    /// `acc[g]` (lane r: row r of group g) += this block · the group's block, with VNNI.
-    unsafe fn interleaved_dots<V: Vnni, const G: usize>(
+    /// `acc[g]` (its rows' lanes) += this block · group g's block, with VNNI.
+    unsafe fn interleaved_dots<V: Vnni, const RUN: usize, const G: usize>(
         &self,
-        ys: [&BlockQ8Kx8; G],
+        ys: [&BlockQ8Kx<RUN>; G],
         acc: &mut [__m256; G],
     );
 }
@@ -71,15 +77,14 @@ impl Vnni for Evex {
     }
 }
 
-/// As `tile_avx2`, with AVX-VNNI (`has_avx_vnni`) for the first `8 * groups.len()`
-/// activation rows, given interleaved in `groups` too; the rest go through the AVX2 path.
+/// As `tile_avx2`, with AVX-VNNI (`has_avx_vnni`) for the rows in `groups`.
 ///
-/// Safety: as for `tile_avx2`, and `groups[g]` interleaves rows `8g..8g+8` of `ys`.
+/// Safety: as for `tile_avx2`, and `groups` interleaves the rows of `ys` it says it does.
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 pub unsafe fn tile_avx_vnni<B: VnniBlock>(
     w: &[&[B]],
     ys: &[&[BlockQ8K]],
-    groups: &[&[BlockQ8Kx8]],
+    groups: Groups,
     out: &mut [f32],
 ) {
     tile_vnni::<Vex, B>(w, ys, groups, out)
@@ -92,7 +97,7 @@ pub unsafe fn tile_avx_vnni<B: VnniBlock>(
 pub unsafe fn tile_avx512_vnni<B: VnniBlock>(
     w: &[&[B]],
     ys: &[&[BlockQ8K]],
-    groups: &[&[BlockQ8Kx8]],
+    groups: Groups,
     out: &mut [f32],
 ) {
     tile_vnni::<Evex, B>(w, ys, groups, out)
@@ -102,13 +107,18 @@ pub unsafe fn tile_avx512_vnni<B: VnniBlock>(
 unsafe fn tile_vnni<V: Vnni, B: VnniBlock>(
     w: &[&[B]],
     ys: &[&[BlockQ8K]],
-    groups: &[&[BlockQ8Kx8]],
+    groups: Groups,
     out: &mut [f32],
 ) {
     let m = ys.len();
-    let covered = 8 * groups.len();
-    if covered > 0 {
-        tile_interleaved::<V, B>(w, groups, m, out);
+    let mut covered = 0;
+    if !groups.eights.is_empty() {
+        tile_interleaved::<V, B, 4>(w, groups.eights, 0, m, out);
+        covered = (8 * groups.eights.len()).min(m);
+    }
+    if !groups.fours.is_empty() {
+        tile_interleaved::<V, B, 8>(w, groups.fours, covered, m, out);
+        covered = m;
     }
     if covered < m {
         let rest = &ys[covered..];
@@ -121,12 +131,13 @@ unsafe fn tile_vnni<V: Vnni, B: VnniBlock>(
     }
 }
 
-/// `out[j * m + 8g + r]` for the rows of the interleaved groups, all (up to four) at once so
-/// that each broadcast weight serves up to 32 rows.
+/// `out[j * m + first + i]` for the rows of the interleaved groups, all (up to four) at
+/// once so that each broadcast weight serves up to 32 rows.
 #[inline(always)]
-unsafe fn tile_interleaved<V: Vnni, B: VnniBlock>(
+unsafe fn tile_interleaved<V: Vnni, B: VnniBlock, const RUN: usize>(
     w: &[&[B]],
-    groups: &[&[BlockQ8Kx8]],
+    groups: &[&[BlockQ8Kx<RUN>]],
+    first: usize,
     m: usize,
     out: &mut [f32],
 ) {
@@ -139,24 +150,31 @@ unsafe fn tile_interleaved<V: Vnni, B: VnniBlock>(
     debug_assert!(w.iter().all(|row| row.len() == blocks));
     debug_assert!(groups.iter().all(|g| g.len() >= blocks));
     if n == 1 {
-        // One group (decoding eight streams or a few more): row by row, as `tile` does.
+        // One group (decoding four to fifteen streams): row by row, as `tile` does.
         for (j, row) in w.iter().enumerate() {
             for (b, x) in row.iter().enumerate() {
                 prefetch(x);
-                group_products::<V, B>(x, groups, b, acc.as_mut_ptr().add(j * GROUPS));
+                group_products::<V, B, RUN>(x, groups, b, acc.as_mut_ptr().add(j * GROUPS));
             }
         }
     } else {
         for b in 0..blocks {
             for (j, row) in w.iter().enumerate() {
                 let acc = acc.as_mut_ptr().add(j * GROUPS);
-                group_products::<V, B>(row.get_unchecked(b), groups, b, acc);
+                group_products::<V, B, RUN>(row.get_unchecked(b), groups, b, acc);
             }
         }
     }
+    let rows = BlockQ8Kx::<RUN>::ROWS;
     for j in 0..w.len() {
         for g in 0..n {
-            _mm256_storeu_ps(out[j * m + 8 * g..].as_mut_ptr(), acc[j * GROUPS + g]);
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j * GROUPS + g]);
+            let at = first + rows * g;
+            // A row's lanes, summed; a padded group's rows past `m` are dropped.
+            for (r, lanes) in lanes.chunks_exact(8 / rows).enumerate().take(m - at.min(m)) {
+                out[j * m + at + r] = lanes.iter().sum();
+            }
         }
     }
 }
@@ -164,29 +182,32 @@ unsafe fn tile_interleaved<V: Vnni, B: VnniBlock>(
 /// Weight block `x` (block column `b`) with each interleaved group, into `acc[g]`. A
 /// function, not a closure, so that it inherits the caller's target features.
 #[inline(always)]
-unsafe fn group_products<V: Vnni, B: VnniBlock>(
+unsafe fn group_products<V: Vnni, B: VnniBlock, const RUN: usize>(
     x: &B,
-    groups: &[&[BlockQ8Kx8]],
+    groups: &[&[BlockQ8Kx<RUN>]],
     b: usize,
     acc: *mut __m256,
 ) {
     let y = |g: usize| groups.get_unchecked(g).get_unchecked(b);
     match groups.len() {
-        4 => x.interleaved_dots::<V, _>([y(0), y(1), y(2), y(3)], &mut *(acc as *mut [__m256; 4])),
-        3 => x.interleaved_dots::<V, _>([y(0), y(1), y(2)], &mut *(acc as *mut [__m256; 3])),
-        2 => x.interleaved_dots::<V, _>([y(0), y(1)], &mut *(acc as *mut [__m256; 2])),
-        1 => x.interleaved_dots::<V, _>([y(0)], &mut *(acc as *mut [__m256; 1])),
+        4 => x.interleaved_dots::<V, RUN, _>(
+            [y(0), y(1), y(2), y(3)],
+            &mut *(acc as *mut [__m256; 4]),
+        ),
+        3 => x.interleaved_dots::<V, RUN, _>([y(0), y(1), y(2)], &mut *(acc as *mut [__m256; 3])),
+        2 => x.interleaved_dots::<V, RUN, _>([y(0), y(1)], &mut *(acc as *mut [__m256; 2])),
+        1 => x.interleaved_dots::<V, RUN, _>([y(0)], &mut *(acc as *mut [__m256; 1])),
         _ => {}
     }
 }
 
-/// Q4_K/Q5_K with VNNI: `weights(c, k)` gives the four u8 values at 4k.. of chunk c's
-/// low-nibble and high-nibble sub-blocks, broadcast to all eight lanes.
+/// Q4_K/Q5_K with VNNI: `weights(c, at)` gives the RUN u8 values at `at`.. of chunk c's
+/// low-nibble and high-nibble sub-blocks, broadcast to every row's lanes.
 #[inline(always)]
-unsafe fn k_quant_interleaved<V: Vnni, const G: usize>(
+unsafe fn k_quant_interleaved<V: Vnni, const RUN: usize, const G: usize>(
     packed: &[u8; 12],
     (d, dmin): (f32, f32),
-    ys: [&BlockQ8Kx8; G],
+    ys: [&BlockQ8Kx<RUN>; G],
     acc: &mut [__m256; G],
     weights: impl Fn(usize, usize) -> (__m256i, __m256i),
 ) {
@@ -195,12 +216,12 @@ unsafe fn k_quant_interleaved<V: Vnni, const G: usize>(
     for c in 0..4 {
         let mut lo = [_mm256_setzero_si256(); G];
         let mut hi = [_mm256_setzero_si256(); G];
-        for k in 0..8 {
-            let (wl, wh) = weights(c, k);
+        for k in 0..32 / RUN {
+            let (wl, wh) = weights(c, RUN * k);
             for g in 0..G {
                 let qs = &ys[g].qs;
-                lo[g] = V::dpbusd(lo[g], wl, load(qs[16 * c + k].as_ptr()));
-                hi[g] = V::dpbusd(hi[g], wh, load(qs[16 * c + 8 + k].as_ptr()));
+                lo[g] = V::dpbusd(lo[g], wl, load(qs[64 * c / RUN + k].as_ptr()));
+                hi[g] = V::dpbusd(hi[g], wh, load(qs[(64 * c + 32) / RUN + k].as_ptr()));
             }
         }
         let scale_lo = _mm256_set1_epi32(i32::from(scales[2 * c]));
@@ -229,23 +250,27 @@ unsafe fn k_quant_interleaved<V: Vnni, const G: usize>(
     }
 }
 
-/// Four bytes at `ptr` in every 32-bit lane.
+/// RUN (4 or 8) bytes at `ptr` repeated across the vector: one row's lanes each.
 #[inline(always)]
-unsafe fn broadcast4(ptr: *const u8) -> __m256i {
-    _mm256_set1_epi32(std::ptr::read_unaligned(ptr as *const i32))
+unsafe fn broadcast<const RUN: usize>(ptr: *const u8) -> __m256i {
+    if RUN == 8 {
+        _mm256_set1_epi64x(std::ptr::read_unaligned(ptr as *const i64))
+    } else {
+        _mm256_set1_epi32(std::ptr::read_unaligned(ptr as *const i32))
+    }
 }
 
 impl VnniBlock for BlockQ4K {
     #[inline(always)]
-    unsafe fn interleaved_dots<V: Vnni, const G: usize>(
+    unsafe fn interleaved_dots<V: Vnni, const RUN: usize, const G: usize>(
         &self,
-        ys: [&BlockQ8Kx8; G],
+        ys: [&BlockQ8Kx<RUN>; G],
         acc: &mut [__m256; G],
     ) {
         let low4 = _mm256_set1_epi8(0x0F);
         let factors = (f32_of(self.d), f32_of(self.dmin));
-        k_quant_interleaved::<V, G>(&self.scales, factors, ys, acc, |c, k| {
-            let q = broadcast4(self.qs.as_ptr().add(32 * c + 4 * k));
+        k_quant_interleaved::<V, RUN, G>(&self.scales, factors, ys, acc, |c, at| {
+            let q = broadcast::<RUN>(self.qs.as_ptr().add(32 * c + at));
             (
                 _mm256_and_si256(q, low4),
                 _mm256_and_si256(_mm256_srli_epi16(q, 4), low4),
@@ -256,9 +281,9 @@ impl VnniBlock for BlockQ4K {
 
 impl VnniBlock for BlockQ5K {
     #[inline(always)]
-    unsafe fn interleaved_dots<V: Vnni, const G: usize>(
+    unsafe fn interleaved_dots<V: Vnni, const RUN: usize, const G: usize>(
         &self,
-        ys: [&BlockQ8Kx8; G],
+        ys: [&BlockQ8Kx<RUN>; G],
         acc: &mut [__m256; G],
     ) {
         // Five-bit values take a dozen operations to assemble four at a time; unpacked once
@@ -270,10 +295,10 @@ impl VnniBlock for BlockQ5K {
             _mm256_store_si256(values.0[2 * c + 1].as_mut_ptr() as *mut __m256i, hi);
         }
         let factors = (f32_of(self.d), f32_of(self.dmin));
-        k_quant_interleaved::<V, G>(&self.scales, factors, ys, acc, |c, k| {
+        k_quant_interleaved::<V, RUN, G>(&self.scales, factors, ys, acc, |c, at| {
             (
-                broadcast4(values.0[2 * c].as_ptr().add(4 * k)),
-                broadcast4(values.0[2 * c + 1].as_ptr().add(4 * k)),
+                broadcast::<RUN>(values.0[2 * c].as_ptr().add(at)),
+                broadcast::<RUN>(values.0[2 * c + 1].as_ptr().add(at)),
             )
         })
     }
@@ -281,9 +306,9 @@ impl VnniBlock for BlockQ5K {
 
 impl VnniBlock for BlockQ6K {
     #[inline(always)]
-    unsafe fn interleaved_dots<V: Vnni, const G: usize>(
+    unsafe fn interleaved_dots<V: Vnni, const RUN: usize, const G: usize>(
         &self,
-        ys: [&BlockQ8Kx8; G],
+        ys: [&BlockQ8Kx<RUN>; G],
         acc: &mut [__m256; G],
     ) {
         // Unpacked once per block, in value order, into a buffer; each four weights are then
@@ -298,13 +323,13 @@ impl VnniBlock for BlockQ6K {
         for t in 0..8 {
             let mut lo = [_mm256_setzero_si256(); G];
             let mut hi = [_mm256_setzero_si256(); G];
-            for k in 0..4 {
-                let wl = broadcast4(values.0[t].as_ptr().add(4 * k));
-                let wh = broadcast4(values.0[t].as_ptr().add(16 + 4 * k));
+            for k in 0..16 / RUN {
+                let wl = broadcast::<RUN>(values.0[t].as_ptr().add(RUN * k));
+                let wh = broadcast::<RUN>(values.0[t].as_ptr().add(16 + RUN * k));
                 for g in 0..G {
                     let qs = &ys[g].qs;
-                    lo[g] = V::dpbusd(lo[g], wl, load(qs[8 * t + k].as_ptr()));
-                    hi[g] = V::dpbusd(hi[g], wh, load(qs[8 * t + 4 + k].as_ptr()));
+                    lo[g] = V::dpbusd(lo[g], wl, load(qs[32 * t / RUN + k].as_ptr()));
+                    hi[g] = V::dpbusd(hi[g], wh, load(qs[(32 * t + 16) / RUN + k].as_ptr()));
                 }
             }
             let scale_lo = _mm256_set1_epi32(i32::from(self.scales[2 * t]));
