@@ -428,17 +428,18 @@ fn assert_within(ours: &[f32], theirs: &[f32], bound: f32, what: &str) {
     }
 }
 
-/// A row's product is the same, bit for bit, alone or among others (in a group of eight or
-/// beside one): the batcher promises each stream its results alone.
+/// A row's product is the same, bit for bit, alone or among others (decoding a few, in a
+/// group of eight or beside one): the batcher promises each stream its results alone.
 #[test]
 fn legacy_rows_are_the_same_alone_or_among_others() {
     use super::LegacyMatrix;
-    let (rows, cols) = (24, 192);
+    // 29 weight rows: groups of eight (decoding) and rows beside them.
+    let (rows, cols) = (29, 192);
     for (t, dtype) in LEGACY.into_iter().enumerate() {
         let weights = random_legacy_blocks(dtype, rows, cols, 90 + t as u64);
         for kernels in kernels_to_test() {
             let matrix = LegacyMatrix::new(&weights, kernels).expect("a legacy matrix");
-            for m in [2, 8, 9, 17, 40] {
+            for m in [2, 4, 5, 8, 9, 17, 40] {
                 let x = noise(m as u64, m * cols);
                 let together = matrix.matmul(&x, m);
                 for (i, row) in x.chunks_exact(cols).enumerate() {

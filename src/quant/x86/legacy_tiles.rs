@@ -110,9 +110,17 @@ unsafe fn group<D: ByteDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
     let s = |i: usize| g.sums.as_ptr().wrapping_add(i * nb);
     let q = |i: usize| g.qsums.as_ptr().wrapping_add(i * nb);
     let prefetch = g.m <= PREFETCH_ACTS;
+    // Decoding: weight rows eight at a time where there are eight, pairs for the rest.
+    let mut eights = 0;
+    if g.m <= EIGHT_ROWS_ACTS {
+        eights = n / 8 * 8;
+        for j in (0..eights).step_by(8) {
+            eight_rows::<D, B>(g, j);
+        }
+    }
     for first in (0..g.m).step_by(ACTS) {
         let acts = first..(first + ACTS).min(g.m);
-        for j in (0..n).step_by(PAIR) {
+        for j in (eights..n).step_by(PAIR) {
             for i in acts.clone().step_by(QUAD) {
                 let (r, a) = ((n - j).min(PAIR), (acts.end - i).min(QUAD));
                 let row = |k: usize| i + k * (a > k) as usize;
@@ -132,6 +140,86 @@ unsafe fn group<D: ByteDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
             }
         }
     }
+}
+
+/// Activation rows up to which weight rows go eight at a time (`eight_rows`).
+const EIGHT_ROWS_ACTS: usize = 4;
+
+/// Weight rows `j..j + 8` with every activation row (at most `EIGHT_ROWS_ACTS`): a block's
+/// eight integer totals come out of one reduction into the lanes of one vector, and are
+/// scaled there together, where the pairs' microkernel reduces and scales each on its own
+/// (the bulk of the work per 32 values when one or two activation rows share it). Each
+/// lane computes what `micro` does, in the same order, so the results are the same bits.
+// Indexes: the loops walk the eight rows' registers and the activation rows' sums.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn eight_rows<D: ByteDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>, j: usize) {
+    let nb = g.blocks;
+    let mut acc = [_mm256_setzero_ps(); EIGHT_ROWS_ACTS];
+    let mut wv = [_mm256_setzero_si256(); 8];
+    let mut magnitudes = [_mm256_setzero_si256(); 8];
+    let mut d_bits = [0u16; 8];
+    let mut m_bits = [0u16; 8];
+    for b in 0..nb {
+        for k in 0..8 {
+            let block = &*g.weights.as_ptr().add((j + k) * nb + b);
+            let ahead = (block as *const B)
+                .cast::<i8>()
+                .wrapping_add(PREFETCH_AHEAD);
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            wv[k] = block.unpack();
+            if B::SIGNED {
+                magnitudes[k] = _mm256_sign_epi8(wv[k], wv[k]);
+            }
+            d_bits[k] = block.d().to_bits();
+            if B::STORED_MIN {
+                m_bits[k] = block.m_bits().to_bits();
+            }
+        }
+        let wd = _mm256_cvtph_ps(_mm_loadu_si128(d_bits.as_ptr() as *const __m128i));
+        let wm = _mm256_cvtph_ps(_mm_loadu_si128(m_bits.as_ptr() as *const __m128i));
+        for i in 0..g.m {
+            let at = i * nb + b;
+            let y = &*g.acts.as_ptr().add(at);
+            let yv = load(y.qs.as_ptr());
+            let mut dots = [_mm256_setzero_si256(); 8];
+            for k in 0..8 {
+                dots[k] = if B::SIGNED {
+                    D::dot(magnitudes[k], _mm256_sign_epi8(yv, wv[k]))
+                } else {
+                    D::dot(wv[k], yv)
+                };
+            }
+            let mut total = lane_totals(dots);
+            if B::OFFSET != 0 {
+                total = _mm256_add_epi32(total, _mm256_set1_epi32(B::OFFSET * g.qsums[at]));
+            }
+            let scale = _mm256_mul_ps(wd, _mm256_set1_ps(f32_of(y.d)));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, acc[i]);
+            if B::STORED_MIN {
+                acc[i] = _mm256_fmadd_ps(wm, _mm256_set1_ps(g.sums[at]), acc[i]);
+            }
+        }
+    }
+    for i in 0..g.m {
+        let mut sums = [0f32; 8];
+        _mm256_storeu_ps(sums.as_mut_ptr(), acc[i]);
+        for (k, &sum) in sums.iter().enumerate() {
+            *g.out.at(i * g.stride + g.rows.start + j + k) = sum;
+        }
+    }
+}
+
+/// Lane k: the sum of `v[k]`'s eight lanes.
+#[inline(always)]
+unsafe fn lane_totals(v: [__m256i; 8]) -> __m256i {
+    // Lane k of each half: v[k]'s sum over that half (k < 4 in the first, k ≥ 4 the second).
+    let low = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    let high = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(low, high),
+        _mm256_permute2x128_si256::<0x31>(low, high),
+    )
 }
 
 /// Up to two weight rows and four activation rows, with their block sums (unused slots
