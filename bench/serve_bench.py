@@ -11,9 +11,10 @@ gets one warm-up request, then, for each client count N, N threads that each sen
 --requests-per-client streaming POST /v1/completions (greedy, ignore_eos, --max-tokens tokens)
 one after the other. Every request's prompt is the same ~100 tokens behind its own number, so
 no server answers from a prompt cache. Per level: aggregate decode tokens/s (the tokens after
-each request's first, over the time during which any request was past its first), tokens/s
-with prompts included (all completion tokens / wall time from the first request sent to the
-last one done), time to first token (first
+each request's first, over the time during which any request was past its first: prompts of
+staggered requests run inside it), decode tokens/s while every client had a request past its
+first token (the batched decode step alone), tokens/s with prompts included (all completion
+tokens / wall time from the first request sent to the last one done), time to first token (first
 chunk with text) and request latency, p50/p95. Server logs go to bench/.out/serve-*.log, the
 figures to bench/.out/serve_bench.json and serve_bench.md. A peer that is missing is skipped
 with a note. All get repeat_penalty 1.0; llama-cpp-python, which drops ignore_eos, gets
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ class Result:
     tokens_from: str  # "usage", "timings" (llama-server's own counts) or "chunks"
     error: str | None = None
     sent_at: float = 0.0  # time.perf_counter() when it was sent
+    chunk_at: list[float] = field(default_factory=list)  # each chunk with text, from sent_at
 
 
 # --------------------------------------------------------------------------- servers
@@ -170,6 +172,7 @@ def stream_completion(client: httpx.Client, body: dict[str, Any]) -> Result:
     """POST /v1/completions with stream=true; read the server-sent events to [DONE]."""
     start = time.perf_counter()
     ttft, chunks, usage, timings = None, 0, None, None
+    chunk_at: list[float] = []
     try:
         with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -188,8 +191,9 @@ def stream_completion(client: httpx.Client, body: dict[str, Any]) -> Result:
                 timings = event.get("timings") or timings
                 if any(choice.get("text") for choice in event.get("choices") or []):
                     chunks += 1
+                    chunk_at.append(time.perf_counter() - start)
                     if ttft is None:
-                        ttft = time.perf_counter() - start
+                        ttft = chunk_at[0]
     except (httpx.HTTPError, RuntimeError, ValueError) as error:
         latency = time.perf_counter() - start
         return Result(ttft, latency, chunks, None, "chunks", f"{type(error).__name__}: {error}")
@@ -202,7 +206,7 @@ def stream_completion(client: httpx.Client, body: dict[str, Any]) -> Result:
         count, prompt_tokens, source = int(timings["predicted_n"]), None, "timings"
     else:
         count, prompt_tokens, source = chunks, None, "chunks"
-    return Result(ttft, latency, count, prompt_tokens, source, sent_at=start)
+    return Result(ttft, latency, count, prompt_tokens, source, sent_at=start, chunk_at=chunk_at)
 
 
 def request_body(name: str, model: str, number: int, max_tokens: int) -> dict[str, Any]:
@@ -256,7 +260,39 @@ def percentiles(values: list[float]) -> tuple[float | None, float | None]:
     return float(p50), float(p95)
 
 
-def summarize(wall_s: float, results: list[Result]) -> dict[str, Any]:
+def steady_decode(done: list[Result], clients: int) -> float | None:
+    """Decode tokens/s while every client had a request decoding: the batched decode step
+    itself, without the prompts that staggered requests bring into the decode spans above
+    (at one client, the same spans). A request's tokens after its first are spread over its
+    text chunks after the first (a chunk may carry a few tokens, or wait for a character's
+    last byte)."""
+    spans = [
+        (r.sent_at + r.chunk_at[0], r.sent_at + r.latency_s)
+        for r in done
+        if len(r.chunk_at) > 1 and r.completion_tokens > 1
+    ]
+    events = sorted([(begin, 1) for begin, _ in spans] + [(end, -1) for _, end in spans])
+    windows, active, opened = [], 0, 0.0
+    for at, change in events:
+        if active == clients and change < 0:
+            windows.append((opened, at))
+        active += change
+        if active == clients and change > 0:
+            opened = at
+    seconds = sum(end - begin for begin, end in windows)
+    if seconds <= 0:
+        return None
+    tokens = 0.0
+    for r in done:
+        later = [r.sent_at + t for t in r.chunk_at[1:]]
+        if not later or r.completion_tokens <= 1:
+            continue
+        inside = sum(any(b < t <= e for b, e in windows) for t in later)
+        tokens += (r.completion_tokens - 1) * inside / len(later)
+    return tokens / seconds
+
+
+def summarize(wall_s: float, results: list[Result], clients: int) -> dict[str, Any]:
     done = [r for r in results if r.error is None]
     # Decode throughput: the tokens after each request's first, over the time during which
     # at least one request was decoding (after its first token, before its end). A server
@@ -273,6 +309,7 @@ def summarize(wall_s: float, results: list[Result]) -> dict[str, Any]:
     after_first = sum(r.completion_tokens - 1 for r in done if r.ttft_s is not None)
     decode = after_first / decoding_s if decoding_s > 0 else None
     tokens = sum(r.completion_tokens for r in done)
+    steady = steady_decode(done, clients)
     ttft = percentiles([r.ttft_s for r in done if r.ttft_s is not None])
     latency = percentiles([r.latency_s for r in done])
     return {
@@ -282,6 +319,7 @@ def summarize(wall_s: float, results: list[Result]) -> dict[str, Any]:
         "completion_tokens": tokens,
         "aggregate_tps": tokens / wall_s if done else None,
         "aggregate_decode_tps": decode,
+        "steady_decode_tps": steady,
         "ttft_p50_s": ttft[0],
         "ttft_p95_s": ttft[1],
         "latency_p50_s": latency[0],
@@ -320,12 +358,12 @@ def bench_server(
                 base, name, served, clients, args.requests_per_client, args.max_tokens, first
             )
             first += len(results)
-            levels[str(clients)] = level = summarize(wall_s, results)
+            levels[str(clients)] = level = summarize(wall_s, results, clients)
             print(
                 f"{name}: {clients} clients: {level['completion_tokens']} tokens in "
                 f"{wall_s:.1f} s, {fmt(level['aggregate_tps'])} tokens/s, decode "
-                f"{fmt(level['aggregate_decode_tps'])} tokens/s, "
-                f"{level['errors']} errors",
+                f"{fmt(level['aggregate_decode_tps'])} tokens/s (all decoding: "
+                f"{fmt(level['steady_decode_tps'])}), {level['errors']} errors",
                 file=sys.stderr,
             )
             for r in results:
@@ -363,15 +401,17 @@ def table(report: dict[str, Any], args: argparse.Namespace) -> list[str]:
         f"tokens, {args.max_tokens} tokens out (greedy, end token ignored); model "
         f"{report['model_gib']:.2f} GiB (Phi-3-mini shapes, Q4_K_M mix, random weights).",
         "",
-        "| server | clients | tokens | aggregate decode tokens/s | tokens/s, prompts included "
-        "| TTFT p50 / p95 (s) | latency p50 / p95 (s) | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| server | clients | tokens | aggregate decode tokens/s | decode tokens/s, all "
+        "clients decoding | tokens/s, prompts included | TTFT p50 / p95 (s) "
+        "| latency p50 / p95 (s) | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for server, data in report["servers"].items():
         for clients, level in data["levels"].items():
             lines.append(
                 f"| {server} | {clients} | {level['completion_tokens']} "
                 f"| {fmt(level['aggregate_decode_tps'])} "
+                f"| {fmt(level.get('steady_decode_tps'))} "
                 f"| {fmt(level['aggregate_tps'])} "
                 f"| {fmt(level['ttft_p50_s'])} / {fmt(level['ttft_p95_s'])} "
                 f"| {fmt(level['latency_p50_s'])} / {fmt(level['latency_p95_s'])} "
@@ -381,7 +421,11 @@ def table(report: dict[str, Any], args: argparse.Namespace) -> list[str]:
     lines += ["", f"Start-up to ready: {startups or '-'}."]
     ratios = report["ratios"]
     scaling = ratios.get("candle-phi 4 clients / 1 client")
-    lines.append(f"candle-phi aggregate decode, 4 clients / 1 client: {fmt(scaling)}")
+    steady = ratios.get("candle-phi 4 clients / 1 client, all decoding")
+    lines.append(
+        f"candle-phi decode, 4 clients / 1 client: aggregate {fmt(scaling)}, "
+        f"all clients decoding {fmt(steady)}"
+    )
     key = "candle-phi / llama-server, {} clients"
     vs = (f"{c}: {fmt(ratios.get(key.format(c)))}" for c in args.clients)
     lines.append("candle-phi / llama-server aggregate decode by clients: " + ", ".join(vs))
@@ -457,6 +501,9 @@ def main() -> int:
     ratios = report["ratios"]
     ratios["candle-phi 4 clients / 1 client"] = ratio(
         level_of(report, "candle-phi", 4), level_of(report, "candle-phi", 1)
+    )
+    ratios["candle-phi 4 clients / 1 client, all decoding"] = ratio(
+        level_of(report, "candle-phi", 4), level_of(report, "candle-phi", 1), "steady_decode_tps"
     )
     for clients in args.clients:
         ratios[f"candle-phi / llama-server, {clients} clients"] = ratio(
