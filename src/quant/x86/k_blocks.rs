@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::super::blocks::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
+use super::super::blocks::{scale_words, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 use super::{f32_of, load, Avx2Block, MulAdd, Prepared};
 
 /// A block's unpacked weights, one sub-block of 32 per row.
@@ -44,26 +44,10 @@ static PAIR_BROADCAST: [[u8; 32]; 4] = {
 };
 
 /// Q4_K/Q5_K: the 6-bit scales (both halves) and the minimums, doubled to weigh the
-/// activation's 16-value sums. Sub-blocks 4..8 keep their low 4 bits in bytes 8..12 and
-/// their top 2 bits in the spare top bits of bytes 0..8.
+/// activation's 16-value sums.
 #[inline(always)]
 unsafe fn prepare_k(packed: &[u8; 12], d: f32, dmin: f32) -> Prepared {
-    let word = |i: usize| {
-        u32::from_le_bytes([
-            packed[4 * i],
-            packed[4 * i + 1],
-            packed[4 * i + 2],
-            packed[4 * i + 3],
-        ])
-    };
-    let (a, b, c) = (word(0), word(1), word(2));
-    const LOW6: u32 = 0x3f3f_3f3f;
-    const LOW4: u32 = 0x0f0f_0f0f;
-    const LOW2: u32 = 0x0303_0303;
-    let scales_lo = a & LOW6;
-    let mins_lo = b & LOW6;
-    let scales_hi = (c & LOW4) | (((a >> 6) & LOW2) << 4);
-    let mins_hi = ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4);
+    let [scales_lo, scales_hi, mins_lo, mins_hi] = scale_words(packed);
     let bytes = _mm_set_epi32(
         mins_hi as i32,
         mins_lo as i32,
