@@ -428,6 +428,34 @@ fn assert_within(ours: &[f32], theirs: &[f32], bound: f32, what: &str) {
     }
 }
 
+/// A K-quant row's product is the same, bit for bit, alone or among others: decoding
+/// streams in a group of four or a padded eight, prompt rows in groups of eight and beside
+/// them, across tiles of activations; the batcher promises each stream its results alone.
+#[test]
+fn kquant_rows_are_the_same_alone_or_among_others() {
+    let (rows, cols) = (40, 512);
+    for (t, dtype) in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K]
+        .into_iter()
+        .enumerate()
+    {
+        let weights = random_blocks(dtype, rows, cols, 70 + t as u64);
+        for kernels in kernels_to_test() {
+            let matrix = QMatrix::new(&weights, kernels).expect("a K-quant matrix");
+            for m in [2, 3, 4, 5, 7, 8, 9, 12, 17, 40] {
+                let x = noise(m as u64, m * cols);
+                let together = matrix.matmul(&x, m);
+                for (i, row) in x.chunks_exact(cols).enumerate() {
+                    assert_eq!(
+                        matrix.matmul(row, 1),
+                        together[i * rows..(i + 1) * rows],
+                        "{dtype:?} {kernels:?}: row {i} of {m}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// A row's product is the same, bit for bit, alone or among others (decoding a few, in a
 /// group of eight or beside one): the batcher promises each stream its results alone.
 #[test]

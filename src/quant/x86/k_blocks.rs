@@ -154,6 +154,8 @@ impl BlockQ5K {
 }
 
 impl Avx2Block for BlockQ6K {
+    const OFFSETS_SCALED_BY_D: bool = true;
+
     #[inline(always)]
     unsafe fn prepare(&self) -> Prepared {
         let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(self.scales.as_ptr() as *const __m128i));

@@ -59,6 +59,9 @@ pub struct Prepared {
 
 /// A K-quant block that can be multiplied with Q8_K activation blocks.
 pub trait Avx2Block {
+    /// Whether the offsets' factor is `d` (Q6_K's stored +32), so that they come off the
+    /// values in integers before the one scaling, as the VNNI kernels take them off.
+    const OFFSETS_SCALED_BY_D: bool = false;
     unsafe fn prepare(&self) -> Prepared;
     /// Σ scale·q·y over the block for each activation block, as 8 i32 partial sums.
     unsafe fn dots<A: MulAdd, const R: usize>(
@@ -104,12 +107,11 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// The lane sums of four vectors, as four floats.
+/// The lane sums of four vectors, exact.
 #[inline(always)]
-unsafe fn hsum4(v: [__m256i; 4]) -> __m128 {
+unsafe fn hsum4(v: [__m256i; 4]) -> __m128i {
     let s = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-    let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    _mm_cvtepi32_ps(s)
+    _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1))
 }
 
 #[inline(always)]
@@ -117,9 +119,15 @@ unsafe fn offsets(p: &Prepared, y: &BlockQ8K) -> __m256i {
     _mm256_madd_epi16(load(y.bsums.as_ptr()), p.offset_weights)
 }
 
+/// Every row of a tile takes the same steps per block, whatever the rows beside it: its
+/// exact integer total, then one fused scaling into its sum (and the minimums' term), as the
+/// VNNI groups' lanes do; so a stream's logits are the same bits alone or in any batch.
 #[inline(always)]
 unsafe fn tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mut [f32]) {
     let m = ys.len();
+    let groups = m.div_ceil(4);
+    // One accumulator per weight row and group of (up to) four activation rows.
+    let mut acc = [_mm_setzero_ps(); TILE_ROWS * TILE_ACTS / 4];
     let blocks = w.first().map_or(0, |row| row.len());
     // What the unchecked indexing below relies on.
     debug_assert!(w.len() <= TILE_ROWS && m <= TILE_ACTS);
@@ -127,93 +135,106 @@ unsafe fn tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
     debug_assert!(ys.iter().all(|y| y.len() >= blocks));
     debug_assert!(out.len() >= w.len() * m);
     if m <= ROW_ORDER_ACTS {
-        decode_tile::<A, B>(w, ys, out);
-        return;
-    }
-    let groups = m / 4;
-    let rest = m - 4 * groups;
-    // One accumulator per weight row and group of four activation rows (its four outputs),
-    // and eight partial sums per weight row and leftover activation row.
-    let mut acc4 = [_mm_setzero_ps(); TILE_ROWS * TILE_ACTS / 4];
-    let mut acc1 = [_mm256_setzero_ps(); TILE_ROWS * 3];
-    // A block column's activations stay in L1 for all the tile's weight rows.
-    for b in 0..blocks {
+        // Decoding, one stream or a few: one weight row after another, each a single
+        // stream from memory, prefetched (block columns across rows would be eight streams
+        // at once); the few activation rows stay in L1 anyway.
         for (j, row) in w.iter().enumerate() {
-            let x = row.get_unchecked(b);
-            block_products::<A, B>(x, ys, b, &mut acc4[j * groups..], &mut acc1[j * 3..]);
+            for (b, x) in row.iter().enumerate() {
+                prefetch(x);
+                block_products::<A, B>(x, ys, b, &mut acc[j * groups..]);
+            }
+        }
+    } else {
+        // A block column's activations stay in L1 for all the tile's weight rows.
+        for b in 0..blocks {
+            for (j, row) in w.iter().enumerate() {
+                let x = row.get_unchecked(b);
+                block_products::<A, B>(x, ys, b, &mut acc[j * groups..]);
+            }
         }
     }
     for j in 0..w.len() {
-        let out = &mut out[j * m..(j + 1) * m];
         for g in 0..groups {
-            _mm_storeu_ps(out[4 * g..].as_mut_ptr(), acc4[j * groups + g]);
-        }
-        for k in 0..rest {
-            out[4 * groups + k] = hsum(acc1[j * 3 + k]);
-        }
-    }
-}
-
-/// `tile` for decoding, one stream or a few: one weight row after another, each a single
-/// stream from memory, prefetched (block columns across rows would be eight streams at
-/// once); the few activation rows stay in L1 anyway. Each activation row keeps eight
-/// partial sums, reduced once at the row's end rather than once per block (a third of the
-/// work per block with four rows), and computed the same way whatever the other rows: a
-/// stream's logits do not depend on how many others share its pass.
-#[inline(always)]
-unsafe fn decode_tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mut [f32]) {
-    let m = ys.len();
-    let groups = m / 4;
-    let rest = m - 4 * groups;
-    for (j, row) in w.iter().enumerate() {
-        let mut acc = [_mm256_setzero_ps(); ROW_ORDER_ACTS];
-        for (b, x) in row.iter().enumerate() {
-            prefetch(x);
-            let p = x.prepare();
-            let y = |i: usize| ys.get_unchecked(i).get_unchecked(b);
-            for g in 0..groups {
-                let rows = [y(4 * g), y(4 * g + 1), y(4 * g + 2), y(4 * g + 3)];
-                rows_of::<A, B, 4>(x, &p, rows, acc.as_mut_ptr().add(4 * g));
-            }
-            leftover_rows::<A, B>(x, &p, y, 4 * groups, rest, acc.as_mut_ptr().add(4 * groups));
-        }
-        for (i, sums) in acc[..m].iter().enumerate() {
-            *out.get_unchecked_mut(j * m + i) = hsum(*sums);
+            let mut sums = [0f32; 4];
+            _mm_storeu_ps(sums.as_mut_ptr(), acc[j * groups + g]);
+            let rows = (m - 4 * g).min(4);
+            out[j * m + 4 * g..][..rows].copy_from_slice(&sums[..rows]);
         }
     }
 }
 
-/// Weight block `x` (block column `b`) with every activation row: into `acc4` (one per
-/// group of four rows) and `acc1` (one per leftover row). A function, not a closure: a
-/// closure would not inherit the caller's target features, and its intrinsics would be
-/// calls.
+/// Weight block `x` (block column `b`) with every activation row, into `acc` (one per group
+/// of four rows, the last maybe fewer). A function, not a closure: a closure would not
+/// inherit the caller's target features, and its intrinsics would be calls.
 #[inline(always)]
 unsafe fn block_products<A: MulAdd, B: Avx2Block>(
     x: &B,
     ys: &[&[BlockQ8K]],
     b: usize,
-    acc4: &mut [__m128],
-    acc1: &mut [__m256],
+    acc: &mut [__m128],
 ) {
-    let groups = ys.len() / 4;
-    let rest = ys.len() - 4 * groups;
+    let full = ys.len() / 4;
     let p = x.prepare();
     let y = |i: usize| ys.get_unchecked(i).get_unchecked(b);
-    for g in 0..groups {
-        let yg = [y(4 * g), y(4 * g + 1), y(4 * g + 2), y(4 * g + 3)];
-        let dots = hsum4(x.dots::<A, 4>(&p, yg));
-        let offs = hsum4([
-            offsets(&p, yg[0]),
-            offsets(&p, yg[1]),
-            offsets(&p, yg[2]),
-            offsets(&p, yg[3]),
-        ]);
-        let yd = _mm_set_ps(yg[3].d, yg[2].d, yg[1].d, yg[0].d);
-        let a = acc4.get_unchecked_mut(g);
-        *a = _mm_fmadd_ps(dots, _mm_mul_ps(yd, _mm_set1_ps(p.d)), *a);
-        *a = _mm_fnmadd_ps(offs, _mm_mul_ps(yd, _mm_set1_ps(p.dm)), *a);
+    let acc = acc.as_mut_ptr();
+    for g in 0..full {
+        let rows = [y(4 * g), y(4 * g + 1), y(4 * g + 2), y(4 * g + 3)];
+        group_products::<A, B, 4>(x, &p, rows, &mut *acc.add(g));
     }
-    leftover_rows::<A, B>(x, &p, y, 4 * groups, rest, acc1.as_mut_ptr());
+    let (first, acc) = (4 * full, &mut *acc.add(full));
+    match ys.len() % 4 {
+        1 => group_products::<A, B, 1>(x, &p, [y(first)], acc),
+        2 => group_products::<A, B, 2>(x, &p, [y(first), y(first + 1)], acc),
+        3 => group_products::<A, B, 3>(x, &p, [y(first), y(first + 1), y(first + 2)], acc),
+        _ => {}
+    }
+}
+
+/// `acc` (lane k: row k) += weight block `x` · `ys[k]`: one unpacking of `x` serves the R
+/// rows; their exact totals are scaled together.
+#[inline(always)]
+unsafe fn group_products<A: MulAdd, B: Avx2Block, const R: usize>(
+    x: &B,
+    p: &Prepared,
+    ys: [&BlockQ8K; R],
+    acc: &mut __m128,
+) {
+    let products = x.dots::<A, R>(p, ys);
+    let mut yd = [0f32; 4];
+    for k in 0..R {
+        yd[k] = ys[k].d;
+    }
+    let yd = _mm_loadu_ps(yd.as_ptr());
+    let (dots, offs) = if R <= 2 {
+        // One reduction for both rows' dots and offsets (decoding one or two streams).
+        let mut v = [_mm256_setzero_si256(); 4];
+        for k in 0..R {
+            v[2 * k] = products[k];
+            v[2 * k + 1] = offsets(p, ys[k]);
+        }
+        let sums = hsum4(v); // dots 0, offsets 0, dots 1, offsets 1
+        (
+            _mm_shuffle_epi32::<0b11_11_10_00>(sums),
+            _mm_shuffle_epi32::<0b11_11_11_01>(sums),
+        )
+    } else {
+        let mut dots = [_mm256_setzero_si256(); 4];
+        let mut offs = [_mm256_setzero_si256(); 4];
+        for k in 0..R {
+            dots[k] = products[k];
+            offs[k] = offsets(p, ys[k]);
+        }
+        (hsum4(dots), hsum4(offs))
+    };
+    if B::OFFSETS_SCALED_BY_D {
+        let values = _mm_cvtepi32_ps(_mm_sub_epi32(dots, offs));
+        *acc = _mm_fmadd_ps(values, _mm_mul_ps(yd, _mm_set1_ps(p.d)), *acc);
+    } else {
+        let scale = _mm_mul_ps(yd, _mm_set1_ps(p.d));
+        *acc = _mm_fmadd_ps(_mm_cvtepi32_ps(dots), scale, *acc);
+        let scale = _mm_mul_ps(yd, _mm_set1_ps(p.dm));
+        *acc = _mm_fnmadd_ps(_mm_cvtepi32_ps(offs), scale, *acc);
+    }
 }
 
 /// Activation rows up to which a tile goes row by row (`decode_tile`): 8 rows of an
@@ -233,40 +254,5 @@ unsafe fn prefetch<B>(block: &B) {
     let at = (block as *const B as *const i8).wrapping_add(PREFETCH_AHEAD);
     for line in 0..std::mem::size_of::<B>().div_ceil(64) {
         _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line));
-    }
-}
-
-/// `acc[k] += x · y(first + k)` as eight partial sums each, for the `rest` (0..4) activation
-/// rows beyond the groups of four: one unpacking of `x` serves all of them.
-#[inline(always)]
-unsafe fn leftover_rows<'y, A: MulAdd, B: Avx2Block>(
-    x: &B,
-    p: &Prepared,
-    y: impl Fn(usize) -> &'y BlockQ8K,
-    first: usize,
-    rest: usize,
-    acc: *mut __m256,
-) {
-    match rest {
-        1 => rows_of::<A, B, 1>(x, p, [y(first)], acc),
-        2 => rows_of::<A, B, 2>(x, p, [y(first), y(first + 1)], acc),
-        3 => rows_of::<A, B, 3>(x, p, [y(first), y(first + 1), y(first + 2)], acc),
-        _ => {}
-    }
-}
-
-#[inline(always)]
-unsafe fn rows_of<A: MulAdd, B: Avx2Block, const R: usize>(
-    x: &B,
-    p: &Prepared,
-    ys: [&BlockQ8K; R],
-    acc: *mut __m256,
-) {
-    let dots = x.dots::<A, R>(p, ys);
-    for (k, y) in ys.into_iter().enumerate() {
-        let acc = &mut *acc.add(k);
-        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[k]), _mm256_set1_ps(p.d * y.d), *acc);
-        let offs = _mm256_cvtepi32_ps(offsets(p, y));
-        *acc = _mm256_fnmadd_ps(offs, _mm256_set1_ps(p.dm * y.d), *acc);
     }
 }

@@ -7,7 +7,7 @@
 //!
 //! Three or four rows left (decoding as many streams) are a group of four (`BlockQ8Kx4`): one
 //! `vpdpbusd` multiplies eight broadcast weights with eight positions of each row, two lanes
-//! per row. Against the AVX2 path's `maddubs` + `vpdpwssd` per row and 32 values, that is
+//! per row (their integer totals added before the scaling). Against the AVX2 path's `maddubs` + `vpdpwssd` per row and 32 values, that is
 //! one instruction per row and 32 values, besides the scale's multiply per sub-block.
 
 use std::arch::x86_64::*;
@@ -171,9 +171,9 @@ unsafe fn tile_interleaved<V: Vnni, B: VnniBlock, const RUN: usize>(
             let mut lanes = [0f32; 8];
             _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j * GROUPS + g]);
             let at = first + rows * g;
-            // A row's lanes, summed; a padded group's rows past `m` are dropped.
+            // A row's first lane; a padded group's rows past `m` are dropped.
             for (r, lanes) in lanes.chunks_exact(8 / rows).enumerate().take(m - at.min(m)) {
-                out[j * m + at + r] = lanes.iter().sum();
+                out[j * m + at + r] = lanes[0];
             }
         }
     }
@@ -232,6 +232,7 @@ unsafe fn k_quant_interleaved<V: Vnni, const RUN: usize, const G: usize>(
             total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
         }
     }
+    pair_totals::<RUN, G>(&mut total);
     for g in 0..G {
         let y = ys[g];
         let mut offsets = _mm256_setzero_si256();
@@ -247,6 +248,18 @@ unsafe fn k_quant_interleaved<V: Vnni, const RUN: usize, const G: usize>(
         acc[g] = _mm256_fmadd_ps(dots, _mm256_mul_ps(yd, _mm256_set1_ps(d)), acc[g]);
         let offsets = _mm256_cvtepi32_ps(offsets);
         acc[g] = _mm256_fnmadd_ps(offsets, _mm256_mul_ps(yd, _mm256_set1_ps(dmin)), acc[g]);
+    }
+}
+
+/// Where a row has two lanes (RUN 8), both get the row's exact total, so that the one
+/// scaling that follows (and the minimums' term, in the row's first lane) is a single row's
+/// as in the other kernels: the same bits.
+#[inline(always)]
+unsafe fn pair_totals<const RUN: usize, const G: usize>(total: &mut [__m256i; G]) {
+    if RUN == 8 {
+        for t in total.iter_mut() {
+            *t = _mm256_add_epi32(*t, _mm256_shuffle_epi32::<0b10_11_00_01>(*t));
+        }
     }
 }
 
@@ -340,6 +353,7 @@ impl VnniBlock for BlockQ6K {
                 total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
             }
         }
+        pair_totals::<RUN, G>(&mut total);
         let d = f32_of(self.d);
         for g in 0..G {
             let y = ys[g];
