@@ -27,6 +27,7 @@ import candle_phi
 import phi3_fixtures as fx
 import pytest
 from candle_phi import Phi3Generator
+from child_signals import sigint_reaches_children
 from conftest import NEWLINE, SLOW_CONFIG
 
 # One character each (CJK filler tokens), distinct as a script needs, none an end token.
@@ -48,20 +49,9 @@ FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 @pytest.fixture()
 def sigint_default() -> Iterator[None]:
-    """Children start with SIGINT at its default, whatever this process inherited.
-
-    A background job of a non-interactive shell (`pytest &`, a script's `cmd &`) starts with
-    SIGINT ignored; children inherit that, Python leaves an ignored SIGINT ignored, and the
-    signal these tests send would be lost. A handled signal is reset to the default at exec.
-    A blocked one (a CI runner's signal mask) stays blocked across fork and exec, so the
-    signal would wait, pending, until the run ends: it is unblocked here, in this thread,
-    whose mask the children (and the pool threads that start them) inherit.
-    """
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    yield
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    signal.signal(signal.SIGINT, previous)
+    """Children start with SIGINT at its default (see `sigint_reaches_children`)."""
+    with sigint_reaches_children():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import uvicorn
 from candle_phi import Phi3Generator
 from candle_phi.server import ServerSettings, create_app
 from candle_phi.server.runner import Runner
+from child_signals import sigint_reaches_children
 
 # Time limits for waiting on events that come in well under a second; a failure, not a pace.
 EVENT_TIMEOUT_S = 120.0
@@ -98,10 +99,11 @@ class ServeProcess:
 @contextmanager
 def serve_process(*args: str, env: dict[str, str] | None = None) -> Iterator[ServeProcess]:
     command = [sys.executable, "-m", "candle_phi", "serve", "--port", "0", *args]
-    process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        env={**os.environ, **(env or {})},
-    )  # fmt: skip
+    with sigint_reaches_children():  # `stop` sends it Ctrl-C
+        process = subprocess.Popen(
+            command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
     lines: queue.Queue[str | None] = queue.Queue()
 
     def read() -> None:
