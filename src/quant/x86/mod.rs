@@ -149,6 +149,8 @@ unsafe fn tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
         for b in 0..blocks {
             for (j, row) in w.iter().enumerate() {
                 let x = row.get_unchecked(b);
+                // The first tile of activations reads the weights from memory.
+                prefetch(x);
                 block_products::<A, B>(x, ys, b, &mut acc[j * groups..]);
             }
         }

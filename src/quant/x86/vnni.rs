@@ -161,7 +161,10 @@ unsafe fn tile_interleaved<V: Vnni, B: VnniBlock, const RUN: usize>(
         for b in 0..blocks {
             for (j, row) in w.iter().enumerate() {
                 let acc = acc.as_mut_ptr().add(j * GROUPS);
-                group_products::<V, B, RUN>(row.get_unchecked(b), groups, b, acc);
+                let x = row.get_unchecked(b);
+                // The first tile of activations reads the weights from memory.
+                prefetch(x);
+                group_products::<V, B, RUN>(x, groups, b, acc);
             }
         }
     }
