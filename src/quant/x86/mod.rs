@@ -1,8 +1,9 @@
 //! x86 matrix products, in builds chosen at run time. K-quant weight rows with Q8_K
 //! activation rows: the tiles here (AVX2), the VNNI ones in `vnni.rs`, each block type's
 //! unpacking in `k_blocks.rs`, the activations' quantizing and the output's transposing in
-//! `activations.rs`. The 32-value types: row by row in `legacy_tiles.rs`, eight activation
-//! rows at a time in `legacy_interleaved.rs`. Float weights: `float_tiles.rs`.
+//! `activations.rs`. The 32-value types: pairs of weight rows (eight, decoding the 4-bit
+//! types) in `legacy_tiles.rs`, eight activation rows at a time in `legacy_interleaved.rs`.
+//! Float weights: `float_tiles.rs`.
 //!
 //! The weights are read in the file's own block layout (no repacked copy). A prompt's tile
 //! of weight rows meets its tile of activation rows one 256-value block column at a time, so
@@ -11,7 +12,8 @@
 //!
 //! AVX2: each 32 values of a row take one `maddubs` (unsigned weight × signed activation,
 //! pairs summed to i16) and one `madd` by the sub-block scale (to i32); four activation
-//! rows share each unpacking of a weight block, and their sums are reduced together.
+//! rows share each unpacking of a weight block, and their exact totals are reduced and
+//! scaled together.
 
 use std::arch::x86_64::*;
 

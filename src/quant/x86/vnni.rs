@@ -150,7 +150,7 @@ unsafe fn tile_interleaved<V: Vnni, B: VnniBlock, const RUN: usize>(
     debug_assert!(w.iter().all(|row| row.len() == blocks));
     debug_assert!(groups.iter().all(|g| g.len() >= blocks));
     if n == 1 {
-        // One group (decoding four to fifteen streams): row by row, as `tile` does.
+        // One group (a few decoding streams): row by row, as `tile` does.
         for (j, row) in w.iter().enumerate() {
             for (b, x) in row.iter().enumerate() {
                 prefetch(x);
