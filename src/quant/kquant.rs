@@ -214,10 +214,9 @@ impl QMatrix {
         } else {
             &[]
         };
-        let interleaved = |rows, b| BlockQ8Kx8::interleave(rows, b);
         let eights = eights
             .chunks(8)
-            .flat_map(|rows| (0..blocks_per_row).map(move |b| interleaved(rows, b)))
+            .flat_map(|rows| (0..blocks_per_row).map(move |b| BlockQ8Kx8::interleave(rows, b)))
             .collect();
         let fours = fours
             .chunks(4)

@@ -428,6 +428,28 @@ fn assert_within(ours: &[f32], theirs: &[f32], bound: f32, what: &str) {
     }
 }
 
+/// For each of `ms` activation rows together, each row's products are the same bits as
+/// that row's alone (`matmul(x, m)` gives (m, `rows`)).
+fn assert_rows_alone_as_together(
+    matmul: impl Fn(&[f32], usize) -> Vec<f32>,
+    rows: usize,
+    cols: usize,
+    ms: &[usize],
+    what: &str,
+) {
+    for &m in ms {
+        let x = noise(m as u64, m * cols);
+        let together = matmul(&x, m);
+        for (i, row) in x.chunks_exact(cols).enumerate() {
+            assert_eq!(
+                matmul(row, 1),
+                together[i * rows..(i + 1) * rows],
+                "{what}: row {i} of {m}"
+            );
+        }
+    }
+}
+
 /// A K-quant row's product is the same, bit for bit, alone or among others: decoding
 /// streams in a group of four or a padded eight, prompt rows in groups of eight and beside
 /// them, across tiles of activations; the batcher promises each stream its results alone.
@@ -441,17 +463,9 @@ fn kquant_rows_are_the_same_alone_or_among_others() {
         let weights = random_blocks(dtype, rows, cols, 70 + t as u64);
         for kernels in kernels_to_test() {
             let matrix = QMatrix::new(&weights, kernels).expect("a K-quant matrix");
-            for m in [2, 3, 4, 5, 7, 8, 9, 12, 17, 40] {
-                let x = noise(m as u64, m * cols);
-                let together = matrix.matmul(&x, m);
-                for (i, row) in x.chunks_exact(cols).enumerate() {
-                    assert_eq!(
-                        matrix.matmul(row, 1),
-                        together[i * rows..(i + 1) * rows],
-                        "{dtype:?} {kernels:?}: row {i} of {m}"
-                    );
-                }
-            }
+            let what = format!("{dtype:?} {kernels:?}");
+            let ms = [2, 3, 4, 5, 7, 8, 9, 12, 17, 40];
+            assert_rows_alone_as_together(|x, m| matrix.matmul(x, m), rows, cols, &ms, &what);
         }
     }
 }
@@ -467,17 +481,9 @@ fn legacy_rows_are_the_same_alone_or_among_others() {
         let weights = random_legacy_blocks(dtype, rows, cols, 90 + t as u64);
         for kernels in kernels_to_test() {
             let matrix = LegacyMatrix::new(&weights, kernels).expect("a legacy matrix");
-            for m in [2, 4, 5, 8, 9, 17, 40] {
-                let x = noise(m as u64, m * cols);
-                let together = matrix.matmul(&x, m);
-                for (i, row) in x.chunks_exact(cols).enumerate() {
-                    assert_eq!(
-                        matrix.matmul(row, 1),
-                        together[i * rows..(i + 1) * rows],
-                        "{dtype:?} {kernels:?}: row {i} of {m}"
-                    );
-                }
-            }
+            let what = format!("{dtype:?} {kernels:?}");
+            let ms = [2, 4, 5, 8, 9, 17, 40];
+            assert_rows_alone_as_together(|x, m| matrix.matmul(x, m), rows, cols, &ms, &what);
         }
     }
 }

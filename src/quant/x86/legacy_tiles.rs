@@ -162,39 +162,32 @@ const EIGHT_ROWS_BLOCK_BYTES: usize = 20;
 unsafe fn eight_rows<D: ByteDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>, j: usize) {
     let nb = g.blocks;
     let mut acc = [_mm256_setzero_ps(); EIGHT_ROWS_ACTS];
-    let mut wv = [_mm256_setzero_si256(); 8];
-    let mut magnitudes = [_mm256_setzero_si256(); 8];
+    let mut w = [UnpackedBlock::ZERO; 8];
     let mut d_bits = [0u16; 8];
     let mut m_bits = [0u16; 8];
+    let half_bits = |bits: &[u16; 8]| _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast()));
     for b in 0..nb {
         for k in 0..8 {
             let block = &*g.weights.as_ptr().add((j + k) * nb + b);
-            let ahead = (block as *const B)
-                .cast::<i8>()
-                .wrapping_add(PREFETCH_AHEAD);
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            wv[k] = block.unpack();
-            if B::SIGNED {
-                magnitudes[k] = _mm256_sign_epi8(wv[k], wv[k]);
-            }
+            w[k] = UnpackedBlock::of(block, true);
             d_bits[k] = block.d().to_bits();
             if B::STORED_MIN {
                 m_bits[k] = block.m_bits().to_bits();
             }
         }
-        let wd = _mm256_cvtph_ps(_mm_loadu_si128(d_bits.as_ptr() as *const __m128i));
-        let wm = _mm256_cvtph_ps(_mm_loadu_si128(m_bits.as_ptr() as *const __m128i));
+        let wd = half_bits(&d_bits);
+        let wm = if B::STORED_MIN {
+            half_bits(&m_bits)
+        } else {
+            _mm256_setzero_ps()
+        };
         for i in 0..g.m {
             let at = i * nb + b;
             let y = &*g.acts.as_ptr().add(at);
             let yv = load(y.qs.as_ptr());
             let mut dots = [_mm256_setzero_si256(); 8];
             for k in 0..8 {
-                dots[k] = if B::SIGNED {
-                    D::dot(magnitudes[k], _mm256_sign_epi8(yv, wv[k]))
-                } else {
-                    D::dot(wv[k], yv)
-                };
+                dots[k] = w[k].dot::<D, B>(yv);
             }
             let mut total = lane_totals(dots);
             if B::OFFSET != 0 {
@@ -212,6 +205,48 @@ unsafe fn eight_rows<D: ByteDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>, j: usiz
         _mm256_storeu_ps(sums.as_mut_ptr(), acc[i]);
         for (k, &sum) in sums.iter().enumerate() {
             *g.out.at(i * g.stride + g.rows.start + j + k) = sum;
+        }
+    }
+}
+
+/// A weight block's values as bytes, and for the signed type (Q8_0) their magnitudes: the
+/// products' first operand must be unsigned.
+#[derive(Clone, Copy)]
+struct UnpackedBlock {
+    values: __m256i,
+    magnitudes: __m256i,
+}
+
+impl UnpackedBlock {
+    // SAFETY: all-zero bits are a valid __m256i.
+    const ZERO: Self = unsafe { std::mem::zeroed() };
+
+    /// `block` unpacked, having asked for the block a page ahead if `prefetch` (decoding).
+    #[inline(always)]
+    unsafe fn of<B: LegacyBlock>(block: &B, prefetch: bool) -> Self {
+        if prefetch {
+            let ahead = (block as *const B)
+                .cast::<i8>()
+                .wrapping_add(PREFETCH_AHEAD);
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+        }
+        let values = block.unpack();
+        let magnitudes = if B::SIGNED {
+            _mm256_sign_epi8(values, values)
+        } else {
+            values
+        };
+        Self { values, magnitudes }
+    }
+
+    /// Σ4 w · y per i32 lane with the activations `y`.
+    #[inline(always)]
+    unsafe fn dot<D: ByteDot, B: LegacyBlock>(self, y: __m256i) -> __m256i {
+        if B::SIGNED {
+            // |w| · (y with w's sign) = w · y, with an unsigned first operand.
+            D::dot(self.magnitudes, _mm256_sign_epi8(y, self.values))
+        } else {
+            D::dot(self.values, y)
         }
     }
 }
@@ -296,23 +331,13 @@ unsafe fn micro<
     let mut acc = [[0f32; A]; R];
     // Loops, not `array::from_fn`: a closure would not inherit the target features, and
     // its intrinsics would be calls.
-    let mut wv = [_mm256_setzero_si256(); R];
-    let mut magnitudes = [_mm256_setzero_si256(); R];
+    let mut w = [UnpackedBlock::ZERO; R];
     let mut wd = [0f32; R];
     let mut wm = [0f32; R];
     for b in 0..at.blocks {
         for j in 0..R {
             let block = &*at.w[j].add(b);
-            if PREFETCH {
-                let ahead = (block as *const B)
-                    .cast::<i8>()
-                    .wrapping_add(PREFETCH_AHEAD);
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
-            }
-            wv[j] = block.unpack();
-            if B::SIGNED {
-                magnitudes[j] = _mm256_sign_epi8(wv[j], wv[j]);
-            }
+            w[j] = UnpackedBlock::of(block, PREFETCH);
             wd[j] = f32_of(block.d());
             if B::STORED_MIN {
                 wm[j] = f32_of(block.m_bits());
@@ -323,13 +348,7 @@ unsafe fn micro<
             let yv = load(y.qs.as_ptr());
             let yd = f32_of(y.d);
             for j in 0..R {
-                let dots = if B::SIGNED {
-                    // |w| · (y with w's sign) = w · y, with an unsigned first operand.
-                    D::dot(magnitudes[j], _mm256_sign_epi8(yv, wv[j]))
-                } else {
-                    D::dot(wv[j], yv)
-                };
-                let mut total = hsum_i32(dots);
+                let mut total = hsum_i32(w[j].dot::<D, B>(yv));
                 if B::OFFSET != 0 {
                     total += B::OFFSET * *at.q[i].add(b);
                 }

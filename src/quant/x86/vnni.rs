@@ -5,10 +5,11 @@
 //! rows: half the multiplies of the AVX2 path. The instruction comes in two encodings, one
 //! build each: AVX-VNNI (VEX) and AVX-512 VNNI with VL (EVEX, on 256-bit registers).
 //!
-//! Three or four rows left (decoding as many streams) are a group of four (`BlockQ8Kx4`): one
-//! `vpdpbusd` multiplies eight broadcast weights with eight positions of each row, two lanes
-//! per row (their integer totals added before the scaling). Against the AVX2 path's `maddubs` + `vpdpwssd` per row and 32 values, that is
-//! one instruction per row and 32 values, besides the scale's multiply per sub-block.
+//! Three or four rows left (decoding as many streams) are a group of four (`BlockQ8Kx4`):
+//! one `vpdpbusd` multiplies eight broadcast weights with eight positions of each row, two
+//! lanes per row (their integer totals added before the scaling). Against the AVX2 path's
+//! `maddubs` + `vpdpwssd` per row and 32 values, that is one instruction per row and 32
+//! values, besides the scale's multiply per sub-block.
 
 use std::arch::x86_64::*;
 
@@ -168,15 +169,16 @@ unsafe fn tile_interleaved<V: Vnni, B: VnniBlock, const RUN: usize>(
             }
         }
     }
-    let rows = BlockQ8Kx::<RUN>::ROWS;
+    let (rows, lanes_per_row) = (BlockQ8Kx::<RUN>::ROWS, BlockQ8Kx::<RUN>::LANES);
     for j in 0..w.len() {
         for g in 0..n {
             let mut lanes = [0f32; 8];
             _mm256_storeu_ps(lanes.as_mut_ptr(), acc[j * GROUPS + g]);
             let at = first + rows * g;
             // A row's first lane; a padded group's rows past `m` are dropped.
-            for (r, lanes) in lanes.chunks_exact(8 / rows).enumerate().take(m - at.min(m)) {
-                out[j * m + at + r] = lanes[0];
+            let firsts = lanes.iter().step_by(lanes_per_row);
+            for (r, &sum) in firsts.enumerate().take(m - at.min(m)) {
+                out[j * m + at + r] = sum;
             }
         }
     }
