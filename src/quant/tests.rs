@@ -95,11 +95,11 @@ fn k_quant_products_match_candle() {
         let quantized =
             RawTensor::from_qtensor(&QTensor::quantize(&dense, dtype).unwrap()).unwrap();
         for (source, weights) in [("random bits", &random), ("quantized", &quantized)] {
-            // The decode case, groups of 4 and of 8 (VNNI) with every remainder, also in a
-            // second tile of activations (32 rows), and more than one tile of weights (44
-            // rows: five tiles and a part).
+            // The decode case, groups of 4 and of 8 (VNNI) with every remainder, one to eight
+            // groups per unpacking, also in a second and third tile of activations (64 rows),
+            // and more than one tile of weights (44 rows: five tiles and a part).
             for m in [
-                1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 15, 16, 20, 37, 42, 44, 63,
+                1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 15, 16, 20, 37, 42, 44, 63, 64, 71, 100, 140,
             ] {
                 let x = noise(1000 + m as u64, m * cols);
                 let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
@@ -464,7 +464,7 @@ fn kquant_rows_are_the_same_alone_or_among_others() {
         for kernels in kernels_to_test() {
             let matrix = QMatrix::new(&weights, kernels).expect("a K-quant matrix");
             let what = format!("{dtype:?} {kernels:?}");
-            let ms = [2, 3, 4, 5, 7, 8, 9, 12, 17, 40];
+            let ms = [2, 3, 4, 5, 7, 8, 9, 12, 17, 40, 75];
             assert_rows_alone_as_together(|x, m| matrix.matmul(x, m), rows, cols, &ms, &what);
         }
     }

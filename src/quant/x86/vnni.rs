@@ -1,9 +1,11 @@
 //! The VNNI builds of the x86 products, in groups of eight activation rows: the activations
 //! are interleaved (`BlockQ8Kx8`) so that one `vpdpbusd` multiplies four broadcast weights
 //! with the same four positions of eight rows, summing into one i32 lane per row; each
-//! broadcast serves up to four such groups. A sub-block's scale then applies once per eight
-//! rows: half the multiplies of the AVX2 path. The instruction comes in two encodings, one
-//! build each: AVX-VNNI (VEX) and AVX-512 VNNI with VL (EVEX, on 256-bit registers).
+//! broadcast serves up to four such groups with VEX's 16 registers, eight with EVEX's 32. A
+//! sub-block's scale then applies once per eight rows: half the multiplies of the AVX2 path.
+//! The instruction comes in two encodings, one build each: AVX-VNNI (VEX) and AVX-512 VNNI
+//! with VL (EVEX, on 256-bit registers); where a CPU has both, EVEX's runs. A weight block is
+//! unpacked to bytes once per tile row (`Unpacked`), so each broadcast is one load.
 //!
 //! Three or four rows left (decoding as many streams) are a group of four (`BlockQ8Kx4`):
 //! one `vpdpbusd` multiplies eight broadcast weights with eight positions of each row, two
@@ -16,7 +18,9 @@ use std::arch::x86_64::*;
 use super::super::blocks::BlockQ8Kx;
 use super::super::blocks::{scales_and_mins, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 use super::super::kquant::{Groups, TILE_ACTS, TILE_ROWS};
-use super::{f32_of, has_avx2, load, prefetch, tile, Avx2Block, MulAdd, Unpacked};
+use super::{
+    f32_of, has_avx2, load, prefetch, prefetch_next_tile, tile, Avx2Block, MulAdd, Unpacked,
+};
 
 /// A K-quant block that can be multiplied with interleaved groups of activation blocks.
 pub trait VnniBlock: Avx2Block {
@@ -41,6 +45,9 @@ pub fn has_avx512_vnni() -> bool {
 /// `acc + Σ4 a_u8 · b_i8` per i32 lane: `vpdpbusd` in one of its two encodings; and, as
 /// `MulAdd`, `vpdpwssd` in the same encoding.
 pub trait Vnni: MulAdd {
+    /// Interleaved groups that one unpacking of a weight block serves: their two chains
+    /// and total each take a register; VEX encodes 16 ymm registers, EVEX 32.
+    const GROUPS: usize;
     unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
 }
 
@@ -65,6 +72,7 @@ impl MulAdd for Evex {
 }
 
 impl Vnni for Vex {
+    const GROUPS: usize = 4;
     #[inline(always)]
     unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_avx_epi32(acc, a, b)
@@ -72,6 +80,7 @@ impl Vnni for Vex {
 }
 
 impl Vnni for Evex {
+    const GROUPS: usize = 8;
     #[inline(always)]
     unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(acc, a, b)
@@ -132,8 +141,8 @@ unsafe fn tile_vnni<V: Vnni, B: VnniBlock>(
     }
 }
 
-/// `out[j * m + first + i]` for the rows of the interleaved groups, all (up to four) at
-/// once so that each broadcast weight serves up to 32 rows.
+/// `out[j * m + first + i]` for the rows of the interleaved groups, as many at once as
+/// `Vnni::GROUPS` allows, so that each broadcast weight serves up to 64 rows.
 #[inline(always)]
 unsafe fn tile_interleaved<V: Vnni, B: VnniBlock, const RUN: usize>(
     w: &[&[B]],
@@ -163,8 +172,7 @@ unsafe fn tile_interleaved<V: Vnni, B: VnniBlock, const RUN: usize>(
             for (j, row) in w.iter().enumerate() {
                 let acc = acc.as_mut_ptr().add(j * GROUPS);
                 let x = row.get_unchecked(b);
-                // The first tile of activations reads the weights from memory.
-                prefetch(x);
+                prefetch_next_tile(x, blocks);
                 group_products::<V, B, RUN>(x, groups, b, acc);
             }
         }
@@ -184,8 +192,9 @@ unsafe fn tile_interleaved<V: Vnni, B: VnniBlock, const RUN: usize>(
     }
 }
 
-/// Weight block `x` (block column `b`) with each interleaved group, into `acc[g]`. A
-/// function, not a closure, so that it inherits the caller's target features.
+/// Weight block `x` (block column `b`) with each interleaved group, into `acc[g]`: as many
+/// groups per unpacking as the encoding's registers hold (`Vnni::GROUPS`). A function, not
+/// a closure, so that it inherits the caller's target features.
 #[inline(always)]
 unsafe fn group_products<V: Vnni, B: VnniBlock, const RUN: usize>(
     x: &B,
@@ -194,27 +203,40 @@ unsafe fn group_products<V: Vnni, B: VnniBlock, const RUN: usize>(
     acc: *mut __m256,
 ) {
     let y = |g: usize| groups.get_unchecked(g).get_unchecked(b);
-    match groups.len() {
-        4 => x.interleaved_dots::<V, RUN, _>(
-            [y(0), y(1), y(2), y(3)],
-            &mut *(acc as *mut [__m256; 4]),
-        ),
-        3 => x.interleaved_dots::<V, RUN, _>([y(0), y(1), y(2)], &mut *(acc as *mut [__m256; 3])),
-        2 => x.interleaved_dots::<V, RUN, _>([y(0), y(1)], &mut *(acc as *mut [__m256; 2])),
-        1 => x.interleaved_dots::<V, RUN, _>([y(0)], &mut *(acc as *mut [__m256; 1])),
-        _ => {}
+    let mut first = 0;
+    while first < groups.len() {
+        let n = (groups.len() - first).min(V::GROUPS);
+        let acc = acc.add(first);
+        let y = |g: usize| y(first + g);
+        macro_rules! dots {
+            ($($g:expr),*) => {
+                x.interleaved_dots::<V, RUN, _>([$(y($g)),*], &mut *(acc as *mut [__m256; [$($g),*].len()]))
+            };
+        }
+        match n {
+            8 => dots!(0, 1, 2, 3, 4, 5, 6, 7),
+            7 => dots!(0, 1, 2, 3, 4, 5, 6),
+            6 => dots!(0, 1, 2, 3, 4, 5),
+            5 => dots!(0, 1, 2, 3, 4),
+            4 => dots!(0, 1, 2, 3),
+            3 => dots!(0, 1, 2),
+            2 => dots!(0, 1),
+            _ => dots!(0),
+        }
+        first += n;
     }
 }
 
-/// Q4_K/Q5_K with VNNI: `weights(c, at)` gives the RUN u8 values at `at`.. of chunk c's
-/// low-nibble and high-nibble sub-blocks, broadcast to every row's lanes.
+/// Q4_K/Q5_K with VNNI, from the block's unpacked values (sub-block s in `values.0[s]`).
+/// A chunk's two sub-blocks go side by side: two chains per group, so that the multiply-adds
+/// do not wait on each other.
 #[inline(always)]
 unsafe fn k_quant_interleaved<V: Vnni, const RUN: usize, const G: usize>(
+    values: &Unpacked,
     packed: &[u8; 12],
     (d, dmin): (f32, f32),
     ys: [&BlockQ8Kx<RUN>; G],
     acc: &mut [__m256; G],
-    weights: impl Fn(usize, usize) -> (__m256i, __m256i),
 ) {
     let (scales, mins) = scales_and_mins(packed);
     let mut total = [_mm256_setzero_si256(); G];
@@ -222,7 +244,8 @@ unsafe fn k_quant_interleaved<V: Vnni, const RUN: usize, const G: usize>(
         let mut lo = [_mm256_setzero_si256(); G];
         let mut hi = [_mm256_setzero_si256(); G];
         for k in 0..32 / RUN {
-            let (wl, wh) = weights(c, RUN * k);
+            let wl = broadcast::<RUN>(values.0[2 * c].as_ptr().add(RUN * k));
+            let wh = broadcast::<RUN>(values.0[2 * c + 1].as_ptr().add(RUN * k));
             for g in 0..G {
                 let qs = &ys[g].qs;
                 lo[g] = V::dpbusd(lo[g], wl, load(qs[64 * c / RUN + k].as_ptr()));
@@ -278,49 +301,32 @@ unsafe fn broadcast<const RUN: usize>(ptr: *const u8) -> __m256i {
     }
 }
 
-impl VnniBlock for BlockQ4K {
-    #[inline(always)]
-    unsafe fn interleaved_dots<V: Vnni, const RUN: usize, const G: usize>(
-        &self,
-        ys: [&BlockQ8Kx<RUN>; G],
-        acc: &mut [__m256; G],
-    ) {
-        let low4 = _mm256_set1_epi8(0x0F);
-        let factors = (f32_of(self.d), f32_of(self.dmin));
-        k_quant_interleaved::<V, RUN, G>(&self.scales, factors, ys, acc, |c, at| {
-            let q = broadcast::<RUN>(self.qs.as_ptr().add(32 * c + at));
-            (
-                _mm256_and_si256(q, low4),
-                _mm256_and_si256(_mm256_srli_epi16(q, 4), low4),
-            )
-        })
-    }
+/// Q4_K and Q5_K differ only in how a chunk unpacks (`chunk`): unpacked once per block into
+/// a buffer, each RUN values are then one broadcast load (no unpacking per broadcast, and
+/// fewer registers held for it, which the 16 of AVX-VNNI's encoding need).
+macro_rules! k_quant_vnni_block {
+    ($($block:ty),*) => {$(
+        impl VnniBlock for $block {
+            #[inline(always)]
+            unsafe fn interleaved_dots<V: Vnni, const RUN: usize, const G: usize>(
+                &self,
+                ys: [&BlockQ8Kx<RUN>; G],
+                acc: &mut [__m256; G],
+            ) {
+                let mut values = Unpacked([[0; 32]; 8]);
+                for c in 0..4 {
+                    let (lo, hi) = self.chunk(c);
+                    _mm256_store_si256(values.0[2 * c].as_mut_ptr() as *mut __m256i, lo);
+                    _mm256_store_si256(values.0[2 * c + 1].as_mut_ptr() as *mut __m256i, hi);
+                }
+                let factors = (f32_of(self.d), f32_of(self.dmin));
+                k_quant_interleaved::<V, RUN, G>(&values, &self.scales, factors, ys, acc)
+            }
+        }
+    )*};
 }
 
-impl VnniBlock for BlockQ5K {
-    #[inline(always)]
-    unsafe fn interleaved_dots<V: Vnni, const RUN: usize, const G: usize>(
-        &self,
-        ys: [&BlockQ8Kx<RUN>; G],
-        acc: &mut [__m256; G],
-    ) {
-        // Five-bit values take a dozen operations to assemble four at a time; unpacked once
-        // per block into a buffer, each four are then one broadcast load.
-        let mut values = Unpacked([[0; 32]; 8]);
-        for c in 0..4 {
-            let (lo, hi) = self.chunk(c);
-            _mm256_store_si256(values.0[2 * c].as_mut_ptr() as *mut __m256i, lo);
-            _mm256_store_si256(values.0[2 * c + 1].as_mut_ptr() as *mut __m256i, hi);
-        }
-        let factors = (f32_of(self.d), f32_of(self.dmin));
-        k_quant_interleaved::<V, RUN, G>(&self.scales, factors, ys, acc, |c, at| {
-            (
-                broadcast::<RUN>(values.0[2 * c].as_ptr().add(at)),
-                broadcast::<RUN>(values.0[2 * c + 1].as_ptr().add(at)),
-            )
-        })
-    }
-}
+k_quant_vnni_block!(BlockQ4K, BlockQ5K);
 
 impl VnniBlock for BlockQ6K {
     #[inline(always)]
