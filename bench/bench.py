@@ -5,14 +5,17 @@
     python bench/bench.py --runs 7 --threads 2 --rust-loop
     python bench/bench.py --weights f16 --layers 8 --kernels avx2,candle   # other files
     python bench/bench.py --prompts 128,512 --long-context 0 --runs 3      # the short cases
+    python bench/bench.py --shape mini-128k --prompts "" --long-context 16384 --layers 8
 
 The model has Phi-3-mini-4k-instruct's exact shapes (vocab 32064, hidden 3072, 32 layers, 32
 heads, feed-forward 8192, context 4096) and the tensor-type mix of llama.cpp's Q4_K_M, as in
 the published q4 file, with random weights (built once, deterministically, ~2.2 GB), or all
-matrices in one type (``--weights f16|bf16|q8_0|q5_1|q5_0|q4_1|q4_0``; ``--layers`` fewer
+matrices in one type (``--weights f16|bf16|q8_0|q5_1|q5_0|q4_1|q4_0|q3_k|q2_k``; ``--layers`` fewer
 than 32 for a file whose f32 source fits in memory: an F16 file is built from 4 bytes a
 weight). Prompts of each ``--prompts`` size, decode after a 16-token prompt, and after a
-``--long-context`` prompt (4,000 tokens: its own prompt figure too). Each
+``--long-context`` prompt (4,000 tokens: its own prompt figure too). ``--shape mini-128k``
+is Phi-3-mini-128k-instruct's: the same matrices, a 131,072-token context and LongRoPE (its
+long and short rotary factors past the original 4,096 tokens), for the 16k-token case. Each
 engine runs in a fresh subprocess per run (cold load, its own peak RSS); runs alternate
 between the engines. Figures: median (min-max) over the runs, and candle-phi / llama.cpp.
 Decode ignores end tokens. This is not part of the test suite.
@@ -47,6 +50,15 @@ PHI3_MINI = {
     "intermediate_size": 8192,
     "context_length": 4096,
 }
+# Phi-3-mini-128k-instruct: the same matrices, LongRoPE factors past 4,096 tokens.
+SHAPES: dict[str, dict[str, Any]] = {
+    "mini-4k": {},
+    "mini-128k": {
+        "context_length": 131072,
+        "original_context_length": 4096,
+        "rope_factors": True,
+    },
+}
 PROMPT_SIZES = "128,512,2048"
 LONG_CONTEXT = 4000
 SHORT_PROMPT = 16
@@ -76,20 +88,26 @@ WEIGHTS = {
     "q5_0": "Q5_0",
     "q4_1": "Q4_1",
     "q4_0": "Q4_0",
+    "q3_k": "Q3_K",
+    "q2_k": "Q2_K",
 }
 
 
-def make_model(weights: str = "q4_k_m", layers: int = 32) -> tuple[Path, Path]:
+def make_model(
+    weights: str = "q4_k_m", layers: int = 32, shape: str = "mini-4k"
+) -> tuple[Path, Path]:
     import phi3_fixtures as fx  # type: ignore[import-not-found, unused-ignore]
 
     OUT.mkdir(exist_ok=True)
-    name = f"phi3-mini-shapes-{weights}" + ("" if layers == 32 else f"-{layers}-layers")
+    name = f"phi3-{shape}-shapes-{weights}" if shape != "mini-4k" else f"phi3-mini-shapes-{weights}"
+    name += "" if layers == 32 else f"-{layers}-layers"
     model, tokenizer = OUT / f"{name}.gguf", OUT / "tokenizer.json"
     if not tokenizer.exists():
         fx.write_tokenizer_json(tokenizer)
     if not model.exists():
         print(f"writing {model.name} (once) ...", file=sys.stderr)
-        config = fx.TinyPhi3Config(**{**PHI3_MINI, "num_layers": layers})  # type: ignore[arg-type, unused-ignore]
+        fields = {**PHI3_MINI, **SHAPES[shape], "num_layers": layers}
+        config = fx.TinyPhi3Config(**fields)  # type: ignore[arg-type, unused-ignore]
         partial = model.with_suffix(".partial")
         fx.write_phi3_gguf(
             partial,
@@ -386,6 +404,9 @@ def main() -> int:
     parser.add_argument("--skip-llama", action="store_true")
     parser.add_argument("--weights", choices=list(WEIGHTS), default="q4_k_m")
     parser.add_argument("--layers", type=int, default=32, help="Phi-3-mini has 32")
+    parser.add_argument(
+        "--shape", choices=list(SHAPES), default="mini-4k", help="mini-128k: LongRoPE"
+    )
     parser.add_argument("--rust-loop", action="store_true", help="also time a pure-Rust decode")
     parser.add_argument(
         "--prompts", default=PROMPT_SIZES, help=f"prompt sizes (default {PROMPT_SIZES})"
@@ -411,7 +432,7 @@ def main() -> int:
         print(json.dumps(work(args.model, args.tokenizer, args.threads, sizes, args.long_context)))
         return 0
 
-    model, tokenizer = make_model(args.weights, args.layers)
+    model, tokenizer = make_model(args.weights, args.layers, args.shape)
     read_through(model)  # both engines memory-map the file: neither pays the disk
     engines = ["candle-phi"] if args.skip_llama else ["candle-phi", "llama.cpp"]
     results: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
@@ -425,7 +446,7 @@ def main() -> int:
     bandwidth = memory_bandwidth(args.threads)
     lines = [
         f"Machine: {machine()}; {args.threads} threads; {args.runs} runs; "
-        f"model {size / 2**30:.2f} GiB (Phi-3-mini shapes, {args.layers} layers, "
+        f"model {size / 2**30:.2f} GiB (Phi-3-{args.shape} shapes, {args.layers} layers, "
         f"{args.weights}, random weights).",
         "",
         f"candle-phi's kernels: {results['candle-phi'][0]['kernels']}.",

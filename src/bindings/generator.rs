@@ -306,7 +306,7 @@ impl PyPhi3Generator {
 
     /// The matrix kernels this CPU runs for the model: "avx-vnni", "avx512-vnni", "avx2",
     /// "scalar" or "candle" (`CANDLE_PHI_KERNELS` picks others), and any tensor types left
-    /// to Candle's ("avx2; candle for Q3_K").
+    /// to Candle's ("avx2; candle for Q8_K").
     #[getter]
     fn kernels(&self) -> String {
         self.engine.kernels()

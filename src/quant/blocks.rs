@@ -37,6 +37,26 @@ pub struct BlockQ6K {
     pub d: f16,
 }
 
+/// 3.4375 bits per weight: 16 sub-blocks of 16 with 6-bit scales (stored +32), values of two
+/// bits in `qs` and a third in `hmask`, offset by 4.
+#[repr(C)]
+pub struct BlockQ3K {
+    pub hmask: [u8; QK_K / 8],
+    pub qs: [u8; QK_K / 4],
+    pub scales: [u8; 12],
+    pub d: f16,
+}
+
+/// 2.625 bits per weight: 16 sub-blocks of 16 with a 4-bit scale (low nibble) and a 4-bit
+/// minimum (high nibble) each, values of two bits.
+#[repr(C)]
+pub struct BlockQ2K {
+    pub scales: [u8; QK_K / 16],
+    pub qs: [u8; QK_K / 4],
+    pub d: f16,
+    pub dmin: f16,
+}
+
 /// An activation super-block: 8-bit values, their scale, and sums of each 16 values (which
 /// carry the weights' minimums and offsets without touching the values again).
 #[repr(C)]
@@ -50,6 +70,8 @@ pub struct BlockQ8K {
 const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
 const _: () = assert!(std::mem::size_of::<BlockQ5K>() == 176);
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
+const _: () = assert!(std::mem::size_of::<BlockQ3K>() == 110);
+const _: () = assert!(std::mem::size_of::<BlockQ2K>() == 84);
 const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292);
 
 /// A weight block type that our kernels multiply.
@@ -59,6 +81,8 @@ pub trait WeightBlock: Sized {
 impl WeightBlock for BlockQ4K {}
 impl WeightBlock for BlockQ5K {}
 impl WeightBlock for BlockQ6K {}
+impl WeightBlock for BlockQ3K {}
+impl WeightBlock for BlockQ2K {}
 
 /// Views `bytes` as blocks, or `None` when the length or the alignment does not fit.
 pub fn as_blocks<T: WeightBlock>(bytes: &[u8]) -> Option<&[T]> {
@@ -101,6 +125,46 @@ pub fn scale_words(packed: &[u8; 12]) -> [u32; 4] {
         b & LOW6,
         ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4),
     ]
+}
+
+impl BlockQ3K {
+    /// The 16 sub-blocks' scales, signed (−32..=31). Sub-block s keeps its low 4 bits in the
+    /// low (s < 8) or high nibble of byte s % 8, its top 2 bits at bit 2(s / 4) of byte
+    /// 8 + s % 4. Word-wide, for the reason `scale_words` gives.
+    #[inline(always)]
+    pub fn signed_scales(&self) -> [i8; 16] {
+        let p = &self.scales;
+        let word =
+            |i: usize| u32::from_le_bytes([p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]]);
+        let (a, b, c) = (word(0), word(1), word(2));
+        const LOW4: u32 = 0x0f0f_0f0f;
+        const LOW2: u32 = 0x0303_0303;
+        let words = [
+            (a & LOW4) | ((c & LOW2) << 4),
+            (b & LOW4) | (((c >> 2) & LOW2) << 4),
+            ((a >> 4) & LOW4) | (((c >> 4) & LOW2) << 4),
+            ((b >> 4) & LOW4) | (((c >> 6) & LOW2) << 4),
+        ];
+        // Each byte (0..=63) less 32, four at a time: with its top bit set first, no byte
+        // borrows from the next.
+        let signed = words.map(|w| (w | 0x8080_8080).wrapping_sub(0x2020_2020) ^ 0x8080_8080);
+        let all = signed
+            .iter()
+            .rev()
+            .fold(0u128, |all, &w| (all << 32) | u128::from(w));
+        all.to_le_bytes().map(|b| b as i8)
+    }
+}
+
+impl BlockQ2K {
+    /// The 16 sub-blocks' scales and minimums (0..=15 each), all 16 bytes at once.
+    #[inline(always)]
+    pub fn scales_and_mins(&self) -> ([i8; 16], [i8; 16]) {
+        const LOW4: u128 = 0x0f0f_0f0f_0f0f_0f0f_0f0f_0f0f_0f0f_0f0f;
+        let packed = u128::from_le_bytes(self.scales);
+        let bytes = |v: u128| v.to_le_bytes().map(|b| b as i8);
+        (bytes(packed & LOW4), bytes((packed >> 4) & LOW4))
+    }
 }
 
 /// Quantizes `xs` (a multiple of 256 long) to Q8_K the way Candle does (scale from the

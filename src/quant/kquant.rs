@@ -1,4 +1,4 @@
-//! K-quant matrices (Q4_K, Q5_K, Q6_K): the file's 256-value blocks times activations
+//! K-quant matrices (Q2_K to Q6_K): the file's 256-value blocks times activations
 //! quantized to Q8_K, in tiles of weight rows and activation rows, with the kernels this
 //! CPU runs (x86/ for AVX2 and VNNI, scalar.rs elsewhere).
 
@@ -7,8 +7,9 @@ use std::ops::{Range, RangeInclusive};
 use rayon::prelude::*;
 
 use super::blocks::WeightBlock;
-use super::blocks::{as_blocks, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8Kx4, BlockQ8Kx8};
+use super::blocks::{as_blocks, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use super::blocks::{quantize_q8k, BlockQ8K, QK_K};
+use super::blocks::{BlockQ8Kx4, BlockQ8Kx8};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{readable, scalar, Kernels, OutPtr, RawTensor, WeightBytes};
@@ -16,6 +17,8 @@ use candle_core::quantized::GgmlDType;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BlockType {
+    Q2K,
+    Q3K,
     Q4K,
     Q5K,
     Q6K,
@@ -24,6 +27,8 @@ enum BlockType {
 impl BlockType {
     fn of(dtype: GgmlDType) -> Option<Self> {
         match dtype {
+            GgmlDType::Q2K => Some(BlockType::Q2K),
+            GgmlDType::Q3K => Some(BlockType::Q3K),
             GgmlDType::Q4K => Some(BlockType::Q4K),
             GgmlDType::Q5K => Some(BlockType::Q5K),
             GgmlDType::Q6K => Some(BlockType::Q6K),
@@ -33,6 +38,8 @@ impl BlockType {
 
     fn block_bytes(self) -> usize {
         match self {
+            BlockType::Q2K => BlockQ2K::BYTES,
+            BlockType::Q3K => BlockQ3K::BYTES,
             BlockType::Q4K => BlockQ4K::BYTES,
             BlockType::Q5K => BlockQ5K::BYTES,
             BlockType::Q6K => BlockQ6K::BYTES,
@@ -232,6 +239,8 @@ impl QMatrix {
     /// the first rows of `acts` interleaved, if the kernel takes them.
     fn tile(&self, rows: Range<usize>, acts: &[&[BlockQ8K]], groups: Groups, out: &mut [f32]) {
         match self.block_type {
+            BlockType::Q2K => self.tile_of::<BlockQ2K>(rows, acts, groups, out),
+            BlockType::Q3K => self.tile_of::<BlockQ3K>(rows, acts, groups, out),
             BlockType::Q4K => self.tile_of::<BlockQ4K>(rows, acts, groups, out),
             BlockType::Q5K => self.tile_of::<BlockQ5K>(rows, acts, groups, out),
             BlockType::Q6K => self.tile_of::<BlockQ6K>(rows, acts, groups, out),

@@ -1,10 +1,10 @@
 //! Matrix products on the GGUF's own blocks, read in place from the memory-mapped file: no
-//! second copy of the weights, no repacking at first use. K-quants (Q4_K, Q5_K, Q6_K) here,
+//! second copy of the weights, no repacking at first use. K-quants (Q2_K to Q6_K) here,
 //! the 32-value types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) in `legacy/`, F32/F16/BF16 in `float.rs`.
 //!
-//! Candle's kernels remain the path for the other tensor types (Q2_K, Q3_K, ...) and for
-//! CPUs (or builds) without ours; `CANDLE_PHI_KERNELS=candle` selects them everywhere, for
-//! comparison.
+//! Candle's kernels remain the path for what else Candle loads (Q8_K matrices, shapes ours
+//! do not take) and for CPUs (or builds) without ours; `CANDLE_PHI_KERNELS=candle` selects
+//! them everywhere, for comparison.
 
 mod blocks;
 mod float;
@@ -228,7 +228,7 @@ pub enum Linear {
     KQuant(QMatrix),
     Float(FloatMatrix),
     Legacy(LegacyMatrix),
-    /// Candle's, for the types ours do not cover (Q2_K, Q3_K, ...) or where asked for.
+    /// Candle's, for what ours do not cover (Q8_K, shapes ours do not take) or where asked.
     Candle(QMatMul, GgmlDType),
 }
 

@@ -1,7 +1,8 @@
 //! Portable dot products of K-quant weight rows with Q8_K activation rows: the reference
 //! the SIMD kernels are tested against, and the path on CPUs without them.
 
-use super::blocks::{scales_and_mins, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, QK_K};
+use super::blocks::QK_K;
+use super::blocks::{scales_and_mins, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 
 /// A K-quant block's product with a Q8_K block.
 pub trait ScalarBlock {
@@ -28,6 +29,18 @@ impl ScalarBlock for BlockQ5K {
 impl ScalarBlock for BlockQ6K {
     fn dot(&self, y: &BlockQ8K) -> f32 {
         q6k_block(self, y)
+    }
+}
+
+impl ScalarBlock for BlockQ3K {
+    fn dot(&self, y: &BlockQ8K) -> f32 {
+        q3k_block(self, y)
+    }
+}
+
+impl ScalarBlock for BlockQ2K {
+    fn dot(&self, y: &BlockQ8K) -> f32 {
+        q2k_block(self, y)
     }
 }
 
@@ -88,4 +101,34 @@ fn q6k_block(x: &BlockQ6K, y: &BlockQ8K) -> f32 {
         sum += q * i32::from(y.qs[i]) * i32::from(x.scales[i / 16]);
     }
     y.d * x.d.to_f32() * sum as f32
+}
+
+fn q3k_block(x: &BlockQ3K, y: &BlockQ8K) -> f32 {
+    let scales = x.signed_scales();
+    let mut sum = 0i32;
+    for i in 0..QK_K {
+        // Halves of 128 values; within one, run r of 32 takes bits 2r..2r+2 of qs[32h + l]
+        // and, as its third bit, bit 4h + r of hmask[l]; a value is those three bits − 4.
+        let (half, run, l) = (i / 128, i % 128 / 32, i % 32);
+        let low = (x.qs[half * 32 + l] >> (2 * run)) & 3;
+        let high = (x.hmask[l] >> (4 * half + run)) & 1;
+        let q = i32::from(low | (high << 2)) - 4;
+        sum += q * i32::from(y.qs[i]) * i32::from(scales[i / 16]);
+    }
+    y.d * x.d.to_f32() * sum as f32
+}
+
+fn q2k_block(x: &BlockQ2K, y: &BlockQ8K) -> f32 {
+    let (scales, mins) = x.scales_and_mins();
+    let (mut scaled, mut offsets) = (0i32, 0i32);
+    for i in 0..QK_K {
+        // As Q3_K's low two bits: run r of half h is bits 2r..2r+2 of qs[32h + l].
+        let (half, run, l) = (i / 128, i % 128 / 32, i % 32);
+        let q = i32::from((x.qs[half * 32 + l] >> (2 * run)) & 3);
+        scaled += q * i32::from(y.qs[i]) * i32::from(scales[i / 16]);
+    }
+    for (s, &m) in mins.iter().enumerate() {
+        offsets += i32::from(m) * i32::from(y.bsums[s]);
+    }
+    y.d * (x.d.to_f32() * scaled as f32 - x.dmin.to_f32() * offsets as f32)
 }

@@ -30,8 +30,13 @@ fn random_blocks(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> RawTe
         let d = half::f16::from_f32(factors[2 * b] * 0.01).to_le_bytes();
         let dmin = half::f16::from_f32(factors[2 * b + 1] * 0.01).to_le_bytes();
         match dtype {
-            // d, dmin lead the Q4_K and Q5_K blocks; Q6_K ends with d.
-            GgmlDType::Q6K => block[block_bytes - 2..].copy_from_slice(&d),
+            // d, dmin lead the Q4_K and Q5_K blocks; Q6_K and Q3_K end with d, Q2_K with
+            // d, dmin.
+            GgmlDType::Q6K | GgmlDType::Q3K => block[block_bytes - 2..].copy_from_slice(&d),
+            GgmlDType::Q2K => {
+                block[block_bytes - 4..block_bytes - 2].copy_from_slice(&d);
+                block[block_bytes - 2..].copy_from_slice(&dmin);
+            }
             _ => {
                 block[..2].copy_from_slice(&d);
                 block[2..4].copy_from_slice(&dmin);
@@ -80,9 +85,15 @@ fn kernels_to_test() -> Vec<Kernels> {
 #[test]
 fn k_quant_products_match_candle() {
     let (rows, cols) = (44, 3 * QK_K);
-    for (t, dtype) in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K]
-        .into_iter()
-        .enumerate()
+    for (t, dtype) in [
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::Q3K,
+        GgmlDType::Q2K,
+    ]
+    .into_iter()
+    .enumerate()
     {
         // Both random bit patterns and blocks Candle quantized from smooth values.
         let random = random_blocks(dtype, rows, cols, 7 + t as u64);
@@ -456,9 +467,15 @@ fn assert_rows_alone_as_together(
 #[test]
 fn kquant_rows_are_the_same_alone_or_among_others() {
     let (rows, cols) = (40, 512);
-    for (t, dtype) in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K]
-        .into_iter()
-        .enumerate()
+    for (t, dtype) in [
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::Q3K,
+        GgmlDType::Q2K,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let weights = random_blocks(dtype, rows, cols, 70 + t as u64);
         for kernels in kernels_to_test() {

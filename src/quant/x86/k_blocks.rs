@@ -1,10 +1,12 @@
 //! How each K-quant block unpacks and meets Q8_K activation blocks with AVX2: the scales
 //! and minimums (`prepare`), and the values of each 32, as u8 (`chunk`, `runs`), which the
-//! VNNI kernels (`vnni.rs`) unpack the same way.
+//! VNNI kernels (`vnni.rs`) unpack the same way. Q4_K and Q5_K (sub-blocks of 32 with
+//! minimums) share their products, and so do Q6_K, Q3_K and Q2_K (sub-blocks of 16).
 
 use std::arch::x86_64::*;
 
-use super::super::blocks::{scale_words, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
+use super::super::blocks::BlockQ8K;
+use super::super::blocks::{scale_words, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use super::{f32_of, load, Avx2Block, MulAdd, Prepared};
 
 /// A block's unpacked weights, one sub-block of 32 per row.
@@ -153,51 +155,184 @@ impl BlockQ5K {
     }
 }
 
-impl Avx2Block for BlockQ6K {
-    const OFFSETS_SCALED_BY_D: bool = true;
+/// Q6_K, Q3_K and Q2_K: 16 sub-blocks of 16 values with 8-bit scales, the values stored
+/// unsigned. What they stand for is `d·scale·(q − 2^OFFSET_BITS)` (Q6_K, Q3_K: the offset
+/// comes off in integers before the one scaling) or `d·scale·q − dmin·min` (Q2_K, with
+/// `MINIMUMS`: the minimums' term scaled on its own, as Q4_K's). They differ only in how
+/// their scales and values unpack.
+pub(super) trait SixteenBlock {
+    const MINIMUMS: bool = false;
+    const OFFSET_BITS: i32 = 0;
+    /// The block's factors `d` and `dmin` (Safety: the CPU has F16C).
+    unsafe fn factors(&self) -> (f32, f32);
+    /// The 16 sub-blocks' scales.
+    fn sub_scales(&self) -> [i8; 16];
+    /// The 16 sub-blocks' minimums, with `MINIMUMS`.
+    fn sub_mins(&self) -> [i8; 16] {
+        [0; 16]
+    }
+    /// Half h's four runs of 32 values (values 128h + 32·run + l), unsigned.
+    unsafe fn runs(&self, h: usize) -> [__m256i; 4];
+}
+
+impl SixteenBlock for BlockQ6K {
+    const OFFSET_BITS: i32 = 5;
 
     #[inline(always)]
-    unsafe fn prepare(&self) -> Prepared {
-        let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(self.scales.as_ptr() as *const __m128i));
-        let d = f32_of(self.d);
-        // Values are stored +32: the offset term is 32·Σ scale·bsum, weighed by d.
+    unsafe fn factors(&self) -> (f32, f32) {
+        (f32_of(self.d), 0.0)
+    }
+
+    #[inline(always)]
+    fn sub_scales(&self) -> [i8; 16] {
+        self.scales
+    }
+
+    #[inline(always)]
+    unsafe fn runs(&self, h: usize) -> [__m256i; 4] {
+        self.q6k_runs(h)
+    }
+}
+
+impl SixteenBlock for BlockQ3K {
+    const OFFSET_BITS: i32 = 2;
+
+    #[inline(always)]
+    unsafe fn factors(&self) -> (f32, f32) {
+        (f32_of(self.d), 0.0)
+    }
+
+    #[inline(always)]
+    fn sub_scales(&self) -> [i8; 16] {
+        self.signed_scales()
+    }
+
+    /// Run r of half h: bits 2r..2r+2 of qs[32h + l], and bit 4h + r of hmask[l] as the
+    /// third (4).
+    #[inline(always)]
+    unsafe fn runs(&self, h: usize) -> [__m256i; 4] {
+        let hmask = load(self.hmask.as_ptr());
+        let four = _mm256_set1_epi8(0x04);
+        let low = two_bit_runs(&self.qs, h);
+        std::array::from_fn(|r| {
+            let bit = _mm256_set1_epi8((1u8 << (4 * h + r)) as i8);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(hmask, bit), bit);
+            _mm256_or_si256(low[r], _mm256_and_si256(set, four))
+        })
+    }
+}
+
+impl SixteenBlock for BlockQ2K {
+    const MINIMUMS: bool = true;
+
+    #[inline(always)]
+    unsafe fn factors(&self) -> (f32, f32) {
+        (f32_of(self.d), f32_of(self.dmin))
+    }
+
+    #[inline(always)]
+    fn sub_scales(&self) -> [i8; 16] {
+        self.scales_and_mins().0
+    }
+
+    #[inline(always)]
+    fn sub_mins(&self) -> [i8; 16] {
+        self.scales_and_mins().1
+    }
+
+    #[inline(always)]
+    unsafe fn runs(&self, h: usize) -> [__m256i; 4] {
+        two_bit_runs(&self.qs, h)
+    }
+}
+
+/// Q2_K's values and Q3_K's low two bits: run r of half h is bits 2r..2r+2 of
+/// qs[32h + l].
+#[inline(always)]
+unsafe fn two_bit_runs(qs: &[u8; 64], h: usize) -> [__m256i; 4] {
+    let q = load(qs.as_ptr().add(32 * h));
+    let bits01 = _mm256_set1_epi8(0x03);
+    std::array::from_fn(|r| {
+        _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * r as i32)), bits01)
+    })
+}
+
+/// Q6_K, Q3_K and Q2_K share their products; only their unpacking differs.
+macro_rules! sixteen_avx2_block {
+    ($($block:ty),*) => {$(
+        impl Avx2Block for $block {
+            const OFFSETS_SCALED_BY_D: bool = !<$block as SixteenBlock>::MINIMUMS;
+
+            #[inline(always)]
+            unsafe fn prepare(&self) -> Prepared {
+                sixteen_prepare(self)
+            }
+
+            #[inline(always)]
+            unsafe fn dots<A: MulAdd, const R: usize>(
+                &self,
+                p: &Prepared,
+                ys: [&BlockQ8K; R],
+            ) -> [__m256i; R] {
+                sixteen_dots::<A, _, R>(self, p, ys)
+            }
+        }
+    )*};
+}
+
+sixteen_avx2_block!(BlockQ6K, BlockQ3K, BlockQ2K);
+
+#[inline(always)]
+unsafe fn sixteen_prepare<B: SixteenBlock>(block: &B) -> Prepared {
+    let widen = |v: [i8; 16]| _mm256_cvtepi8_epi16(_mm_loadu_si128(v.as_ptr() as *const __m128i));
+    let scales = widen(block.sub_scales());
+    let (d, dmin) = block.factors();
+    if B::MINIMUMS {
         Prepared {
             scales,
-            offset_weights: _mm256_slli_epi16(scales, 5),
+            offset_weights: widen(block.sub_mins()),
+            d,
+            dm: dmin,
+        }
+    } else {
+        // Values stored with their offset: its term is offset·Σ scale·bsum, weighed by d.
+        Prepared {
+            scales,
+            offset_weights: _mm256_sll_epi16(scales, _mm_cvtsi32_si128(B::OFFSET_BITS)),
             d,
             dm: d,
         }
     }
+}
 
-    #[inline(always)]
-    unsafe fn dots<A: MulAdd, const R: usize>(
-        &self,
-        p: &Prepared,
-        ys: [&BlockQ8K; R],
-    ) -> [__m256i; R] {
-        let mut sums = [[_mm256_setzero_si256(); R]; 2];
-        for h in 0..2 {
-            // Sub-blocks 8h..8h+8, as i16 in both halves, for the pair shuffles.
-            let half_scales = if h == 0 {
-                _mm256_permute2x128_si256(p.scales, p.scales, 0x00)
-            } else {
-                _mm256_permute2x128_si256(p.scales, p.scales, 0x11)
-            };
-            for (run, q) in self.runs(h).into_iter().enumerate() {
-                let scale = _mm256_shuffle_epi8(half_scales, load(PAIR_BROADCAST[run].as_ptr()));
-                for r in 0..R {
-                    let y = ys[r].qs.as_ptr().add(128 * h + 32 * run);
-                    let chain = &mut sums[run % 2][r];
-                    *chain = A::mul_add(*chain, _mm256_maddubs_epi16(q, load(y)), scale);
-                }
+#[inline(always)]
+unsafe fn sixteen_dots<A: MulAdd, B: SixteenBlock, const R: usize>(
+    block: &B,
+    p: &Prepared,
+    ys: [&BlockQ8K; R],
+) -> [__m256i; R] {
+    let mut sums = [[_mm256_setzero_si256(); R]; 2];
+    for h in 0..2 {
+        // Sub-blocks 8h..8h+8, as i16 in both halves, for the pair shuffles.
+        let half_scales = if h == 0 {
+            _mm256_permute2x128_si256(p.scales, p.scales, 0x00)
+        } else {
+            _mm256_permute2x128_si256(p.scales, p.scales, 0x11)
+        };
+        for (run, q) in block.runs(h).into_iter().enumerate() {
+            let scale = _mm256_shuffle_epi8(half_scales, load(PAIR_BROADCAST[run].as_ptr()));
+            for r in 0..R {
+                let y = ys[r].qs.as_ptr().add(128 * h + 32 * run);
+                let chain = &mut sums[run % 2][r];
+                *chain = A::mul_add(*chain, _mm256_maddubs_epi16(q, load(y)), scale);
             }
         }
-        let mut out = sums[0];
-        for r in 0..R {
-            out[r] = _mm256_add_epi32(sums[0][r], sums[1][r]);
-        }
-        out
     }
+    let mut out = sums[0];
+    for r in 0..R {
+        out[r] = _mm256_add_epi32(sums[0][r], sums[1][r]);
+    }
+    out
 }
 
 impl BlockQ6K {
@@ -205,7 +340,7 @@ impl BlockQ6K {
     /// nibbles, the next 32 bytes' low nibbles, then the high nibbles, each with two bits of
     /// qh on top.
     #[inline(always)]
-    pub(super) unsafe fn runs(&self, h: usize) -> [__m256i; 4] {
+    unsafe fn q6k_runs(&self, h: usize) -> [__m256i; 4] {
         let low4 = _mm256_set1_epi8(0x0F);
         let bits01 = _mm256_set1_epi8(0x03);
         let bits45 = _mm256_set1_epi8(0x30);

@@ -28,7 +28,7 @@ mod legacy_tiles;
 mod vnni;
 pub use activations::{quantize_q8k, transpose};
 pub use float_tiles::{float_group, FloatGroup};
-use k_blocks::Unpacked;
+use k_blocks::{SixteenBlock, Unpacked};
 pub use legacy_interleaved::{interleaved, InterleavedGroup, InterleavedKernel};
 pub use legacy_tiles::{
     legacy_group_avx2, legacy_group_avx512_vnni, legacy_group_avx_vnni, LegacyGroup,

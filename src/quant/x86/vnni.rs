@@ -15,11 +15,13 @@
 
 use std::arch::x86_64::*;
 
+use super::super::blocks::BlockQ8K;
 use super::super::blocks::BlockQ8Kx;
-use super::super::blocks::{scales_and_mins, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
+use super::super::blocks::{scales_and_mins, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use super::super::kquant::{Groups, TILE_ACTS, TILE_ROWS};
 use super::{
-    f32_of, has_avx2, load, prefetch, prefetch_next_tile, tile, Avx2Block, MulAdd, Unpacked,
+    f32_of, has_avx2, load, prefetch, prefetch_next_tile, tile, Avx2Block, MulAdd, SixteenBlock,
+    Unpacked,
 };
 
 /// A K-quant block that can be multiplied with interleaved groups of activation blocks.
@@ -328,58 +330,90 @@ macro_rules! k_quant_vnni_block {
 
 k_quant_vnni_block!(BlockQ4K, BlockQ5K);
 
-impl VnniBlock for BlockQ6K {
-    #[inline(always)]
-    unsafe fn interleaved_dots<V: Vnni, const RUN: usize, const G: usize>(
-        &self,
-        ys: [&BlockQ8Kx<RUN>; G],
-        acc: &mut [__m256; G],
-    ) {
-        // Unpacked once per block, in value order, into a buffer; each four weights are then
-        // one broadcast load. Sub-blocks are 16 values: four dwords per scale.
-        let mut values = Unpacked([[0; 32]; 8]);
-        for h in 0..2 {
-            for (run, q) in self.runs(h).into_iter().enumerate() {
-                _mm256_store_si256(values.0[4 * h + run].as_mut_ptr() as *mut __m256i, q);
+/// Q6_K, Q3_K and Q2_K: sub-blocks of 16.
+macro_rules! sixteen_vnni_block {
+    ($($block:ty),*) => {$(
+        impl VnniBlock for $block {
+            #[inline(always)]
+            unsafe fn interleaved_dots<V: Vnni, const RUN: usize, const G: usize>(
+                &self,
+                ys: [&BlockQ8Kx<RUN>; G],
+                acc: &mut [__m256; G],
+            ) {
+                sixteen_interleaved::<V, _, RUN, G>(self, ys, acc)
             }
         }
-        let mut total = [_mm256_setzero_si256(); G];
-        for t in 0..8 {
-            let mut lo = [_mm256_setzero_si256(); G];
-            let mut hi = [_mm256_setzero_si256(); G];
-            for k in 0..16 / RUN {
-                let wl = broadcast::<RUN>(values.0[t].as_ptr().add(RUN * k));
-                let wh = broadcast::<RUN>(values.0[t].as_ptr().add(16 + RUN * k));
-                for g in 0..G {
-                    let qs = &ys[g].qs;
-                    lo[g] = V::dpbusd(lo[g], wl, load(qs[32 * t / RUN + k].as_ptr()));
-                    hi[g] = V::dpbusd(hi[g], wh, load(qs[(32 * t + 16) / RUN + k].as_ptr()));
-                }
-            }
-            let scale_lo = _mm256_set1_epi32(i32::from(self.scales[2 * t]));
-            let scale_hi = _mm256_set1_epi32(i32::from(self.scales[2 * t + 1]));
+    )*};
+}
+
+sixteen_vnni_block!(BlockQ6K, BlockQ3K, BlockQ2K);
+
+#[inline(always)]
+unsafe fn sixteen_interleaved<V: Vnni, B: SixteenBlock, const RUN: usize, const G: usize>(
+    block: &B,
+    ys: [&BlockQ8Kx<RUN>; G],
+    acc: &mut [__m256; G],
+) {
+    // Unpacked once per block, in value order, into a buffer; each four weights are then
+    // one broadcast load. Sub-blocks are 16 values: four dwords per scale.
+    let mut values = Unpacked([[0; 32]; 8]);
+    for h in 0..2 {
+        for (run, q) in block.runs(h).into_iter().enumerate() {
+            _mm256_store_si256(values.0[4 * h + run].as_mut_ptr() as *mut __m256i, q);
+        }
+    }
+    let scales = block.sub_scales();
+    let mut total = [_mm256_setzero_si256(); G];
+    for t in 0..8 {
+        let mut lo = [_mm256_setzero_si256(); G];
+        let mut hi = [_mm256_setzero_si256(); G];
+        for k in 0..16 / RUN {
+            let wl = broadcast::<RUN>(values.0[t].as_ptr().add(RUN * k));
+            let wh = broadcast::<RUN>(values.0[t].as_ptr().add(16 + RUN * k));
             for g in 0..G {
-                let l = _mm256_mullo_epi32(lo[g], scale_lo);
-                let h = _mm256_mullo_epi32(hi[g], scale_hi);
-                total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
+                let qs = &ys[g].qs;
+                lo[g] = V::dpbusd(lo[g], wl, load(qs[32 * t / RUN + k].as_ptr()));
+                hi[g] = V::dpbusd(hi[g], wh, load(qs[(32 * t + 16) / RUN + k].as_ptr()));
             }
         }
-        pair_totals::<RUN, G>(&mut total);
-        let d = f32_of(self.d);
+        let scale_lo = _mm256_set1_epi32(i32::from(scales[2 * t]));
+        let scale_hi = _mm256_set1_epi32(i32::from(scales[2 * t + 1]));
         for g in 0..G {
-            let y = ys[g];
-            // Values are stored +32: subtract 32·Σ scale·bsum.
-            let mut offsets = _mm256_setzero_si256();
-            for (q, bsums) in y.bsums.iter().enumerate() {
-                let pair = i32::from(self.scales[2 * q]) as u16 as i32
-                    | (i32::from(self.scales[2 * q + 1]) << 16);
-                offsets = _mm256_add_epi32(
-                    offsets,
-                    _mm256_madd_epi16(load(bsums.as_ptr()), _mm256_set1_epi32(pair)),
-                );
-            }
-            let values = _mm256_sub_epi32(total[g], _mm256_slli_epi32(offsets, 5));
-            let yd = _mm256_mul_ps(_mm256_loadu_ps(y.d.as_ptr()), _mm256_set1_ps(d));
+            let l = _mm256_mullo_epi32(lo[g], scale_lo);
+            let h = _mm256_mullo_epi32(hi[g], scale_hi);
+            total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
+        }
+    }
+    pair_totals::<RUN, G>(&mut total);
+    let (d, dmin) = block.factors();
+    // The offset's weights: the minimums (Q2_K), or the scales times the stored offset.
+    let weights = if B::MINIMUMS {
+        block.sub_mins()
+    } else {
+        scales
+    };
+    let offset_bits = _mm_cvtsi32_si128(B::OFFSET_BITS);
+    for g in 0..G {
+        let y = ys[g];
+        let mut offsets = _mm256_setzero_si256();
+        for (q, bsums) in y.bsums.iter().enumerate() {
+            let pair =
+                i32::from(weights[2 * q]) as u16 as i32 | (i32::from(weights[2 * q + 1]) << 16);
+            offsets = _mm256_add_epi32(
+                offsets,
+                _mm256_madd_epi16(load(bsums.as_ptr()), _mm256_set1_epi32(pair)),
+            );
+        }
+        let yd = _mm256_loadu_ps(y.d.as_ptr());
+        if B::MINIMUMS {
+            let dots = _mm256_cvtepi32_ps(total[g]);
+            acc[g] = _mm256_fmadd_ps(dots, _mm256_mul_ps(yd, _mm256_set1_ps(d)), acc[g]);
+            let offsets = _mm256_cvtepi32_ps(offsets);
+            acc[g] = _mm256_fnmadd_ps(offsets, _mm256_mul_ps(yd, _mm256_set1_ps(dmin)), acc[g]);
+        } else {
+            // Values stored with their offset: subtract offset·Σ scale·bsum first.
+            let values = _mm256_sub_epi32(total[g], _mm256_sll_epi32(offsets, offset_bits));
+            let yd = _mm256_mul_ps(yd, _mm256_set1_ps(d));
             acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(values), yd, acc[g]);
         }
     }
