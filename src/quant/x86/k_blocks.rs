@@ -163,6 +163,9 @@ impl BlockQ5K {
 pub(super) trait SixteenBlock {
     const MINIMUMS: bool = false;
     const OFFSET_BITS: i32 = 0;
+    /// Whether a lane's sum over a sub-block (16 values, each at most 128 in magnitude
+    /// times the largest stored value) fits an i16: Q3_K's (7) and Q2_K's (3), not Q6_K's.
+    const SUMS_FIT_I16: bool = false;
     /// The block's factors `d` and `dmin` (Safety: the CPU has F16C).
     unsafe fn factors(&self) -> (f32, f32);
     /// The 16 sub-blocks' scales.
@@ -196,6 +199,7 @@ impl SixteenBlock for BlockQ6K {
 
 impl SixteenBlock for BlockQ3K {
     const OFFSET_BITS: i32 = 2;
+    const SUMS_FIT_I16: bool = true;
 
     #[inline(always)]
     unsafe fn factors(&self) -> (f32, f32) {
@@ -224,6 +228,7 @@ impl SixteenBlock for BlockQ3K {
 
 impl SixteenBlock for BlockQ2K {
     const MINIMUMS: bool = true;
+    const SUMS_FIT_I16: bool = true;
 
     #[inline(always)]
     unsafe fn factors(&self) -> (f32, f32) {

@@ -376,12 +376,24 @@ unsafe fn sixteen_interleaved<V: Vnni, B: SixteenBlock, const RUN: usize, const 
                 hi[g] = V::dpbusd(hi[g], wh, load(qs[(32 * t + 16) / RUN + k].as_ptr()));
             }
         }
-        let scale_lo = _mm256_set1_epi32(i32::from(scales[2 * t]));
-        let scale_hi = _mm256_set1_epi32(i32::from(scales[2 * t + 1]));
-        for g in 0..G {
-            let l = _mm256_mullo_epi32(lo[g], scale_lo);
-            let h = _mm256_mullo_epi32(hi[g], scale_hi);
-            total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
+        if B::SUMS_FIT_I16 {
+            // Both sums as the i16 halves of each lane, one `vpdpwssd` with both scales:
+            // a third of the two multiplies and adds.
+            let pair =
+                i32::from(scales[2 * t]) as u16 as i32 | (i32::from(scales[2 * t + 1]) << 16);
+            let pair = _mm256_set1_epi32(pair);
+            for g in 0..G {
+                let both = _mm256_blend_epi16::<0xAA>(lo[g], _mm256_slli_epi32::<16>(hi[g]));
+                total[g] = V::mul_add(total[g], both, pair);
+            }
+        } else {
+            let scale_lo = _mm256_set1_epi32(i32::from(scales[2 * t]));
+            let scale_hi = _mm256_set1_epi32(i32::from(scales[2 * t + 1]));
+            for g in 0..G {
+                let l = _mm256_mullo_epi32(lo[g], scale_lo);
+                let h = _mm256_mullo_epi32(hi[g], scale_hi);
+                total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
+            }
         }
     }
     pair_totals::<RUN, G>(&mut total);
