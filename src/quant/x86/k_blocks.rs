@@ -166,6 +166,8 @@ pub(super) trait SixteenBlock {
     /// Whether a lane's sum over a sub-block (16 values, each at most 128 in magnitude
     /// times the largest stored value) fits an i16: Q3_K's (7) and Q2_K's (3), not Q6_K's.
     const SUMS_FIT_I16: bool = false;
+    /// `Avx2Block::EIGHT_ROWS`.
+    const EIGHT_ROWS: bool = true;
     /// The block's factors `d` and `dmin` (Safety: the CPU has F16C).
     unsafe fn factors(&self) -> (f32, f32);
     /// The 16 sub-blocks' scales.
@@ -200,6 +202,7 @@ impl SixteenBlock for BlockQ6K {
 impl SixteenBlock for BlockQ3K {
     const OFFSET_BITS: i32 = 2;
     const SUMS_FIT_I16: bool = true;
+    const EIGHT_ROWS: bool = false;
 
     #[inline(always)]
     unsafe fn factors(&self) -> (f32, f32) {
@@ -229,6 +232,7 @@ impl SixteenBlock for BlockQ3K {
 impl SixteenBlock for BlockQ2K {
     const MINIMUMS: bool = true;
     const SUMS_FIT_I16: bool = true;
+    const EIGHT_ROWS: bool = false;
 
     #[inline(always)]
     unsafe fn factors(&self) -> (f32, f32) {
@@ -267,6 +271,7 @@ macro_rules! sixteen_avx2_block {
     ($($block:ty),*) => {$(
         impl Avx2Block for $block {
             const OFFSETS_SCALED_BY_D: bool = !<$block as SixteenBlock>::MINIMUMS;
+            const EIGHT_ROWS: bool = <$block as SixteenBlock>::EIGHT_ROWS;
 
             #[inline(always)]
             unsafe fn prepare(&self) -> Prepared {

@@ -13,7 +13,7 @@ use std::ops::Range;
 use super::super::legacy::{BlockQ8_0, LegacyBlock};
 use super::super::OutPtr;
 use super::vnni::{Evex, Vex};
-use super::{f32_of, load, Avx2};
+use super::{f32_of, lane_totals, load, Avx2};
 
 /// `Σ4 u8 · i8` per i32 lane (AVX2's `maddubs` saturates pairs past ±32767: operands whose
 /// pairs cannot reach that only).
@@ -249,18 +249,6 @@ impl UnpackedBlock {
             D::dot(self.values, y)
         }
     }
-}
-
-/// Lane k: the sum of `v[k]`'s eight lanes.
-#[inline(always)]
-unsafe fn lane_totals(v: [__m256i; 8]) -> __m256i {
-    // Lane k of each half: v[k]'s sum over that half (k < 4 in the first, k ≥ 4 the second).
-    let low = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-    let high = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-    _mm256_add_epi32(
-        _mm256_permute2x128_si256::<0x20>(low, high),
-        _mm256_permute2x128_si256::<0x31>(low, high),
-    )
 }
 
 /// Up to two weight rows and four activation rows, with their block sums (unused slots
