@@ -64,7 +64,7 @@ pub trait Avx2Block {
     /// Whether the offsets' factor is `d` (Q6_K's stored +32), so that they come off the
     /// values in integers before the one scaling, as the VNNI kernels take them off.
     const OFFSETS_SCALED_BY_D: bool = false;
-    /// Whether one decoding stream takes eight weight rows at a time (`eight_rows`).
+    /// Whether one or two decoding streams take eight weight rows at a time (`eight_rows`).
     /// Measured per pass of an 8192×3072 matrix on a Xeon, against row by row: Q4_K
     /// 580-635 -> 418-480 µs, Q5_K 620-716 -> 540-613, Q6_K 580-650 -> 512-578 (AVX2 and
     /// VNNI builds); Q3_K and Q2_K, whose blocks are small and their unpacking dear, lost
@@ -154,9 +154,12 @@ unsafe fn tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
     debug_assert!(w.iter().all(|row| row.len() == blocks));
     debug_assert!(ys.iter().all(|y| y.len() >= blocks));
     debug_assert!(out.len() >= w.len() * m);
-    if B::EIGHT_ROWS && m == 1 && w.len() == TILE_ROWS {
-        eight_rows::<A, B>(w, ys[0], out);
-        return;
+    if B::EIGHT_ROWS && w.len() == TILE_ROWS {
+        match m {
+            1 => return eight_rows::<A, B, 1>(w, ys, out),
+            2 => return eight_rows::<A, B, 2>(w, ys, out),
+            _ => {}
+        }
     }
     if m <= ROW_ORDER_ACTS {
         // Decoding, one stream or a few: one weight row after another, each a single
@@ -188,42 +191,59 @@ unsafe fn tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
     }
 }
 
-/// Decoding one stream: eight weight rows at a time, so that their block totals come out of
-/// one reduction (`lane_totals`) into the lanes of one vector and are scaled there together.
-/// Each lane takes a row's steps in `group_products` (its exact integer totals, then the
-/// same float operations in the same order): the same bits as the row alone.
+/// Decoding one or two streams: eight weight rows at a time, so that their block totals
+/// come out of one reduction (`lane_totals`) into the lanes of one vector and are scaled
+/// there together. Each lane takes a row's steps in `group_products` (its exact integer
+/// totals, then the same float operations in the same order): the same bits as the row
+/// alone.
 #[inline(always)]
-unsafe fn eight_rows<A: MulAdd, B: Avx2Block>(w: &[&[B]], y: &[BlockQ8K], out: &mut [f32]) {
+unsafe fn eight_rows<A: MulAdd, B: Avx2Block, const R: usize>(
+    w: &[&[B]],
+    ys: &[&[BlockQ8K]],
+    out: &mut [f32],
+) {
     let blocks = w[0].len();
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
-        let yb = y.get_unchecked(b);
-        let mut dots = [_mm256_setzero_si256(); TILE_ROWS];
-        let mut offs = [_mm256_setzero_si256(); TILE_ROWS];
+        let yb: [&BlockQ8K; R] = std::array::from_fn(|i| ys.get_unchecked(i).get_unchecked(b));
+        let mut dots = [[_mm256_setzero_si256(); TILE_ROWS]; R];
+        let mut offs = [[_mm256_setzero_si256(); TILE_ROWS]; R];
         let mut d = [0f32; TILE_ROWS];
         let mut dm = [0f32; TILE_ROWS];
         for j in 0..TILE_ROWS {
             let x = w.get_unchecked(j).get_unchecked(b);
             prefetch_next_tile(x, blocks);
             let p = x.prepare();
-            dots[j] = x.dots::<A, 1>(&p, [yb])[0];
-            offs[j] = offsets(&p, yb);
+            let products = x.dots::<A, R>(&p, yb);
+            for i in 0..R {
+                dots[i][j] = products[i];
+                offs[i][j] = offsets(&p, yb[i]);
+            }
             (d[j], dm[j]) = (p.d, p.dm);
         }
-        let (dots, offs) = (lane_totals(dots), lane_totals(offs));
-        let yd = _mm256_set1_ps(yb.d);
-        let scale = _mm256_mul_ps(yd, _mm256_loadu_ps(d.as_ptr()));
-        if B::OFFSETS_SCALED_BY_D {
-            let values = _mm256_cvtepi32_ps(_mm256_sub_epi32(dots, offs));
-            acc = _mm256_fmadd_ps(values, scale, acc);
-        } else {
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc);
-            let scale = _mm256_mul_ps(yd, _mm256_loadu_ps(dm.as_ptr()));
-            acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(offs), scale, acc);
+        let (d, dm) = (_mm256_loadu_ps(d.as_ptr()), _mm256_loadu_ps(dm.as_ptr()));
+        for i in 0..R {
+            let (dots, offs) = (lane_totals(dots[i]), lane_totals(offs[i]));
+            let yd = _mm256_set1_ps(yb[i].d);
+            let scale = _mm256_mul_ps(yd, d);
+            if B::OFFSETS_SCALED_BY_D {
+                let values = _mm256_cvtepi32_ps(_mm256_sub_epi32(dots, offs));
+                acc[i] = _mm256_fmadd_ps(values, scale, acc[i]);
+            } else {
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[i]);
+                let scale = _mm256_mul_ps(yd, dm);
+                acc[i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(offs), scale, acc[i]);
+            }
         }
     }
-    // One activation row: out[j] is weight row j's.
-    _mm256_storeu_ps(out.as_mut_ptr(), acc);
+    // out[j * R + i]: weight row j with activation row i.
+    for (i, acc) in acc.iter().enumerate() {
+        let mut sums = [0f32; TILE_ROWS];
+        _mm256_storeu_ps(sums.as_mut_ptr(), *acc);
+        for (j, &sum) in sums.iter().enumerate() {
+            out[j * R + i] = sum;
+        }
+    }
 }
 
 /// Weight block `x` (block column `b`) with every activation row, into `acc` (one per group
