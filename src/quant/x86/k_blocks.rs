@@ -166,18 +166,22 @@ pub(super) trait SixteenBlock {
     /// Whether a lane's sum over a sub-block (16 values, each at most 128 in magnitude
     /// times the largest stored value) fits an i16: Q3_K's (7) and Q2_K's (3), not Q6_K's.
     const SUMS_FIT_I16: bool = false;
-    /// `Avx2Block::EIGHT_ROWS`.
-    const EIGHT_ROWS: bool = true;
     /// The block's factors `d` and `dmin` (Safety: the CPU has F16C).
     unsafe fn factors(&self) -> (f32, f32);
-    /// The 16 sub-blocks' scales.
-    fn sub_scales(&self) -> [i8; 16];
-    /// The 16 sub-blocks' minimums, with `MINIMUMS`.
-    fn sub_mins(&self) -> [i8; 16] {
-        [0; 16]
-    }
+    /// The 16 sub-blocks' scales and (with `MINIMUMS`) minimums, a byte each, unpacked in
+    /// vector registers: in scalar code, eight rows' worth of them (decoding) exhausts the
+    /// registers.
+    unsafe fn scale_vectors(&self) -> (__m128i, __m128i);
     /// Half h's four runs of 32 values (values 128h + 32·run + l), unsigned.
     unsafe fn runs(&self, h: usize) -> [__m256i; 4];
+}
+
+/// The 16 bytes of `v`.
+#[inline(always)]
+pub(super) unsafe fn bytes_of(v: __m128i) -> [i8; 16] {
+    let mut bytes = [0i8; 16];
+    _mm_storeu_si128(bytes.as_mut_ptr() as *mut __m128i, v);
+    bytes
 }
 
 impl SixteenBlock for BlockQ6K {
@@ -189,8 +193,9 @@ impl SixteenBlock for BlockQ6K {
     }
 
     #[inline(always)]
-    fn sub_scales(&self) -> [i8; 16] {
-        self.scales
+    unsafe fn scale_vectors(&self) -> (__m128i, __m128i) {
+        let scales = _mm_loadu_si128(self.scales.as_ptr() as *const __m128i);
+        (scales, _mm_setzero_si128())
     }
 
     #[inline(always)]
@@ -202,16 +207,32 @@ impl SixteenBlock for BlockQ6K {
 impl SixteenBlock for BlockQ3K {
     const OFFSET_BITS: i32 = 2;
     const SUMS_FIT_I16: bool = true;
-    const EIGHT_ROWS: bool = false;
 
     #[inline(always)]
     unsafe fn factors(&self) -> (f32, f32) {
         (f32_of(self.d), 0.0)
     }
 
+    /// As `BlockQ3K::signed_scales`: the low nibbles of bytes 0..8 then their high nibbles,
+    /// each with two bits of bytes 8..12 on top, less 32.
     #[inline(always)]
-    fn sub_scales(&self) -> [i8; 16] {
-        self.signed_scales()
+    unsafe fn scale_vectors(&self) -> (__m128i, __m128i) {
+        let p = &self.scales;
+        let low = _mm_loadl_epi64(p.as_ptr() as *const __m128i);
+        let top = _mm_cvtsi32_si128(i32::from_le_bytes([p[8], p[9], p[10], p[11]]));
+        let low4 = _mm_set1_epi8(0x0F);
+        let bits01 = _mm_set1_epi8(0x03);
+        // Nibbles: sub-blocks 0..8 in the low half, 8..16 in the high one.
+        let nibbles = _mm_and_si128(_mm_unpacklo_epi64(low, _mm_srli_epi16(low, 4)), low4);
+        // Top bits of sub-block s: bits 2(s / 4) of byte 8 + s % 4.
+        let tops = _mm_shuffle_epi32::<0>(top);
+        let top_bits = _mm_unpacklo_epi64(
+            _mm_unpacklo_epi32(tops, _mm_srli_epi16::<2>(tops)),
+            _mm_unpacklo_epi32(_mm_srli_epi16::<4>(tops), _mm_srli_epi16::<6>(tops)),
+        );
+        let top_bits = _mm_and_si128(top_bits, bits01);
+        let scales = _mm_or_si128(nibbles, _mm_slli_epi16(top_bits, 4));
+        (_mm_sub_epi8(scales, _mm_set1_epi8(32)), _mm_setzero_si128())
     }
 
     /// Run r of half h: bits 2r..2r+2 of qs[32h + l], and bit 4h + r of hmask[l] as the
@@ -232,7 +253,6 @@ impl SixteenBlock for BlockQ3K {
 impl SixteenBlock for BlockQ2K {
     const MINIMUMS: bool = true;
     const SUMS_FIT_I16: bool = true;
-    const EIGHT_ROWS: bool = false;
 
     #[inline(always)]
     unsafe fn factors(&self) -> (f32, f32) {
@@ -240,18 +260,18 @@ impl SixteenBlock for BlockQ2K {
     }
 
     #[inline(always)]
-    fn sub_scales(&self) -> [i8; 16] {
-        self.scales_and_mins().0
-    }
-
-    #[inline(always)]
-    fn sub_mins(&self) -> [i8; 16] {
-        self.scales_and_mins().1
-    }
-
-    #[inline(always)]
     unsafe fn runs(&self, h: usize) -> [__m256i; 4] {
         two_bit_runs(&self.qs, h)
+    }
+
+    #[inline(always)]
+    unsafe fn scale_vectors(&self) -> (__m128i, __m128i) {
+        let packed = _mm_loadu_si128(self.scales.as_ptr() as *const __m128i);
+        let low4 = _mm_set1_epi8(0x0F);
+        (
+            _mm_and_si128(packed, low4),
+            _mm_and_si128(_mm_srli_epi16(packed, 4), low4),
+        )
     }
 }
 
@@ -271,7 +291,6 @@ macro_rules! sixteen_avx2_block {
     ($($block:ty),*) => {$(
         impl Avx2Block for $block {
             const OFFSETS_SCALED_BY_D: bool = !<$block as SixteenBlock>::MINIMUMS;
-            const EIGHT_ROWS: bool = <$block as SixteenBlock>::EIGHT_ROWS;
 
             #[inline(always)]
             unsafe fn prepare(&self) -> Prepared {
@@ -294,13 +313,13 @@ sixteen_avx2_block!(BlockQ6K, BlockQ3K, BlockQ2K);
 
 #[inline(always)]
 unsafe fn sixteen_prepare<B: SixteenBlock>(block: &B) -> Prepared {
-    let widen = |v: [i8; 16]| _mm256_cvtepi8_epi16(_mm_loadu_si128(v.as_ptr() as *const __m128i));
-    let scales = widen(block.sub_scales());
+    let (scales, mins) = block.scale_vectors();
+    let scales = _mm256_cvtepi8_epi16(scales);
     let (d, dmin) = block.factors();
     if B::MINIMUMS {
         Prepared {
             scales,
-            offset_weights: widen(block.sub_mins()),
+            offset_weights: _mm256_cvtepi8_epi16(mins),
             d,
             dm: dmin,
         }

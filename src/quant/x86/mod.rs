@@ -28,7 +28,7 @@ mod legacy_tiles;
 mod vnni;
 pub use activations::{quantize_q8k, transpose};
 pub use float_tiles::{float_group, FloatGroup};
-use k_blocks::{SixteenBlock, Unpacked};
+use k_blocks::{bytes_of, SixteenBlock, Unpacked};
 pub use legacy_interleaved::{interleaved, InterleavedGroup, InterleavedKernel};
 pub use legacy_tiles::{
     legacy_group_avx2, legacy_group_avx512_vnni, legacy_group_avx_vnni, LegacyGroup,
@@ -64,12 +64,6 @@ pub trait Avx2Block {
     /// Whether the offsets' factor is `d` (Q6_K's stored +32), so that they come off the
     /// values in integers before the one scaling, as the VNNI kernels take them off.
     const OFFSETS_SCALED_BY_D: bool = false;
-    /// Whether one or two decoding streams take eight weight rows at a time (`eight_rows`).
-    /// Measured per pass of an 8192×3072 matrix on a Xeon, against row by row: Q4_K
-    /// 580-635 -> 418-480 µs, Q5_K 620-716 -> 540-613, Q6_K 580-650 -> 512-578 (AVX2 and
-    /// VNNI builds); Q3_K and Q2_K, whose blocks are small and their unpacking dear, lost
-    /// 10-55%.
-    const EIGHT_ROWS: bool = true;
     unsafe fn prepare(&self) -> Prepared;
     /// Σ scale·q·y over the block for each activation block, as 8 i32 partial sums.
     unsafe fn dots<A: MulAdd, const R: usize>(
@@ -154,7 +148,7 @@ unsafe fn tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
     debug_assert!(w.iter().all(|row| row.len() == blocks));
     debug_assert!(ys.iter().all(|y| y.len() >= blocks));
     debug_assert!(out.len() >= w.len() * m);
-    if B::EIGHT_ROWS && w.len() == TILE_ROWS {
+    if w.len() == TILE_ROWS {
         match m {
             1 => return eight_rows::<A, B, 1>(w, ys, out),
             2 => return eight_rows::<A, B, 2>(w, ys, out),
@@ -193,7 +187,9 @@ unsafe fn tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
 
 /// Decoding one or two streams: eight weight rows at a time, so that their block totals
 /// come out of one reduction (`lane_totals`) into the lanes of one vector and are scaled
-/// there together. Each lane takes a row's steps in `group_products` (its exact integer
+/// there together. Per pass of an 8192×3072 matrix on a Xeon, one stream, against row by
+/// row: Q4_K 580-635 -> 418-480 µs, Q5_K 620-716 -> 540-613, Q6_K 580-650 -> 512-578,
+/// Q3_K 735-843 -> 523-598, Q2_K 880-920 -> 423-460 (AVX2 and VNNI builds alike). Each lane takes a row's steps in `group_products` (its exact integer
 /// totals, then the same float operations in the same order): the same bits as the row
 /// alone.
 #[inline(always)]

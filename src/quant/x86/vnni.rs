@@ -20,8 +20,8 @@ use super::super::blocks::BlockQ8Kx;
 use super::super::blocks::{scales_and_mins, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use super::super::kquant::{Groups, TILE_ACTS, TILE_ROWS};
 use super::{
-    f32_of, has_avx2, load, prefetch, prefetch_next_tile, tile, Avx2Block, MulAdd, SixteenBlock,
-    Unpacked,
+    bytes_of, f32_of, has_avx2, load, prefetch, prefetch_next_tile, tile, Avx2Block, MulAdd,
+    SixteenBlock, Unpacked,
 };
 
 /// A K-quant block that can be multiplied with interleaved groups of activation blocks.
@@ -362,7 +362,8 @@ unsafe fn sixteen_interleaved<V: Vnni, B: SixteenBlock, const RUN: usize, const 
             _mm256_store_si256(values.0[4 * h + run].as_mut_ptr() as *mut __m256i, q);
         }
     }
-    let scales = block.sub_scales();
+    let (scales, mins) = block.scale_vectors();
+    let scales = bytes_of(scales);
     let mut total = [_mm256_setzero_si256(); G];
     for t in 0..8 {
         let mut lo = [_mm256_setzero_si256(); G];
@@ -399,11 +400,7 @@ unsafe fn sixteen_interleaved<V: Vnni, B: SixteenBlock, const RUN: usize, const 
     pair_totals::<RUN, G>(&mut total);
     let (d, dmin) = block.factors();
     // The offset's weights: the minimums (Q2_K), or the scales times the stored offset.
-    let weights = if B::MINIMUMS {
-        block.sub_mins()
-    } else {
-        scales
-    };
+    let weights = if B::MINIMUMS { bytes_of(mins) } else { scales };
     let offset_bits = _mm_cvtsi32_si128(B::OFFSET_BITS);
     for g in 0..G {
         let y = ys[g];
