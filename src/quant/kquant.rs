@@ -45,14 +45,25 @@ impl BlockType {
             BlockType::Q6K => BlockQ6K::BYTES,
         }
     }
+
+    /// Whether three or four rows left go as a VNNI group of four (`FOURS`), rather than
+    /// eight weight rows at a time (`x86::tile`'s decoding path): so for the types with
+    /// sub-blocks of 32. Per pass of an 8192×3072 matrix, AVX-512 VNNI on a Xeon, three /
+    /// four rows: Q4_K 0.89-0.95 / 0.86-0.94 ms grouped against 0.89-0.92 / 0.97-1.03 by
+    /// eight rows; Q6_K 1.47-1.53 / 1.34-1.43 against 0.93-0.99 / 1.08-1.09.
+    fn groups_of_four(self) -> bool {
+        matches!(self, BlockType::Q4K | BlockType::Q5K)
+    }
 }
 
 /// Weight rows in a tile.
 pub(super) const TILE_ROWS: usize = 8;
-/// Rows left beyond the groups of eight that the VNNI kernels take as groups of four, and
-/// as a padded group of eight. Measured per pass of a Phi-3-mini-shaped 8192×3072 Q4_K
-/// matrix on a Xeon with AVX-VNNI: rows by AVX2 1 0.60 ms, 2 0.80, 3 ~1.0; a group of four
-/// 1.01 ms (1.29 for Q6_K); two groups of four 1.74 ms; a group of eight 1.47 ms.
+/// Rows left beyond the groups of eight that the VNNI kernels take as groups of four (for
+/// the types `BlockType::groups_of_four` names), and as a padded group of eight. Measured
+/// per pass of a Phi-3-mini-shaped 8192×3072 Q4_K matrix on a Xeon with AVX-VNNI, before
+/// decoding took eight weight rows at a time: rows by AVX2 1 0.60 ms, 2 0.80, 3 ~1.0; a
+/// group of four 1.01 ms (1.29 for Q6_K); two groups of four 1.74 ms; a group of eight
+/// 1.47 ms.
 const FOURS: RangeInclusive<usize> = 3..=4;
 const PADDED_EIGHT: RangeInclusive<usize> = 5..=7;
 /// Activation rows in a tile: 64 × 292 bytes of one block column fit L1 beside the rest,
@@ -201,9 +212,10 @@ impl QMatrix {
     }
 
     /// The activations interleaved for the VNNI kernels: in groups of eight rows, then
-    /// the rows left over, if `FOURS` holds their count, as groups of four, or if
-    /// `PADDED_EIGHT` does, as a last group of eight padded with zeros (a group costs the
-    /// same however many of its rows are real); if neither, they go row by row.
+    /// the rows left over, if `FOURS` holds their count (and the type takes groups of
+    /// four), as groups of four, or if `PADDED_EIGHT` does, as a last group of eight padded
+    /// with zeros (a group costs the same however many of its rows are real); if neither,
+    /// they go through `x86::tile` (eight weight rows at a time, up to four rows).
     fn interleave(
         &self,
         acts: &[&[BlockQ8K]],
@@ -219,7 +231,7 @@ impl QMatrix {
         } else {
             &acts[..whole]
         };
-        let fours = if FOURS.contains(&left) {
+        let fours = if FOURS.contains(&left) && self.block_type.groups_of_four() {
             &acts[whole..]
         } else {
             &[]

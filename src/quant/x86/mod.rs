@@ -152,6 +152,8 @@ unsafe fn tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
         match m {
             1 => return eight_rows::<A, B, 1>(w, ys, out),
             2 => return eight_rows::<A, B, 2>(w, ys, out),
+            3 => return eight_rows::<A, B, 3>(w, ys, out),
+            4 => return eight_rows::<A, B, 4>(w, ys, out),
             _ => {}
         }
     }
@@ -185,7 +187,7 @@ unsafe fn tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
     }
 }
 
-/// Decoding one or two streams: eight weight rows at a time, so that their block totals
+/// Decoding one to four streams: eight weight rows at a time, so that their block totals
 /// come out of one reduction (`lane_totals`) into the lanes of one vector and are scaled
 /// there together. Per pass of an 8192×3072 matrix on a Xeon, one stream, against row by
 /// row: Q4_K 580-635 -> 418-480 µs, Q5_K 620-716 -> 540-613, Q6_K 580-650 -> 512-578,
