@@ -231,9 +231,11 @@ unsafe fn group_products<V: Vnni, B: VnniBlock, const RUN: usize>(
 
 /// Q4_K/Q5_K with VNNI, from the block's unpacked values (sub-block s in `values.0[s]`).
 /// A chunk's two sub-blocks go side by side: two chains per group, so that the multiply-adds
-/// do not wait on each other.
+/// do not wait on each other. `FOUR_BITS`: the values are below 16 (Q4_K), so where a lane
+/// sums 16 products (groups of four, RUN 8) its sum fits an i16, and one `vpdpwssd` applies
+/// both sub-blocks' scales (instead of two multiplies and adds).
 #[inline(always)]
-unsafe fn k_quant_interleaved<V: Vnni, const RUN: usize, const G: usize>(
+unsafe fn k_quant_interleaved<V: Vnni, const RUN: usize, const G: usize, const FOUR_BITS: bool>(
     values: &Unpacked,
     packed: &[u8; 12],
     (d, dmin): (f32, f32),
@@ -254,12 +256,21 @@ unsafe fn k_quant_interleaved<V: Vnni, const RUN: usize, const G: usize>(
                 hi[g] = V::dpbusd(hi[g], wh, load(qs[(64 * c + 32) / RUN + k].as_ptr()));
             }
         }
-        let scale_lo = _mm256_set1_epi32(i32::from(scales[2 * c]));
-        let scale_hi = _mm256_set1_epi32(i32::from(scales[2 * c + 1]));
-        for g in 0..G {
-            let l = _mm256_mullo_epi32(lo[g], scale_lo);
-            let h = _mm256_mullo_epi32(hi[g], scale_hi);
-            total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
+        if FOUR_BITS && RUN == 8 {
+            let pair = i32::from(scales[2 * c]) | (i32::from(scales[2 * c + 1]) << 16);
+            let pair = _mm256_set1_epi32(pair);
+            for g in 0..G {
+                let both = _mm256_blend_epi16::<0xAA>(lo[g], _mm256_slli_epi32::<16>(hi[g]));
+                total[g] = V::mul_add(total[g], both, pair);
+            }
+        } else {
+            let scale_lo = _mm256_set1_epi32(i32::from(scales[2 * c]));
+            let scale_hi = _mm256_set1_epi32(i32::from(scales[2 * c + 1]));
+            for g in 0..G {
+                let l = _mm256_mullo_epi32(lo[g], scale_lo);
+                let h = _mm256_mullo_epi32(hi[g], scale_hi);
+                total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
+            }
         }
     }
     pair_totals::<RUN, G>(&mut total);
@@ -307,7 +318,7 @@ unsafe fn broadcast<const RUN: usize>(ptr: *const u8) -> __m256i {
 /// a buffer, each RUN values are then one broadcast load (no unpacking per broadcast, and
 /// fewer registers held for it, which the 16 of AVX-VNNI's encoding need).
 macro_rules! k_quant_vnni_block {
-    ($($block:ty),*) => {$(
+    ($($block:ty: $four_bits:expr),*) => {$(
         impl VnniBlock for $block {
             #[inline(always)]
             unsafe fn interleaved_dots<V: Vnni, const RUN: usize, const G: usize>(
@@ -322,13 +333,19 @@ macro_rules! k_quant_vnni_block {
                     _mm256_store_si256(values.0[2 * c + 1].as_mut_ptr() as *mut __m256i, hi);
                 }
                 let factors = (f32_of(self.d), f32_of(self.dmin));
-                k_quant_interleaved::<V, RUN, G>(&values, &self.scales, factors, ys, acc)
+                k_quant_interleaved::<V, RUN, G, $four_bits>(
+                    &values,
+                    &self.scales,
+                    factors,
+                    ys,
+                    acc,
+                )
             }
         }
     )*};
 }
 
-k_quant_vnni_block!(BlockQ4K, BlockQ5K);
+k_quant_vnni_block!(BlockQ4K: true, BlockQ5K: false);
 
 /// Q6_K, Q3_K and Q2_K: sub-blocks of 16.
 macro_rules! sixteen_vnni_block {
