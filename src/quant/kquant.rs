@@ -153,22 +153,9 @@ impl QMatrix {
         (0..tasks).into_par_iter().for_each(|task| {
             let task_rows = task * groups_per_task * TILE_ROWS
                 ..((task + 1) * groups_per_task * TILE_ROWS).min(self.rows);
-            // Tiles write a (task rows, m) buffer contiguously, transposed afterwards into the
-            // (m, rows) output in 8×8 blocks. With one activation row (decoding) the two
-            // layouts are the same, and the buffer is this task's part of the output.
-            let width = task_rows.len();
-            let mut owned = Vec::new();
-            let local: &mut [f32] = if m == 1 {
-                // SAFETY: in bounds, and no other task touches these rows.
-                unsafe { std::slice::from_raw_parts_mut(out_ptr.at(task_rows.start), width) }
-            } else {
-                owned.resize(width * m, 0f32);
-                &mut owned
-            };
             let mut tile_out = [0f32; TILE_ROWS * TILE_ACTS];
             for first_row in task_rows.clone().step_by(TILE_ROWS) {
                 let rows = first_row..(first_row + TILE_ROWS).min(task_rows.end);
-                let local_rows = &mut local[(first_row - task_rows.start) * m..][..rows.len() * m];
                 for first_act in (0..m).step_by(TILE_ACTS) {
                     let tile_acts = &acts[first_act..(first_act + TILE_ACTS).min(m)];
                     let n = tile_acts.len();
@@ -182,33 +169,37 @@ impl QMatrix {
                     };
                     let tile_out = &mut tile_out[..rows.len() * n];
                     self.tile(rows.clone(), tile_acts, groups, tile_out);
-                    for (j, values) in tile_out.chunks_exact(n).enumerate() {
-                        local_rows[j * m + first_act..][..n].copy_from_slice(values);
-                    }
-                }
-            }
-            if m == 1 {
-                return;
-            }
-            let dst = out_ptr.at(task_rows.start);
-            match self.kernels {
-                // SAFETY: AVX2 as the kernels; the writes stay within this task's columns.
-                #[cfg(target_arch = "x86_64")]
-                Kernels::Avx2 | Kernels::AvxVnni | Kernels::Avx512Vnni => unsafe {
-                    x86::transpose(local, m, dst, self.rows)
-                },
-                _ => {
-                    for (j, values) in local.chunks_exact(m).enumerate() {
-                        for (i, &v) in values.iter().enumerate() {
-                            // SAFETY: in bounds, and each task writes only its own rows'
-                            // columns, so no two tasks touch one element.
-                            unsafe { *dst.add(i * self.rows + j) = v };
-                        }
-                    }
+                    // The tile is (weight rows, activation rows); the output (m, rows): it
+                    // goes there transposed while it is in L1.
+                    let dst = out_ptr.at(first_act * self.rows + first_row);
+                    // SAFETY: the tile's corner in the output, which holds its n rows from
+                    // there; each task writes only its own rows' columns, so no two tasks
+                    // touch one element.
+                    unsafe { self.scatter(tile_out, n, dst) };
                 }
             }
         });
         out
+    }
+
+    /// `dst[i * rows + j] = tile[j * n + i]`: a tile's products into the (m, rows) output.
+    ///
+    /// Safety: `dst` is valid for those writes, and nothing else accesses them meanwhile.
+    unsafe fn scatter(&self, tile: &[f32], n: usize, dst: *mut f32) {
+        match self.kernels {
+            // SAFETY: AVX2 as the kernels (only selected where the CPU has it).
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2 | Kernels::AvxVnni | Kernels::Avx512Vnni => {
+                x86::transpose(tile, n, dst, self.rows)
+            }
+            _ => {
+                for (j, values) in tile.chunks_exact(n).enumerate() {
+                    for (i, &v) in values.iter().enumerate() {
+                        *dst.add(i * self.rows + j) = v;
+                    }
+                }
+            }
+        }
     }
 
     /// The activations interleaved for the VNNI kernels: in groups of eight rows, then
