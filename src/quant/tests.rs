@@ -75,6 +75,15 @@ fn assert_close(ours: &[f32], theirs: &[f32], what: &str) {
     }
 }
 
+/// The K-quant types our kernels take.
+const K_QUANTS: [GgmlDType; 5] = [
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+    GgmlDType::Q3K,
+    GgmlDType::Q2K,
+];
+
 /// Every kernel of ours this CPU runs.
 fn kernels_to_test() -> Vec<Kernels> {
     let mut kernels = Kernels::available();
@@ -85,16 +94,7 @@ fn kernels_to_test() -> Vec<Kernels> {
 #[test]
 fn k_quant_products_match_candle() {
     let (rows, cols) = (44, 3 * QK_K);
-    for (t, dtype) in [
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-        GgmlDType::Q3K,
-        GgmlDType::Q2K,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (t, dtype) in K_QUANTS.into_iter().enumerate() {
         // Both random bit patterns and blocks Candle quantized from smooth values.
         let random = random_blocks(dtype, rows, cols, 7 + t as u64);
         let dense = Tensor::from_vec(
@@ -467,16 +467,7 @@ fn assert_rows_alone_as_together(
 #[test]
 fn kquant_rows_are_the_same_alone_or_among_others() {
     let (rows, cols) = (40, 512);
-    for (t, dtype) in [
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-        GgmlDType::Q3K,
-        GgmlDType::Q2K,
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (t, dtype) in K_QUANTS.into_iter().enumerate() {
         let weights = random_blocks(dtype, rows, cols, 70 + t as u64);
         for kernels in kernels_to_test() {
             let matrix = QMatrix::new(&weights, kernels).expect("a K-quant matrix");

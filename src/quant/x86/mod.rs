@@ -223,15 +223,7 @@ unsafe fn eight_rows<A: MulAdd, B: Avx2Block, const R: usize>(
         for i in 0..R {
             let (dots, offs) = (lane_totals(dots[i]), lane_totals(offs[i]));
             let yd = _mm256_set1_ps(yb[i].d);
-            let scale = _mm256_mul_ps(yd, d);
-            if B::OFFSETS_SCALED_BY_D {
-                let values = _mm256_cvtepi32_ps(_mm256_sub_epi32(dots, offs));
-                acc[i] = _mm256_fmadd_ps(values, scale, acc[i]);
-            } else {
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[i]);
-                let scale = _mm256_mul_ps(yd, dm);
-                acc[i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(offs), scale, acc[i]);
-            }
+            acc[i] = scale_block(acc[i], dots, offs, yd, d, dm, B::OFFSETS_SCALED_BY_D);
         }
     }
     // out[j * R + i]: weight row j with activation row i.
@@ -241,6 +233,28 @@ unsafe fn eight_rows<A: MulAdd, B: Avx2Block, const R: usize>(
         for (j, &sum) in sums.iter().enumerate() {
             out[j * R + i] = sum;
         }
+    }
+}
+
+/// `acc` + a block's exact totals, scaled per lane as every kernel scales a row's: with
+/// `offsets_by_d` (stored offsets) `yd·d·(dots − offsets)`, else `yd·d·dots − yd·dm·offsets`
+/// (minimums), each product fused into the sum; so the lanes of any kernel are the same bits.
+#[inline(always)]
+unsafe fn scale_block(
+    acc: __m256,
+    dots: __m256i,
+    offsets: __m256i,
+    yd: __m256,
+    d: __m256,
+    dm: __m256,
+    offsets_by_d: bool,
+) -> __m256 {
+    if offsets_by_d {
+        let values = _mm256_cvtepi32_ps(_mm256_sub_epi32(dots, offsets));
+        _mm256_fmadd_ps(values, _mm256_mul_ps(yd, d), acc)
+    } else {
+        let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(yd, d), acc);
+        _mm256_fnmadd_ps(_mm256_cvtepi32_ps(offsets), _mm256_mul_ps(yd, dm), acc)
     }
 }
 

@@ -20,8 +20,8 @@ use super::super::blocks::BlockQ8Kx;
 use super::super::blocks::{scales_and_mins, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use super::super::kquant::{Groups, TILE_ACTS, TILE_ROWS};
 use super::{
-    bytes_of, f32_of, has_avx2, load, prefetch, prefetch_next_tile, tile, Avx2Block, MulAdd,
-    SixteenBlock, Unpacked,
+    bytes_of, f32_of, has_avx2, load, prefetch, prefetch_next_tile, scale_block, tile, Avx2Block,
+    MulAdd, SixteenBlock, Unpacked,
 };
 
 /// A K-quant block that can be multiplied with interleaved groups of activation blocks.
@@ -256,40 +256,61 @@ unsafe fn k_quant_interleaved<V: Vnni, const RUN: usize, const G: usize, const F
                 hi[g] = V::dpbusd(hi[g], wh, load(qs[(64 * c + 32) / RUN + k].as_ptr()));
             }
         }
-        if FOUR_BITS && RUN == 8 {
-            let pair = i32::from(scales[2 * c]) | (i32::from(scales[2 * c + 1]) << 16);
-            let pair = _mm256_set1_epi32(pair);
-            for g in 0..G {
-                let both = _mm256_blend_epi16::<0xAA>(lo[g], _mm256_slli_epi32::<16>(hi[g]));
-                total[g] = V::mul_add(total[g], both, pair);
-            }
-        } else {
-            let scale_lo = _mm256_set1_epi32(i32::from(scales[2 * c]));
-            let scale_hi = _mm256_set1_epi32(i32::from(scales[2 * c + 1]));
-            for g in 0..G {
-                let l = _mm256_mullo_epi32(lo[g], scale_lo);
-                let h = _mm256_mullo_epi32(hi[g], scale_hi);
-                total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
-            }
-        }
+        let sub_scales = (i16::from(scales[2 * c]), i16::from(scales[2 * c + 1]));
+        add_scaled::<V, G>(&mut total, &lo, &hi, sub_scales, FOUR_BITS && RUN == 8);
     }
     pair_totals::<RUN, G>(&mut total);
+    let (d, dmin) = (_mm256_set1_ps(d), _mm256_set1_ps(dmin));
     for g in 0..G {
         let y = ys[g];
-        let mut offsets = _mm256_setzero_si256();
-        for (q, sums) in y.sums.iter().enumerate() {
-            let pair = i32::from(mins[2 * q]) | (i32::from(mins[2 * q + 1]) << 16);
-            offsets = _mm256_add_epi32(
-                offsets,
-                _mm256_madd_epi16(load(sums.as_ptr()), _mm256_set1_epi32(pair)),
-            );
-        }
+        let offsets = weighted_sums(&y.sums, |s| i16::from(mins[s]));
         let yd = _mm256_loadu_ps(y.d.as_ptr());
-        let dots = _mm256_cvtepi32_ps(total[g]);
-        acc[g] = _mm256_fmadd_ps(dots, _mm256_mul_ps(yd, _mm256_set1_ps(d)), acc[g]);
-        let offsets = _mm256_cvtepi32_ps(offsets);
-        acc[g] = _mm256_fnmadd_ps(offsets, _mm256_mul_ps(yd, _mm256_set1_ps(dmin)), acc[g]);
+        acc[g] = scale_block(acc[g], total[g], offsets, yd, d, dmin, false);
     }
+}
+
+/// `total += lo·scale_lo + hi·scale_hi` per lane, exact. With `fit_i16` (every lane of `lo`
+/// and `hi` fits an i16) both go as the i16 halves of each lane into one `vpdpwssd` with
+/// both scales: a third of the two multiplies and adds.
+#[inline(always)]
+unsafe fn add_scaled<V: Vnni, const G: usize>(
+    total: &mut [__m256i; G],
+    lo: &[__m256i; G],
+    hi: &[__m256i; G],
+    (scale_lo, scale_hi): (i16, i16),
+    fit_i16: bool,
+) {
+    if fit_i16 {
+        let pair = _mm256_set1_epi32(i32::from(scale_lo as u16) | (i32::from(scale_hi) << 16));
+        for g in 0..G {
+            let both = _mm256_blend_epi16::<0xAA>(lo[g], _mm256_slli_epi32::<16>(hi[g]));
+            total[g] = V::mul_add(total[g], both, pair);
+        }
+    } else {
+        let scale_lo = _mm256_set1_epi32(i32::from(scale_lo));
+        let scale_hi = _mm256_set1_epi32(i32::from(scale_hi));
+        for g in 0..G {
+            let l = _mm256_mullo_epi32(lo[g], scale_lo);
+            let h = _mm256_mullo_epi32(hi[g], scale_hi);
+            total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
+        }
+    }
+}
+
+/// Each lane's Σ weight(s)·sum(s) over the sub-block sums of an interleaved group
+/// (`sums[q]` holds sub-blocks 2q and 2q+1 as i16 pairs), exact: the minimums' term, or
+/// the stored offsets'.
+#[inline(always)]
+unsafe fn weighted_sums(sums: &[[i16; 16]], weight: impl Fn(usize) -> i16) -> __m256i {
+    let mut total = _mm256_setzero_si256();
+    for (q, pairs) in sums.iter().enumerate() {
+        let pair = i32::from(weight(2 * q) as u16) | (i32::from(weight(2 * q + 1)) << 16);
+        total = _mm256_add_epi32(
+            total,
+            _mm256_madd_epi16(load(pairs.as_ptr()), _mm256_set1_epi32(pair)),
+        );
+    }
+    total
 }
 
 /// Where a row has two lanes (RUN 8), both get the row's exact total, so that the one
@@ -394,53 +415,23 @@ unsafe fn sixteen_interleaved<V: Vnni, B: SixteenBlock, const RUN: usize, const 
                 hi[g] = V::dpbusd(hi[g], wh, load(qs[(32 * t + 16) / RUN + k].as_ptr()));
             }
         }
-        if B::SUMS_FIT_I16 {
-            // Both sums as the i16 halves of each lane, one `vpdpwssd` with both scales:
-            // a third of the two multiplies and adds.
-            let pair =
-                i32::from(scales[2 * t]) as u16 as i32 | (i32::from(scales[2 * t + 1]) << 16);
-            let pair = _mm256_set1_epi32(pair);
-            for g in 0..G {
-                let both = _mm256_blend_epi16::<0xAA>(lo[g], _mm256_slli_epi32::<16>(hi[g]));
-                total[g] = V::mul_add(total[g], both, pair);
-            }
-        } else {
-            let scale_lo = _mm256_set1_epi32(i32::from(scales[2 * t]));
-            let scale_hi = _mm256_set1_epi32(i32::from(scales[2 * t + 1]));
-            for g in 0..G {
-                let l = _mm256_mullo_epi32(lo[g], scale_lo);
-                let h = _mm256_mullo_epi32(hi[g], scale_hi);
-                total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
-            }
-        }
+        let sub_scales = (i16::from(scales[2 * t]), i16::from(scales[2 * t + 1]));
+        add_scaled::<V, G>(&mut total, &lo, &hi, sub_scales, B::SUMS_FIT_I16);
     }
     pair_totals::<RUN, G>(&mut total);
     let (d, dmin) = block.factors();
     // The offset's weights: the minimums (Q2_K), or the scales times the stored offset.
     let weights = if B::MINIMUMS { bytes_of(mins) } else { scales };
     let offset_bits = _mm_cvtsi32_si128(B::OFFSET_BITS);
+    let (d, dmin) = (_mm256_set1_ps(d), _mm256_set1_ps(dmin));
     for g in 0..G {
         let y = ys[g];
-        let mut offsets = _mm256_setzero_si256();
-        for (q, bsums) in y.bsums.iter().enumerate() {
-            let pair =
-                i32::from(weights[2 * q]) as u16 as i32 | (i32::from(weights[2 * q + 1]) << 16);
-            offsets = _mm256_add_epi32(
-                offsets,
-                _mm256_madd_epi16(load(bsums.as_ptr()), _mm256_set1_epi32(pair)),
-            );
+        let mut offsets = weighted_sums(&y.bsums, |s| i16::from(weights[s]));
+        if !B::MINIMUMS {
+            // The stored offset times Σ scale·bsum, taken off the values before scaling.
+            offsets = _mm256_sll_epi32(offsets, offset_bits);
         }
         let yd = _mm256_loadu_ps(y.d.as_ptr());
-        if B::MINIMUMS {
-            let dots = _mm256_cvtepi32_ps(total[g]);
-            acc[g] = _mm256_fmadd_ps(dots, _mm256_mul_ps(yd, _mm256_set1_ps(d)), acc[g]);
-            let offsets = _mm256_cvtepi32_ps(offsets);
-            acc[g] = _mm256_fnmadd_ps(offsets, _mm256_mul_ps(yd, _mm256_set1_ps(dmin)), acc[g]);
-        } else {
-            // Values stored with their offset: subtract offset·Σ scale·bsum first.
-            let values = _mm256_sub_epi32(total[g], _mm256_sll_epi32(offsets, offset_bits));
-            let yd = _mm256_mul_ps(yd, _mm256_set1_ps(d));
-            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(values), yd, acc[g]);
-        }
+        acc[g] = scale_block(acc[g], total[g], offsets, yd, d, dmin, !B::MINIMUMS);
     }
 }
