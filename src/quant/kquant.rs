@@ -186,6 +186,11 @@ impl QMatrix {
     ///
     /// Safety: `dst` is valid for those writes, and nothing else accesses them meanwhile.
     unsafe fn scatter(&self, tile: &[f32], n: usize, dst: *mut f32) {
+        if n == 1 {
+            // Decoding: one activation row, so the tile's column is a stretch of the output.
+            std::ptr::copy_nonoverlapping(tile.as_ptr(), dst, tile.len());
+            return;
+        }
         match self.kernels {
             // SAFETY: AVX2 as the kernels (only selected where the CPU has it).
             #[cfg(target_arch = "x86_64")]
