@@ -16,9 +16,10 @@ weight). Prompts of each ``--prompts`` size, decode after a 16-token prompt, and
 ``--long-context`` prompt (4,000 tokens: its own prompt figure too). ``--shape mini-128k``
 is Phi-3-mini-128k-instruct's: the same matrices, a 131,072-token context and LongRoPE (its
 long and short rotary factors past the original 4,096 tokens), for the 16k-token case. Each
-engine runs in a fresh subprocess per run (cold load, its own peak RSS); runs alternate
-between the engines. Figures: median (min-max) over the runs, and candle-phi / llama.cpp.
-Decode ignores end tokens. This is not part of the test suite.
+engine runs in a fresh subprocess per run (cold load, its own peak RSS, which counts only
+the engine and Python: the workers import no NumPy, 16 MiB of it, unless the engine does, as
+llama-cpp-python does); runs alternate between the engines. Figures: median (min-max) over
+the runs, and candle-phi / llama.cpp. Decode ignores end tokens. This is not part of the test suite.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -35,8 +37,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / ".out"
@@ -133,6 +133,8 @@ def memory_bandwidth(threads: int) -> float:
     the best of several passes over a 1 GiB buffer split between them."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import numpy as np
+
     data = np.ones(1 << 27, dtype=np.float64)
     parts = np.array_split(data, threads)
     best = float("inf")
@@ -156,7 +158,8 @@ def peak_rss_mb() -> float:
 
 
 def prompt_ids(n: int) -> list[int]:
-    return [int(t) for t in np.random.default_rng(1).integers(300, 32000, n)]
+    rng = random.Random(1)
+    return [rng.randrange(300, 32000) for _ in range(n)]
 
 
 # --------------------------------------------------------------------------- workers
@@ -225,6 +228,8 @@ def load_llama(model: Path, threads: int, n_ctx: int) -> tuple[Any, float]:
 def next_token(llm: Any) -> int:
     """The argmax of the last position's logits (llama-cpp-python 0.3 keeps no scores of
     its own unless every position's logits are asked for)."""
+    import numpy as np  # llama-cpp-python's own dependency
+
     logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
     return int(np.argmax(logits))
 
