@@ -124,6 +124,12 @@ impl CausalAttention<'_> {
                     kv_h: h / group,
                 };
                 #[cfg(target_arch = "x86_64")]
+                if q.seq > 1 && head_dim.is_multiple_of(16) && simd::wide() {
+                    // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C; the head size is a
+                    // multiple of 16.
+                    return unsafe { self.head_avx512(&head, out) };
+                }
+                #[cfg(target_arch = "x86_64")]
                 if head_dim.is_multiple_of(8) && simd::available() {
                     // SAFETY: the CPU has AVX2, FMA and F16C; the head size is a multiple of 8.
                     return unsafe { self.head_simd(&head, out) };
@@ -144,11 +150,31 @@ impl CausalAttention<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn head_simd<E: Element>(&self, head: &Head<'_, E>, out: &mut [f32]) {
-        use tiled::TILE;
         let head_dim = head.q.head_dim;
         if out.len() < 2 * head_dim {
             return self.head::<E, true>(head, out); // one query (decode): nothing to share
         }
+        self.head_tiled::<tiled::Avx2, E>(head, out)
+    }
+
+    /// A prompt chunk's `head` with the products 16 lanes wide.
+    ///
+    /// Safety: the CPU must have AVX-512F, AVX2, FMA and F16C, and the head size be a
+    /// multiple of 16.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn head_avx512<E: Element>(&self, head: &Head<'_, E>, out: &mut [f32]) {
+        self.head_tiled::<tiled::Avx512, E>(head, out)
+    }
+
+    /// Every query of `head` in tiles of eight (`tiled::attend`).
+    ///
+    /// Safety: the CPU runs `W`, and the head size is a multiple of `W::LANES`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn head_tiled<W: tiled::Width, E: Element>(&self, head: &Head<'_, E>, out: &mut [f32]) {
+        use tiled::TILE;
+        let head_dim = head.q.head_dim;
         let offset = self.offset(head);
         let mut scratch = tiled::Scratch::default();
         for (t, out) in out.chunks_mut(TILE * head_dim).enumerate() {
@@ -173,7 +199,7 @@ impl CausalAttention<'_> {
             };
             // SAFETY: the caller checked the CPU and the head size; each live query sees at
             // least its own key, which is in the cache.
-            tiled::attend(&tile, &mut scratch, out);
+            tiled::attend::<W, E>(&tile, &mut scratch, out);
         }
     }
 

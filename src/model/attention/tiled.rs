@@ -1,7 +1,8 @@
 //! Prompt chunks, eight queries at a time: each key and value row read serves eight
 //! queries. One query at a time re-reads its head's whole cache per query, and at a
 //! 2,000-token context that traffic, not the arithmetic, bounds a chunk. Scores are kept
-//! key-major, one lane per query, so the softmax vectorizes across the queries too.
+//! key-major, one lane per query, so the softmax vectorizes across the queries too. The
+//! products over the head's dimensions run 8 lanes wide (AVX2) or 16 (AVX-512, `Width`).
 
 use std::arch::x86_64::*;
 
@@ -27,6 +28,98 @@ pub struct Tile<'a, E: Element> {
     pub scale: f32,
 }
 
+/// The vectors the products over a head's dimensions take: AVX2's 8 lanes, or AVX-512's
+/// 16, half the multiply-adds per key where a core has two 512-bit FMA units (Intel's
+/// servers; Zen 4 splits them, and runs them no slower).
+pub trait Width {
+    type V: Copy;
+    const LANES: usize;
+    unsafe fn zero() -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// `a · b + c`.
+    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `*x` in every lane.
+    unsafe fn splat(x: *const f32) -> Self::V;
+    /// Dimensions `c..c + LANES` of a cache row (`c` a multiple of `LANES`).
+    unsafe fn row<E: Element>(row: *const E::Unit, d: usize, c: usize) -> Self::V;
+    /// Eight lanes whose sum is the vector's.
+    unsafe fn fold(v: Self::V) -> __m256;
+}
+
+/// AVX2 + FMA (and F16C for f16 rows).
+pub struct Avx2;
+
+/// AVX-512F, on a CPU that also has what `Avx2` needs.
+pub struct Avx512;
+
+impl Width for Avx2 {
+    type V = __m256;
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m256) {
+        _mm256_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn splat(x: *const f32) -> __m256 {
+        _mm256_broadcast_ss(&*x)
+    }
+    #[inline(always)]
+    unsafe fn row<E: Element>(row: *const E::Unit, d: usize, c: usize) -> __m256 {
+        E::load8(row, d, c)
+    }
+    #[inline(always)]
+    unsafe fn fold(v: __m256) -> __m256 {
+        v
+    }
+}
+
+impl Width for Avx512 {
+    type V = __m512;
+    const LANES: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m512) {
+        _mm512_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn splat(x: *const f32) -> __m512 {
+        _mm512_set1_ps(*x)
+    }
+    #[inline(always)]
+    unsafe fn row<E: Element>(row: *const E::Unit, d: usize, c: usize) -> __m512 {
+        E::load16(row, d, c)
+    }
+    #[inline(always)]
+    unsafe fn fold(v: __m512) -> __m256 {
+        let high = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v));
+        _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(high))
+    }
+}
+
 /// Scratch space reused across tiles: scores (TILE per key) and TILE output rows.
 #[derive(Default)]
 pub struct Scratch {
@@ -36,17 +129,21 @@ pub struct Scratch {
 
 /// Writes each query's attention output (normalized) to `out`, `count` rows of head_dim.
 ///
-/// Safety: the CPU must have AVX2, FMA and F16C; the head size must be a multiple of 8;
-/// every query must be that long; each query's key range must be non-empty and lie in the
-/// cache.
+/// Safety: the CPU must have AVX2, FMA and F16C, and what `W` needs; the head size must be
+/// a multiple of `W::LANES`; every query must be that long; each query's key range must be
+/// non-empty and lie in the cache.
 #[inline(always)]
-pub unsafe fn attend<E: Element>(tile: &Tile<'_, E>, scratch: &mut Scratch, out: &mut [f32]) {
+pub unsafe fn attend<W: Width, E: Element>(
+    tile: &Tile<'_, E>,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+) {
     let d = tile.queries[0].len();
     let live = 0..tile.count;
     let lo = live.clone().map(|r| tile.first[r]).min().unwrap_or(0) as usize;
     let hi = live.clone().map(|r| tile.last[r]).max().unwrap_or(0) as usize;
     let n = hi + 1 - lo;
-    debug_assert!(d.is_multiple_of(8) && out.len() >= tile.count * d);
+    debug_assert!(d.is_multiple_of(W::LANES) && out.len() >= tile.count * d);
     debug_assert!(tile.keys.head_dim() == d && tile.values.head_dim() == d);
     scratch.scores.resize(n * TILE, 0.0);
     scratch.outs.clear();
@@ -58,14 +155,15 @@ pub unsafe fn attend<E: Element>(tile: &Tile<'_, E>, scratch: &mut Scratch, out:
     let scale = _mm256_set1_ps(tile.scale);
     for j in 0..n {
         let k = tile.keys.row(tile.kv_h, lo + j).as_ptr();
-        let mut acc = [_mm256_setzero_ps(); TILE];
-        for c in (0..d).step_by(8) {
-            let kv = E::load8(k, d, c);
+        let mut acc = [W::zero(); TILE];
+        for c in (0..d).step_by(W::LANES) {
+            let kv = W::row::<E>(k, d, c);
             for (acc, q) in acc.iter_mut().zip(q) {
-                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), kv, *acc);
+                *acc = W::fmadd(W::load(q.add(c)), kv, *acc);
             }
         }
-        _mm256_storeu_ps(scores.add(j * TILE), _mm256_mul_ps(lane_sums(acc), scale));
+        let sums = lane_sums(acc.map(|v| W::fold(v)));
+        _mm256_storeu_ps(scores.add(j * TILE), _mm256_mul_ps(sums, scale));
     }
 
     // The softmax numerators, all eight queries at once; keys a query does not see get 0.
@@ -96,23 +194,22 @@ pub unsafe fn attend<E: Element>(tile: &Tile<'_, E>, scratch: &mut Scratch, out:
         total = _mm256_add_ps(total, e);
     }
 
-    // The weighted sum, a block of keys at a time: per slice of 8 dimensions, the eight
-    // outputs stay in registers while the block's values stream from L1.
+    // The weighted sum, a block of keys at a time: per slice of `W::LANES` dimensions, the
+    // eight outputs stay in registers while the block's values stream from L1.
     let outs = scratch.outs.as_mut_ptr();
     for start in (0..n).step_by(BLOCK) {
         let end = (start + BLOCK).min(n);
-        for c in (0..d).step_by(8) {
-            let mut acc: [__m256; TILE] =
-                std::array::from_fn(|r| _mm256_loadu_ps(outs.add(r * d + c)));
+        for c in (0..d).step_by(W::LANES) {
+            let mut acc: [W::V; TILE] = std::array::from_fn(|r| W::load(outs.add(r * d + c)));
             for j in start..end {
-                let v = E::load8(tile.values.row(tile.kv_h, lo + j).as_ptr(), d, c);
+                let v = W::row::<E>(tile.values.row(tile.kv_h, lo + j).as_ptr(), d, c);
                 let w = scores.add(j * TILE);
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&*w.add(r)), v, *acc);
+                    *acc = W::fmadd(W::splat(w.add(r)), v, *acc);
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(outs.add(r * d + c), *acc);
+                W::store(outs.add(r * d + c), *acc);
             }
         }
     }

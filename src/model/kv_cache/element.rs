@@ -29,6 +29,12 @@ pub trait Element: Send + Sync + 'static {
     /// `c` is a multiple of 8.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(row: *const Self::Unit, d: usize, c: usize) -> std::arch::x86_64::__m256;
+
+    /// Values `c..c + 16`, as `load8` takes eight.
+    ///
+    /// Safety: as `load8`'s, on a CPU with AVX-512F too, and with 16 for 8.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(row: *const Self::Unit, d: usize, c: usize) -> std::arch::x86_64::__m512;
 }
 
 pub struct F32;
@@ -54,6 +60,12 @@ impl Element for F32 {
     #[inline(always)]
     unsafe fn load8(row: *const f32, _d: usize, c: usize) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(row.add(c))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(row: *const f32, _d: usize, c: usize) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(row.add(c))
     }
 }
 
@@ -83,6 +95,13 @@ impl Element for F16 {
     unsafe fn load8(row: *const u16, _d: usize, c: usize) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(row.add(c).cast()))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(row: *const u16, _d: usize, c: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(row.add(c).cast()))
     }
 }
 
@@ -138,6 +157,20 @@ impl Element for Q8 {
         _mm256_mul_ps(
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)),
             _mm256_set1_ps(scale),
+        )
+    }
+
+    /// Sixteen values at a multiple of 16 lie in one block of 32: one scale.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(row: *const u8, d: usize, c: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let blocks = d.div_ceil(Q8_BLOCK);
+        let scale = row.add(4 * (c / Q8_BLOCK)).cast::<f32>().read_unaligned();
+        let q = _mm_loadu_si128(row.add(4 * blocks + c).cast());
+        _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)),
+            _mm512_set1_ps(scale),
         )
     }
 }
