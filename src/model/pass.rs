@@ -123,7 +123,7 @@ fn run(
             if active.is_empty() {
                 return Ok(());
             }
-            let attn = attention(layer, layer_index, &weights.config, segments, &active, &xs)?;
+            let attn = attention(layer, layer_index, weights, segments, &active, &xs)?;
             xs = (xs + attn)?;
             let ffn = feed_forward(layer, &weights.config, &xs)?;
             xs = (xs + ffn)?;
@@ -202,11 +202,12 @@ fn row_ranges<'s>(
 fn attention(
     layer: &Layer,
     layer_index: usize,
-    config: &Phi3Config,
+    weights: &Phi3Weights,
     segments: &mut [Segment<'_>],
     active: &[Active],
     xs: &Tensor,
 ) -> Result<Tensor> {
+    let config = &weights.config;
     let (n_head, n_kv, hd) = (config.num_heads, config.num_kv_heads, config.head_dim);
     let qkv = layer.attn_qkv.forward(&layer.attn_norm.forward(xs)?)?;
     let ranges: Vec<(usize, usize, usize, Tensor, Tensor)> = row_ranges(segments, active)
@@ -228,7 +229,8 @@ fn attention(
         model.cache_mut(layer_index).append(&k, &v)?;
         let scale = 1.0 / (hd as f32).sqrt();
         let cache = model.cache(layer_index);
-        let out = attention::attend(&q, cache, config.sliding_window, scale)?
+        let window = config.sliding_window;
+        let out = attention::attend(&q, cache, window, scale, weights.wide_attention)?
             .transpose(1, 2)?
             .reshape((1, len, n_head * hd))?;
         outs.push(out);

@@ -38,6 +38,8 @@ pub struct Phi3Weights {
     rope_factors: Option<RopeFactors>,
     /// The kernels its matrices run, by `CANDLE_PHI_KERNELS`'s names.
     pub kernels: &'static str,
+    /// Whether its prompt attention asks for 16 lanes (`attention::wide_attention`).
+    pub(super) wide_attention: bool,
     /// How every sequence of this model stores its keys and values.
     pub kv_cache_type: KvCacheType,
 }
@@ -91,6 +93,7 @@ impl Phi3Weights {
             output,
             rope_factors,
             kernels: kernels.name(),
+            wide_attention: super::attention::wide_attention(kernels),
             kv_cache_type: KvCacheType::default(),
         })
     }

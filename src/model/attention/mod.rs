@@ -20,19 +20,36 @@ mod tiled;
 
 /// Attention of the queries `q` (1, heads, seq, head_dim), the newest `seq` positions of
 /// `cache`, to the cached keys: each sees the keys at or before its position, within
-/// `window` if there is one.
-pub fn attend(q: &Tensor, cache: &KvCache, window: Option<usize>, scale: f32) -> Result<Tensor> {
+/// `window` if there is one. `wide`: prompt chunks may take 16-lane products where the CPU
+/// has AVX-512F (`wide_attention` says when a model asks for them).
+pub fn attend(
+    q: &Tensor,
+    cache: &KvCache,
+    window: Option<usize>,
+    scale: f32,
+    wide: bool,
+) -> Result<Tensor> {
     q.contiguous()?.apply_op1_no_bwd(&CausalAttention {
         cache,
         window,
         scale,
+        wide,
     })
+}
+
+/// Whether a model whose matrices run `kernels` asks for 16-lane attention: with AVX-512
+/// VNNI's, so that `CANDLE_PHI_KERNELS=avx2` measures a CPU without AVX-512, and CPUs with
+/// AVX-512 but no VNNI (Skylake servers, which slow their clock for 512-bit arithmetic)
+/// keep 8 lanes.
+pub fn wide_attention(kernels: crate::quant::Kernels) -> bool {
+    kernels == crate::quant::Kernels::Avx512Vnni
 }
 
 struct CausalAttention<'a> {
     cache: &'a KvCache,
     window: Option<usize>,
     scale: f32,
+    wide: bool,
 }
 
 /// The queries' data, (1, heads, seq, head_dim) contiguous.
@@ -124,7 +141,7 @@ impl CausalAttention<'_> {
                     kv_h: h / group,
                 };
                 #[cfg(target_arch = "x86_64")]
-                if q.seq > 1 && head_dim.is_multiple_of(16) && simd::wide() {
+                if self.wide && q.seq > 1 && head_dim.is_multiple_of(16) && simd::has_avx512() {
                     // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C; the head size is a
                     // multiple of 16.
                     return unsafe { self.head_avx512(&head, out) };

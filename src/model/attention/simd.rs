@@ -15,20 +15,9 @@ pub fn available() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
-/// Whether prompt chunks take the 16-lane products (`tiled::Avx512`): where the matrix
-/// kernels selected are AVX-512 VNNI's, so that `CANDLE_PHI_KERNELS=avx2` measures a CPU
-/// without AVX-512, and CPUs with AVX-512 but no VNNI (Skylake servers, which slow their
-/// clock for 512-bit arithmetic) keep 8 lanes.
-pub fn wide() -> bool {
-    static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WIDE.get_or_init(|| {
-        available()
-            && is_x86_feature_detected!("avx512f")
-            && matches!(
-                crate::quant::Kernels::selected(),
-                Ok(crate::quant::Kernels::Avx512Vnni)
-            )
-    })
+/// Whether this CPU also runs the 16-lane products (`tiled::Avx512`).
+pub fn has_avx512() -> bool {
+    available() && is_x86_feature_detected!("avx512f")
 }
 
 /// `Query::attend`, vectorized.

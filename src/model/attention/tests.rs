@@ -127,9 +127,13 @@ fn tiled_and_per_query_attention_agree() {
             noise(2, kv_heads * kv_len * d),
             noise(3, kv_heads * kv_len * d),
         );
-        for kind in KvCacheType::ALL {
+        // Both widths of the products (16 lanes where the CPU has AVX-512F).
+        for (kind, wide) in KvCacheType::ALL
+            .into_iter()
+            .flat_map(|k| [(k, false), (k, true)])
+        {
             let cache = cache(kind, kv_heads, d, &kd, &vd);
-            let fast = super::attend(&tensor(&qd, heads, seq, d), &cache, window, 0.2)
+            let fast = super::attend(&tensor(&qd, heads, seq, d), &cache, window, 0.2, wide)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -145,7 +149,7 @@ fn tiled_and_per_query_attention_agree() {
                     for (e, g) in want.iter().zip(got) {
                         assert!(
                             (e - g).abs() < 1e-5,
-                            "{kind:?} {seq} {offset} {window:?} {d}: {e} vs {g}"
+                            "{kind:?} wide {wide} {seq} {offset} {window:?} {d}: {e} vs {g}"
                         );
                     }
                 }
@@ -167,7 +171,7 @@ fn compact_formats_stay_close_to_f32() {
     let q = tensor(&qd, heads, 1, d);
     let out = |kind| {
         let cache = cache(kind, heads, d, &kd, &vd);
-        super::attend(&q, &cache, None, 0.3)
+        super::attend(&q, &cache, None, 0.3, false)
             .unwrap()
             .flatten_all()
             .unwrap()

@@ -151,9 +151,8 @@ impl Element for Q8 {
     #[inline(always)]
     unsafe fn load8(row: *const u8, d: usize, c: usize) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
-        let blocks = d.div_ceil(Q8_BLOCK);
-        let scale = row.add(4 * (c / Q8_BLOCK)).cast::<f32>().read_unaligned();
-        let q = _mm_loadl_epi64(row.add(4 * blocks + c).cast());
+        let (scale, values) = q8_at(row, d, c);
+        let q = _mm_loadl_epi64(values.cast());
         _mm256_mul_ps(
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)),
             _mm256_set1_ps(scale),
@@ -165,14 +164,24 @@ impl Element for Q8 {
     #[inline(always)]
     unsafe fn load16(row: *const u8, d: usize, c: usize) -> std::arch::x86_64::__m512 {
         use std::arch::x86_64::*;
-        let blocks = d.div_ceil(Q8_BLOCK);
-        let scale = row.add(4 * (c / Q8_BLOCK)).cast::<f32>().read_unaligned();
-        let q = _mm_loadu_si128(row.add(4 * blocks + c).cast());
+        let (scale, values) = q8_at(row, d, c);
+        let q = _mm_loadu_si128(values.cast());
         _mm512_mul_ps(
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)),
             _mm512_set1_ps(scale),
         )
     }
+}
+
+/// Value `c`'s block scale and address in a `Q8` row of `d` values.
+///
+/// Safety: `row` points at a whole row and `c < d`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q8_at(row: *const u8, d: usize, c: usize) -> (f32, *const u8) {
+    let blocks = d.div_ceil(Q8_BLOCK);
+    let scale = row.add(4 * (c / Q8_BLOCK)).cast::<f32>().read_unaligned();
+    (scale, row.add(4 * blocks + c))
 }
 
 #[cfg(test)]
