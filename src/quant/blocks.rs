@@ -266,3 +266,55 @@ impl<const RUN: usize> BlockQ8Kx<RUN> {
         out
     }
 }
+
+/// Sixteen activation rows' Q8_K blocks of one block column for AVX-512's 512-bit
+/// `vpdpbusd`: each 64-byte vector `qs[k]` holds values 4k..4k+4 of row 0, then of rows 1 to
+/// 15 (zeros past the real rows), so that one instruction multiplies four broadcast weights
+/// with the same positions of sixteen rows, one i32 lane each: twice the rows of
+/// `BlockQ8Kx8` per instruction.
+#[repr(C, align(64))]
+#[derive(Clone)]
+pub struct BlockQ8Kx16 {
+    pub qs: [[i8; 64]; QK_K / 4],
+    /// Lane r: row r's scale.
+    pub d: [f32; 16],
+    /// `sums[q]`: in lane r, the sums of row r's 32-value sub-blocks 2q and 2q+1 as an i16
+    /// pair (what the weights' minimums multiply).
+    pub sums: [[i16; 32]; 4],
+    /// `bsums[q]`: the same for the 16-value sums 2q and 2q+1 (Q6_K's sub-blocks).
+    pub bsums: [[i16; 32]; 8],
+}
+
+impl BlockQ8Kx16 {
+    /// Activation rows in a group.
+    pub const ROWS: usize = 16;
+
+    /// Block column `b` of up to sixteen activation rows; the rest of the group is zeros.
+    pub fn interleave(rows: &[&[BlockQ8K]], b: usize) -> Self {
+        assert!(rows.len() <= Self::ROWS, "at most {} rows", Self::ROWS);
+        let mut out = Self {
+            qs: [[0; 64]; QK_K / 4],
+            d: [0.0; 16],
+            sums: [[0; 32]; 4],
+            bsums: [[0; 32]; 8],
+        };
+        for (r, row) in rows.iter().enumerate() {
+            let y = &row[b];
+            out.d[r] = y.d;
+            for (k, group) in out.qs.iter_mut().enumerate() {
+                group[4 * r..4 * (r + 1)].copy_from_slice(&y.qs[4 * k..4 * (k + 1)]);
+            }
+            for (q, sums) in out.sums.iter_mut().enumerate() {
+                for half in 0..2 {
+                    let s = 2 * q + half;
+                    sums[2 * r + half] = y.bsums[2 * s] + y.bsums[2 * s + 1];
+                }
+            }
+            for (q, bsums) in out.bsums.iter_mut().enumerate() {
+                bsums[2 * r] = y.bsums[2 * q];
+                bsums[2 * r + 1] = y.bsums[2 * q + 1];
+            }
+        }
+        out
+    }
+}

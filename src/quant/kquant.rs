@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::blocks::WeightBlock;
 use super::blocks::{as_blocks, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use super::blocks::{quantize_q8k, BlockQ8K, QK_K};
-use super::blocks::{BlockQ8Kx4, BlockQ8Kx8};
+use super::blocks::{BlockQ8Kx16, BlockQ8Kx4, BlockQ8Kx8};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{readable, scalar, Kernels, OutPtr, RawTensor, WeightBytes};
@@ -58,14 +58,18 @@ impl BlockType {
 
 /// Weight rows in a tile.
 pub(super) const TILE_ROWS: usize = 8;
-/// Rows left beyond the groups of eight that the VNNI kernels take as groups of four (for
-/// the types `BlockType::groups_of_four` names), and as a padded group of eight. Measured
+/// Rows left beyond the groups of sixteen or eight that the VNNI kernels take as a group of
+/// four (for the types `BlockType::groups_of_four` names); more go as a padded group. Measured
 /// per pass of a Phi-3-mini-shaped 8192×3072 Q4_K matrix on a Xeon with AVX-VNNI, before
 /// decoding took eight weight rows at a time: rows by AVX2 1 0.60 ms, 2 0.80, 3 ~1.0; a
 /// group of four 1.01 ms (1.29 for Q6_K); two groups of four 1.74 ms; a group of eight
 /// 1.47 ms.
 const FOURS: RangeInclusive<usize> = 3..=4;
-const PADDED_EIGHT: RangeInclusive<usize> = 5..=7;
+/// Activation rows from which AVX-512 VNNI's kernels take groups of sixteen (`x86::wide`):
+/// two groups at least. Per pass of an 8192×3072 matrix on a Xeon, against groups of eight:
+/// Q4_K 64 rows 7.4 -> 5.7 ms, Q5_K 7.2 -> 6.0, Q6_K 8.3 -> 6.6; 16 rows 2.3 ms both ways;
+/// a lone group of sixteen for 5 to 8 rows 2.2-2.6 ms against 1.5-1.8 for one of eight.
+const WIDE_FROM: usize = 32;
 /// Activation rows in a tile: 64 × 292 bytes of one block column fit L1 beside the rest,
 /// and make eight interleaved groups of eight, which one unpacking of a weight block serves
 /// with EVEX's 32 registers (VEX: two runs of four). Per pass of an 8192×3072 matrix, 64
@@ -73,13 +77,24 @@ const PADDED_EIGHT: RangeInclusive<usize> = 5..=7;
 /// against 32.
 pub(super) const TILE_ACTS: usize = 64;
 
-/// A tile's activation rows as the VNNI kernels take them: its whole groups of eight
-/// (rows `8g..8g+8` in `eights[g]`), then groups of four (`fours`, the last padded with
-/// zeros past the tile's rows). Rows in neither go through the AVX2 path.
+/// A tile's activation rows as the VNNI kernels take them: its groups of sixteen (rows
+/// `16g..16g+16` in `sixteens[g]`, AVX-512's 512-bit kernels) or of eight (`eights`,
+/// 256-bit kernels), the last maybe padded with zeros past the tile's rows, then a group
+/// of four (`fours`, likewise). Rows in none go through the AVX2 path.
 #[derive(Clone, Copy)]
 pub(super) struct Groups<'a> {
+    pub(super) sixteens: &'a [&'a [BlockQ8Kx16]],
     pub(super) eights: &'a [&'a [BlockQ8Kx8]],
     pub(super) fours: &'a [&'a [BlockQ8Kx4]],
+}
+
+/// The activation rows of a pass interleaved for the VNNI kernels (see `Groups`), block
+/// column after block column.
+#[derive(Default)]
+struct Interleaved {
+    sixteens: Vec<BlockQ8Kx16>,
+    eights: Vec<BlockQ8Kx8>,
+    fours: Vec<BlockQ8Kx4>,
 }
 
 /// A block type every kernel of this build handles.
@@ -140,9 +155,11 @@ impl QMatrix {
                 _ => quantize_q8k(x, a),
             });
         let acts: Vec<&[BlockQ8K]> = acts.chunks_exact(blocks_per_row).collect();
-        let (eights, fours) = self.interleave(&acts, blocks_per_row);
-        let eights: Vec<&[BlockQ8Kx8]> = eights.chunks_exact(blocks_per_row).collect();
-        let fours: Vec<&[BlockQ8Kx4]> = fours.chunks_exact(blocks_per_row).collect();
+        let interleaved = self.interleave(&acts, blocks_per_row);
+        let sixteens: Vec<&[BlockQ8Kx16]> =
+            interleaved.sixteens.chunks_exact(blocks_per_row).collect();
+        let eights: Vec<&[BlockQ8Kx8]> = interleaved.eights.chunks_exact(blocks_per_row).collect();
+        let fours: Vec<&[BlockQ8Kx4]> = interleaved.fours.chunks_exact(blocks_per_row).collect();
 
         // Tasks take runs of weight-row groups, so the weights stream from memory once per
         // tile of activation rows (once in decoding and in 64-token prompt chunks).
@@ -164,10 +181,13 @@ impl QMatrix {
                 let n = tile_acts.len();
                 // The groups of eight among these rows (TILE_ACTS is a multiple; the last
                 // tile's may be padded) and of four (in the last tile only).
-                let first_group = (first_act / 8).min(eights.len());
-                let last_group = (first_group + n.div_ceil(8)).min(eights.len());
+                let of_tile = |groups: usize, rows: usize| {
+                    let first = (first_act / rows).min(groups);
+                    first..(first + n.div_ceil(rows)).min(groups)
+                };
                 let groups = Groups {
-                    eights: &eights[first_group..last_group],
+                    sixteens: &sixteens[of_tile(sixteens.len(), BlockQ8Kx16::ROWS)],
+                    eights: &eights[of_tile(eights.len(), 8)],
                     fours: if first_act + n == m { &fours } else { &[] },
                 };
                 for first_row in task_rows.clone().step_by(TILE_ROWS) {
@@ -212,22 +232,21 @@ impl QMatrix {
         }
     }
 
-    /// The activations interleaved for the VNNI kernels: in groups of eight rows, then
-    /// the rows left over, if `FOURS` holds their count (and the type takes groups of
-    /// four), as groups of four, or if `PADDED_EIGHT` does, as a last group of eight padded
-    /// with zeros (a group costs the same however many of its rows are real); if neither,
-    /// they go through `x86::tile` (eight weight rows at a time, up to four rows).
-    fn interleave(
-        &self,
-        acts: &[&[BlockQ8K]],
-        blocks_per_row: usize,
-    ) -> (Vec<BlockQ8Kx8>, Vec<BlockQ8Kx4>) {
-        if !matches!(self.kernels, Kernels::AvxVnni | Kernels::Avx512Vnni) {
-            return (Vec::new(), Vec::new());
-        }
-        let left = acts.len() % 8;
+    /// The activations interleaved for the VNNI kernels: in groups of sixteen rows
+    /// (AVX-512 VNNI's kernels) or eight, then the rows left over: if more than `FOURS`
+    /// holds, as a last group padded with zeros (a group costs the same however many of its
+    /// rows are real); if `FOURS` holds their count (and the type takes groups of four), as a
+    /// group of four; else they go through `x86::tile` (eight weight rows at a time).
+    fn interleave(&self, acts: &[&[BlockQ8K]], blocks_per_row: usize) -> Interleaved {
+        let wide = match self.kernels {
+            Kernels::Avx512Vnni => acts.len() >= WIDE_FROM,
+            Kernels::AvxVnni => false,
+            _ => return Interleaved::default(),
+        };
+        let rows = if wide { BlockQ8Kx16::ROWS } else { 8 };
+        let left = acts.len() % rows;
         let whole = acts.len() - left;
-        let eights = if PADDED_EIGHT.contains(&left) {
+        let grouped = if left > *FOURS.end() {
             acts
         } else {
             &acts[..whole]
@@ -237,15 +256,20 @@ impl QMatrix {
         } else {
             &[]
         };
-        let eights = eights
-            .chunks(8)
-            .flat_map(|rows| (0..blocks_per_row).map(move |b| BlockQ8Kx8::interleave(rows, b)))
-            .collect();
-        let fours = fours
-            .chunks(4)
-            .flat_map(|rows| (0..blocks_per_row).map(move |b| BlockQ8Kx4::interleave(rows, b)))
-            .collect();
-        (eights, fours)
+        let fours = by_columns(fours, 4, blocks_per_row, BlockQ8Kx4::interleave);
+        if wide {
+            Interleaved {
+                sixteens: by_columns(grouped, rows, blocks_per_row, BlockQ8Kx16::interleave),
+                fours,
+                ..Interleaved::default()
+            }
+        } else {
+            Interleaved {
+                eights: by_columns(grouped, rows, blocks_per_row, BlockQ8Kx8::interleave),
+                fours,
+                ..Interleaved::default()
+            }
+        }
     }
 
     /// `out[j * acts.len() + i]` = weight row `rows.start + j` · `acts[i]`; `groups` holds
@@ -297,4 +321,16 @@ impl QMatrix {
             }
         }
     }
+}
+
+/// `acts` in groups of `rows` interleaved by `group`, block column after block column.
+fn by_columns<T>(
+    acts: &[&[BlockQ8K]],
+    rows: usize,
+    blocks_per_row: usize,
+    group: fn(&[&[BlockQ8K]], usize) -> T,
+) -> Vec<T> {
+    acts.chunks(rows)
+        .flat_map(|rows| (0..blocks_per_row).map(move |b| group(rows, b)))
+        .collect()
 }

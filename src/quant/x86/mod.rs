@@ -1,5 +1,6 @@
 //! x86 matrix products, in builds chosen at run time. K-quant weight rows with Q8_K
-//! activation rows: the tiles here (AVX2), the VNNI ones in `vnni.rs`, each block type's
+//! activation rows: the tiles here (AVX2), the VNNI ones in `vnni.rs` (256-bit) and
+//! `wide.rs` (AVX-512's 512-bit registers, for prompts), each block type's
 //! unpacking in `k_blocks.rs`, the activations' quantizing and the output's transposing in
 //! `activations.rs`. The 32-value types: pairs of weight rows (eight, decoding the 4-bit
 //! types) in `legacy_tiles.rs`, eight activation rows at a time in `legacy_interleaved.rs`.
@@ -26,6 +27,7 @@ mod k_blocks;
 mod legacy_interleaved;
 mod legacy_tiles;
 mod vnni;
+mod wide;
 pub use activations::{quantize_q8k, transpose};
 pub use float_tiles::{float_group, FloatGroup};
 use k_blocks::{bytes_of, SixteenBlock, Unpacked};

@@ -17,15 +17,17 @@ use std::arch::x86_64::*;
 
 use super::super::blocks::BlockQ8K;
 use super::super::blocks::BlockQ8Kx;
+use super::super::blocks::BlockQ8Kx16;
 use super::super::blocks::{scales_and_mins, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use super::super::kquant::{Groups, TILE_ACTS, TILE_ROWS};
+use super::wide::{tile_sixteens, WideBlock};
 use super::{
     bytes_of, f32_of, has_avx2, load, prefetch, prefetch_next_tile, scale_block, tile, Avx2Block,
     MulAdd, SixteenBlock, Unpacked,
 };
 
 /// A K-quant block that can be multiplied with interleaved groups of activation blocks.
-pub trait VnniBlock: Avx2Block {
+pub trait VnniBlock: Avx2Block + WideBlock {
     /// `acc[g]` (its rows' lanes) += this block · group g's block, with VNNI.
     unsafe fn interleaved_dots<V: Vnni, const RUN: usize, const G: usize>(
         &self,
@@ -39,9 +41,14 @@ pub fn has_avx_vnni() -> bool {
 }
 
 /// The same 256-bit `vpdpbusd`, EVEX-encoded: CPUs with AVX-512 VNNI but no AVX-VNNI (some
-/// Zen 4 and Ice Lake / Cascade Lake servers, and virtual machines that hide AVX-VNNI).
+/// Zen 4 and Ice Lake / Cascade Lake servers, and virtual machines that hide AVX-VNNI); and
+/// prompts' tiles in 512-bit registers (`wide.rs`).
 pub fn has_avx512_vnni() -> bool {
-    has_avx2() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+    has_avx2()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
 }
 
 /// `acc + Σ4 a_u8 · b_i8` per i32 lane: `vpdpbusd` in one of its two encodings; and, as
@@ -124,6 +131,11 @@ unsafe fn tile_vnni<V: Vnni, B: VnniBlock>(
 ) {
     let m = ys.len();
     let mut covered = 0;
+    if !groups.sixteens.is_empty() {
+        // Only made for AVX-512 VNNI's kernels (`QMatrix::interleave`), so the CPU has it.
+        tile_sixteens(w, groups.sixteens, m, out);
+        covered = (BlockQ8Kx16::ROWS * groups.sixteens.len()).min(m);
+    }
     if !groups.eights.is_empty() {
         tile_interleaved::<V, B, 4>(w, groups.eights, 0, m, out);
         covered = (8 * groups.eights.len()).min(m);
