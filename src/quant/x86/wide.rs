@@ -119,6 +119,32 @@ unsafe fn values_of(y: &BlockQ8Kx16, k: usize) -> __m512i {
     _mm512_load_si512(y.qs.get_unchecked(k).as_ptr() as *const _)
 }
 
+/// Runs `first` and `first + 1` of a block's unpacked values (32 each) with every group, as
+/// the sums of their halves (16 values each): `sums[run][half][g]`. The two runs' sixteen
+/// chains (four groups) go side by side: with one run's eight, each waited on the one
+/// before (a 4-deep chain of 5-cycle multiply-adds against 16 cycles of issue).
+#[inline(always)]
+unsafe fn run_pair_sums<const G: usize>(
+    values: &Unpacked,
+    first: usize,
+    ys: [&BlockQ8Kx16; G],
+) -> [[[__m512i; G]; 2]; 2] {
+    let mut sums = [[[_mm512_setzero_si512(); G]; 2]; 2];
+    for k in 0..4 {
+        for (r, run) in sums.iter_mut().enumerate() {
+            for (h, half) in run.iter_mut().enumerate() {
+                let w = broadcast4(values.0[first + r].as_ptr().add(16 * h + 4 * k));
+                // Values 32·run + 16h + 4k.. of the block: the groups' vector of them.
+                let at = 8 * (first + r) + 4 * h + k;
+                for g in 0..G {
+                    half[g] = _mm512_dpbusd_epi32(half[g], w, values_of(ys[g], at));
+                }
+            }
+        }
+    }
+    sums
+}
+
 /// `total + lo·scale_lo + hi·scale_hi` per lane, exact. With `fit_i16` (every lane of both
 /// fits an i16) they go as the halves of each lane into one `vpdpwssd`.
 #[inline(always)]
@@ -185,31 +211,24 @@ unsafe fn k_quant_sixteens<const G: usize, const FOUR_BITS: bool>(
     acc: &mut [__m512; G],
 ) {
     let (scales, mins) = scales_and_mins(packed);
-    let zero = _mm512_setzero_si512();
-    let mut total = [zero; G];
-    for (s, &scale) in scales.iter().enumerate() {
-        let mut halves = [[zero; G]; 2];
-        for k in 0..4 {
-            for (h, half) in halves.iter_mut().enumerate() {
-                let w = broadcast4(values.0[s].as_ptr().add(16 * h + 4 * k));
-                for g in 0..G {
-                    half[g] = _mm512_dpbusd_epi32(half[g], w, values_of(ys[g], 8 * s + 4 * h + k));
-                }
+    let mut total = [_mm512_setzero_si512(); G];
+    for pair in 0..4 {
+        let sums = run_pair_sums(values, 2 * pair, ys);
+        for (half_sums, &scale) in sums.iter().zip(&scales[2 * pair..]) {
+            let scale = i16::from(scale);
+            for g in 0..G {
+                let [lo, hi] = [half_sums[0][g], half_sums[1][g]];
+                total[g] = if FOUR_BITS {
+                    add_scaled(total[g], lo, hi, (scale, scale), true)
+                } else {
+                    // Both halves take the same scale: one multiply.
+                    let scaled = _mm512_mullo_epi32(
+                        _mm512_add_epi32(lo, hi),
+                        _mm512_set1_epi32(i32::from(scale)),
+                    );
+                    _mm512_add_epi32(total[g], scaled)
+                };
             }
-        }
-        let scale = i16::from(scale);
-        for g in 0..G {
-            let [lo, hi] = [halves[0][g], halves[1][g]];
-            total[g] = if FOUR_BITS {
-                add_scaled(total[g], lo, hi, (scale, scale), true)
-            } else {
-                // Both halves take the same scale: one multiply.
-                let scaled = _mm512_mullo_epi32(
-                    _mm512_add_epi32(lo, hi),
-                    _mm512_set1_epi32(i32::from(scale)),
-                );
-                _mm512_add_epi32(total[g], scaled)
-            };
         }
     }
     for g in 0..G {
@@ -279,22 +298,17 @@ unsafe fn sixteen_sixteens<B: SixteenBlock, const G: usize>(
     let values = opaque(&mut values);
     let (scales, mins) = block.scale_vectors();
     let scales = bytes_of(scales);
-    let zero = _mm512_setzero_si512();
-    let mut total = [zero; G];
-    for t in 0..8 {
-        let mut subs = [[zero; G]; 2];
-        for k in 0..4 {
-            for (h, sub) in subs.iter_mut().enumerate() {
-                let w = broadcast4(values.0[t].as_ptr().add(16 * h + 4 * k));
-                for g in 0..G {
-                    sub[g] = _mm512_dpbusd_epi32(sub[g], w, values_of(ys[g], 8 * t + 4 * h + k));
-                }
+    let mut total = [_mm512_setzero_si512(); G];
+    for pair in 0..4 {
+        let sums = run_pair_sums(values, 2 * pair, ys);
+        for (r, half_sums) in sums.iter().enumerate() {
+            // Run t's halves are sub-blocks 2t and 2t+1.
+            let t = 2 * pair + r;
+            let pair = (i16::from(scales[2 * t]), i16::from(scales[2 * t + 1]));
+            for g in 0..G {
+                let [lo, hi] = [half_sums[0][g], half_sums[1][g]];
+                total[g] = add_scaled(total[g], lo, hi, pair, B::SUMS_FIT_I16);
             }
-        }
-        let pair = (i16::from(scales[2 * t]), i16::from(scales[2 * t + 1]));
-        for g in 0..G {
-            let [lo, hi] = [subs[0][g], subs[1][g]];
-            total[g] = add_scaled(total[g], lo, hi, pair, B::SUMS_FIT_I16);
         }
     }
     let factors = block.factors();
