@@ -71,6 +71,12 @@ pub struct FloatMatrix {
     /// The AVX2 tiles; else the portable loop.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     simd: bool,
+    /// The tiles in AVX-512's 16 lanes, for every pass of this matrix (so a row's sums are
+    /// the same bits alone or in a batch): where the kernels are AVX-512 VNNI's. On the
+    /// Xeon VM, a 512-token prompt of the 8-layer F16 file: 7.3-7.6 s -> 6.6-6.7 (with 512
+    /// columns a pass).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    wide: bool,
 }
 
 impl FloatMatrix {
@@ -80,12 +86,14 @@ impl FloatMatrix {
         let (rows, cols) = readable(tensor, kernels, 1, format.bytes(), format.bytes())?;
         // Every kernel set but the portable one needs AVX2, FMA and F16C, which the tiles use.
         let simd = kernels != Kernels::Scalar && cols.is_multiple_of(8);
+        let wide = simd && kernels == Kernels::Avx512Vnni && cols.is_multiple_of(16);
         Some(Self {
             bytes: tensor.bytes().clone(),
             format,
             rows,
             cols,
             simd,
+            wide,
         })
     }
 
@@ -124,6 +132,7 @@ impl FloatMatrix {
                     out,
                     rows,
                     stride: self.rows,
+                    wide: self.wide,
                 })
             };
         }

@@ -268,9 +268,10 @@ fn each_row_is_the_same_alone_or_among_others() {
 #[test]
 fn float_products_match_f64() {
     use super::FloatMatrix;
-    // Rows past a group of 48 and strips of 3; columns past a chunk of 256, and a width
-    // that is not a multiple of 8 (the portable path).
-    for (rows, cols) in [(53, 520), (7, 24), (5, 12)] {
+    // Rows past a group of 48 and strips of 3; columns past a chunk of 256 (a multiple of
+    // 16 for AVX-512's lanes, and one of only 8), and a width that is not a multiple of 8
+    // (the portable path).
+    for (rows, cols) in [(53, 528), (53, 520), (7, 24), (5, 12)] {
         let values = noise(5, rows * cols);
         for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16] {
             let dense = Tensor::from_vec(values.clone(), (rows, cols), &Device::Cpu).unwrap();
@@ -284,7 +285,7 @@ fn float_products_match_f64() {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            for m in [1, 2, 3, 4, 5, 16, 17, 33] {
+            for m in [1, 2, 3, 4, 5, 8, 9, 16, 17, 33] {
                 let x = noise(77 + m as u64, m * cols);
                 let exact: Vec<f32> = (0..m)
                     .flat_map(|i| (0..rows).map(move |r| (i, r)))
@@ -302,6 +303,26 @@ fn float_products_match_f64() {
                     let what = format!("{dtype:?} {rows}x{cols} m={m} {kernels:?}");
                     assert_close(&matrix.matmul(&x, m), &exact, &what);
                 }
+            }
+        }
+    }
+}
+
+/// A row's float product is the same, bit for bit, alone or among others: one matrix takes
+/// one lane width for every pass.
+#[test]
+fn float_rows_are_the_same_alone_or_among_others() {
+    use super::FloatMatrix;
+    for (rows, cols) in [(29, 528), (29, 520)] {
+        let dense = Tensor::from_vec(noise(8, rows * cols), (rows, cols), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16] {
+            let tensor = QTensor::quantize(&dense, dtype).unwrap();
+            let weights = RawTensor::from_qtensor(&tensor).unwrap();
+            for kernels in kernels_to_test() {
+                let matrix = FloatMatrix::new(&weights, kernels).expect("a float matrix");
+                let what = format!("{dtype:?} {cols} columns {kernels:?}");
+                let ms = [2, 5, 9, 17, 40];
+                assert_rows_alone_as_together(|x, m| matrix.matmul(x, m), rows, cols, &ms, &what);
             }
         }
     }

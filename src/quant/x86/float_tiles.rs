@@ -1,10 +1,14 @@
-//! F32, F16 and BF16 weight rows times f32 activation rows, with AVX2 + FMA (F16C converts
-//! f16, a shift bf16). A microkernel of 3 weight rows × 4 activation rows keeps its twelve
-//! sums in registers (with the three weight vectors and one activation vector: all sixteen
-//! ymm registers). A group's weight rows (up to 48: 288 KiB of f16 at Phi-3-mini's 3072
-//! columns) stay in L2 while every tile of 16 activation rows passes; prompt tiles go 256
-//! columns at a time, so the tile's activations stay in L1 meanwhile. Decoding (a few rows)
-//! streams each weight strip over all its columns, prefetched a page ahead.
+//! F32, F16 and BF16 weight rows times f32 activation rows, with FMA (F16C converts f16, a
+//! shift bf16), in AVX2's 8 lanes or AVX-512's 16. A microkernel of 3 weight rows × 4
+//! activation rows (AVX2; 8 with AVX-512's 32 registers) keeps its sums in registers beside
+//! the three weight vectors and one activation vector, so each converted weight vector
+//! serves four (eight) rows. A group's weight rows (up to 48: 288 KiB of f16 at
+//! Phi-3-mini's 3072 columns) stay in L2 while every tile of 16 activation rows passes;
+//! prompt tiles go 256 columns at a time (512 with AVX-512), so the tile's activations stay
+//! in L1 meanwhile.
+//! Decoding (a few rows) streams each weight strip over all its columns, prefetched a page
+//! ahead. A matrix takes one width for every pass (`FloatGroup::wide`), so a row's sums
+//! are the same bits alone or in a batch.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -15,47 +19,137 @@ use super::hsum;
 
 /// Activation rows per tile.
 const ACTS: usize = 16;
-/// Columns per pass of a prompt tile: 16 rows × 1 KiB of activations.
-const CHUNK: usize = 256;
-/// Weight rows per microkernel strip, and activation rows per microkernel.
+/// Weight rows per microkernel strip.
 const STRIP: usize = 3;
-const QUAD: usize = 4;
 /// As the K-quant decode path: the hardware prefetchers stop at page boundaries.
 const PREFETCH_AHEAD: usize = 4096;
 
-/// How eight values of a format become f32.
-trait Load8 {
+/// How a format's values become f32, eight or sixteen at a time.
+trait Format {
     const BYTES: usize;
     unsafe fn load8(row: *const u8, k: usize) -> __m256;
+    unsafe fn load16(row: *const u8, k: usize) -> __m512;
 }
 
 struct F32;
 struct F16;
 struct BF16;
 
-impl Load8 for F32 {
+impl Format for F32 {
     const BYTES: usize = 4;
     #[inline(always)]
     unsafe fn load8(row: *const u8, k: usize) -> __m256 {
         _mm256_loadu_ps(row.add(4 * k).cast())
     }
+    #[inline(always)]
+    unsafe fn load16(row: *const u8, k: usize) -> __m512 {
+        _mm512_loadu_ps(row.add(4 * k).cast())
+    }
 }
 
-impl Load8 for F16 {
+impl Format for F16 {
     const BYTES: usize = 2;
     #[inline(always)]
     unsafe fn load8(row: *const u8, k: usize) -> __m256 {
         _mm256_cvtph_ps(_mm_loadu_si128(row.add(2 * k).cast()))
     }
+    #[inline(always)]
+    unsafe fn load16(row: *const u8, k: usize) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(row.add(2 * k).cast()))
+    }
 }
 
-impl Load8 for BF16 {
+impl Format for BF16 {
     const BYTES: usize = 2;
+    // A bf16 is the top half of an f32.
     #[inline(always)]
     unsafe fn load8(row: *const u8, k: usize) -> __m256 {
-        // A bf16 is the top half of an f32.
         let bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(row.add(2 * k).cast()));
         _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16))
+    }
+    #[inline(always)]
+    unsafe fn load16(row: *const u8, k: usize) -> __m512 {
+        let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(row.add(2 * k).cast()));
+        _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16))
+    }
+}
+
+/// A vector of f32 lanes: AVX2's eight or AVX-512's sixteen.
+trait Lanes {
+    type V: Copy;
+    const N: usize;
+    /// Activation rows per microkernel: what the registers hold beside three weight vectors
+    /// and one activation vector (16 ymm, 32 zmm).
+    const QUAD: usize;
+    /// Columns per pass of a prompt tile: the tile's 16 rows of activations stay in L1
+    /// meanwhile (16 KiB at 256, for L1s of 32 KiB; 32 KiB at 512 where AVX-512 CPUs have
+    /// 48, but Zen 4's 32). At 512, against 256, an 8-layer F16 prompt of 512 tokens took
+    /// 6.6-6.7 s against 6.8-7.2 on the Xeon VM: half the microkernels' loads and stores
+    /// of their sums.
+    const CHUNK: usize;
+    unsafe fn zero() -> Self::V;
+    unsafe fn load(x: *const f32) -> Self::V;
+    unsafe fn weights<F: Format>(row: *const u8, k: usize) -> Self::V;
+    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn sum(v: Self::V) -> f32;
+}
+
+struct Avx2;
+struct Avx512;
+
+impl Lanes for Avx2 {
+    type V = __m256;
+    const N: usize = 8;
+    const QUAD: usize = 4;
+    const CHUNK: usize = 256;
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(x: *const f32) -> __m256 {
+        _mm256_loadu_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn weights<F: Format>(row: *const u8, k: usize) -> __m256 {
+        F::load8(row, k)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn sum(v: __m256) -> f32 {
+        hsum(v)
+    }
+}
+
+impl Lanes for Avx512 {
+    type V = __m512;
+    const N: usize = 16;
+    const QUAD: usize = 8;
+    const CHUNK: usize = 512;
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(x: *const f32) -> __m512 {
+        _mm512_loadu_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn weights<F: Format>(row: *const u8, k: usize) -> __m512 {
+        F::load16(row, k)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn sum(v: __m512) -> f32 {
+        // Halves added, then AVX2's sum: a fixed order, the same for every pass.
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        hsum(_mm256_add_ps(_mm512_castps512_ps256(v), high))
     }
 }
 
@@ -70,93 +164,113 @@ pub struct FloatGroup<'a> {
     pub out: OutPtr,
     pub rows: Range<usize>,
     pub stride: usize,
+    /// AVX-512's 16 lanes (the CPU has AVX-512F; `cols` is a multiple of 16); else
+    /// AVX2's 8.
+    pub wide: bool,
 }
 
 /// Safety: the CPU must have AVX2, FMA and F16C; `cols` is a multiple of 8; `weights`
 /// holds `rows.len()` rows and `x` `m` rows; `out` has room for `m * stride` values, and no
-/// other thread writes these rows' outputs meanwhile.
+/// other thread writes these rows' outputs meanwhile; with `wide`, as it says.
 pub unsafe fn float_group(g: &FloatGroup<'_>) {
-    match g.format {
-        FloatFormat::F32 => group::<F32>(g),
-        FloatFormat::F16 => group::<F16>(g),
-        FloatFormat::BF16 => group::<BF16>(g),
+    match (g.format, g.wide) {
+        (FloatFormat::F32, false) => group_avx2::<F32>(g),
+        (FloatFormat::F16, false) => group_avx2::<F16>(g),
+        (FloatFormat::BF16, false) => group_avx2::<BF16>(g),
+        (FloatFormat::F32, true) => group_avx512::<F32>(g),
+        (FloatFormat::F16, true) => group_avx512::<F16>(g),
+        (FloatFormat::BF16, true) => group_avx512::<BF16>(g),
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group<F: Load8>(g: &FloatGroup<'_>) {
+unsafe fn group_avx2<F: Format>(g: &FloatGroup<'_>) {
+    group::<F, Avx2>(g)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn group_avx512<F: Format>(g: &FloatGroup<'_>) {
+    group::<F, Avx512>(g)
+}
+
+#[inline(always)]
+unsafe fn group<F: Format, L: Lanes>(g: &FloatGroup<'_>) {
     let n = g.rows.len();
     let cols = g.cols;
-    debug_assert!(cols.is_multiple_of(8) && g.weights.len() >= n * cols * F::BYTES);
+    debug_assert!(cols.is_multiple_of(L::N) && g.weights.len() >= n * cols * F::BYTES);
     debug_assert!(g.x.len() >= g.m * cols);
     let w = |j: usize| g.weights.as_ptr().add(j * cols * F::BYTES);
     let x = |i: usize| g.x.as_ptr().add(i * cols);
     let decoding = g.m <= ACTS;
-    let chunk = if decoding { cols } else { CHUNK };
-    let mut acc = vec![_mm256_setzero_ps(); n * ACTS];
+    let chunk = if decoding { cols } else { L::CHUNK };
+    let mut acc = vec![L::zero(); n * ACTS];
     for first_act in (0..g.m).step_by(ACTS) {
         let acts = first_act..(first_act + ACTS).min(g.m);
-        acc.fill(_mm256_setzero_ps());
+        acc.fill(L::zero());
         for k0 in (0..cols).step_by(chunk) {
             let k = k0..(k0 + chunk).min(cols);
             for j in (0..n).step_by(STRIP) {
-                for i in acts.clone().step_by(QUAD) {
-                    let (r, a) = ((n - j).min(STRIP), (acts.end - i).min(QUAD));
+                for i in acts.clone().step_by(L::QUAD) {
+                    let (r, a) = ((n - j).min(STRIP), (acts.end - i).min(L::QUAD));
+                    let mut xs = [x(i); 8];
+                    for (slot, p) in xs.iter_mut().enumerate().take(a) {
+                        *p = x(i + slot);
+                    }
                     let at = Micro {
                         w: [w(j), w(j + (r > 1) as usize), w(j + 2 * (r > 2) as usize)],
-                        x: [
-                            x(i),
-                            x(i + (a > 1) as usize),
-                            x(i + 2 * (a > 2) as usize),
-                            x(i + 3 * (a > 3) as usize),
-                        ],
+                        x: xs,
                         k: k.clone(),
                         acc: acc.as_mut_ptr().add(j * ACTS + (i - first_act)),
                     };
-                    micro_any::<F>(&at, r, a, decoding);
+                    micro_any::<F, L>(&at, r, a, decoding);
                 }
             }
         }
         for j in 0..n {
             for i in acts.clone() {
-                let sum = hsum(acc[j * ACTS + i - first_act]);
+                let sum = L::sum(acc[j * ACTS + i - first_act]);
                 *g.out.at(i * g.stride + g.rows.start + j) = sum;
             }
         }
     }
 }
 
-/// One microkernel's operands: up to three weight rows, up to four activation rows (unused
+/// One microkernel's operands: up to three weight rows, up to eight activation rows (unused
 /// slots repeat the first), the columns, and where its sums live (`acc[j * ACTS + i]`).
-struct Micro {
+struct Micro<V> {
     w: [*const u8; STRIP],
-    x: [*const f32; QUAD],
+    x: [*const f32; 8],
     k: Range<usize>,
-    acc: *mut __m256,
+    acc: *mut V,
 }
 
+/// The microkernel for `r` weight rows and `a` activation rows. AVX-512's rows beyond four
+/// go as eight (the extra sums computed and dropped), which keeps its instances few.
 #[inline(always)]
-unsafe fn micro_any<F: Load8>(at: &Micro, r: usize, a: usize, prefetch: bool) {
+unsafe fn micro_any<F: Format, L: Lanes>(at: &Micro<L::V>, r: usize, a: usize, prefetch: bool) {
     macro_rules! by_shape {
         ($(($r:literal, $a:literal)),*) => {
-            match (r, a, prefetch) {
+            match (r, if a > 4 { 8 } else { a }, prefetch) {
                 $(
-                    ($r, $a, true) => micro::<F, $r, $a, true>(at),
-                    ($r, $a, false) => micro::<F, $r, $a, false>(at),
+                    ($r, $a, true) => micro::<F, L, $r, $a, true>(at, a),
+                    ($r, $a, false) => micro::<F, L, $r, $a, false>(at, a),
                 )*
-                _ => unreachable!("strips of 1-3 rows, quads of 1-4"),
+                _ => unreachable!("strips of 1-3 rows, quads of 1-4 or 8"),
             }
         };
     }
     by_shape!(
+        (3, 8),
         (3, 4),
         (3, 3),
         (3, 2),
         (3, 1),
+        (2, 8),
         (2, 4),
         (2, 3),
         (2, 2),
         (2, 1),
+        (1, 8),
         (1, 4),
         (1, 3),
         (1, 2),
@@ -164,17 +278,22 @@ unsafe fn micro_any<F: Load8>(at: &Micro, r: usize, a: usize, prefetch: bool) {
     )
 }
 
+/// `acc[j][i] += w[j] · x[i]` over the columns `k`, for the first `real` activation rows of
+/// the `A` computed.
 // Indexes: the loops walk a grid of registers (weight row j, activation row i).
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn micro<F: Load8, const R: usize, const A: usize, const PREFETCH: bool>(at: &Micro) {
-    let mut c = [[_mm256_setzero_ps(); A]; R];
+unsafe fn micro<F: Format, L: Lanes, const R: usize, const A: usize, const PREFETCH: bool>(
+    at: &Micro<L::V>,
+    real: usize,
+) {
+    let mut c = [[L::zero(); A]; R];
     for (j, row) in c.iter_mut().enumerate() {
-        for (i, v) in row.iter_mut().enumerate() {
+        for (i, v) in row.iter_mut().enumerate().take(real) {
             *v = *at.acc.add(j * ACTS + i);
         }
     }
-    for k in at.k.clone().step_by(8) {
+    for k in at.k.clone().step_by(L::N) {
         if PREFETCH && (k * F::BYTES).is_multiple_of(64) {
             for w in &at.w[..R] {
                 let ahead = w.wrapping_add(k * F::BYTES + PREFETCH_AHEAD);
@@ -183,19 +302,19 @@ unsafe fn micro<F: Load8, const R: usize, const A: usize, const PREFETCH: bool>(
         }
         // A loop, not `array::from_fn`: a closure would not inherit the target features, and
         // its intrinsics would be calls.
-        let mut w = [_mm256_setzero_ps(); R];
+        let mut w = [L::zero(); R];
         for (j, w) in w.iter_mut().enumerate() {
-            *w = F::load8(at.w[j], k);
+            *w = L::weights::<F>(at.w[j], k);
         }
         for i in 0..A {
-            let xv = _mm256_loadu_ps(at.x[i].add(k));
+            let xv = L::load(at.x[i].add(k));
             for j in 0..R {
-                c[j][i] = _mm256_fmadd_ps(w[j], xv, c[j][i]);
+                c[j][i] = L::fmadd(w[j], xv, c[j][i]);
             }
         }
     }
     for (j, row) in c.iter().enumerate() {
-        for (i, v) in row.iter().enumerate() {
+        for (i, v) in row.iter().enumerate().take(real) {
             *at.acc.add(j * ACTS + i) = *v;
         }
     }
