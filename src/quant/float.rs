@@ -120,8 +120,10 @@ impl FloatMatrix {
         #[cfg(target_arch = "x86_64")]
         if self.simd {
             // SAFETY: `simd` is only set where the kernels chosen need AVX2, FMA and F16C
-            // (`Kernels::available`), and for whole vectors of columns; the weights are the
-            // rows' bytes; each task writes only its own rows' outputs.
+            // (`Kernels::available`), and for whole vectors of columns; `wide` only where
+            // they are AVX-512 VNNI's, which need AVX-512F too (`has_avx512_vnni`), and for
+            // whole 16-lane vectors; the weights are the rows' bytes; each task writes only
+            // its own rows' outputs.
             return unsafe {
                 super::x86::float_group(&super::x86::FloatGroup {
                     format: self.format,

@@ -70,10 +70,11 @@ const FOURS: RangeInclusive<usize> = 3..=4;
 /// Q4_K 64 rows 7.4 -> 5.7 ms, Q5_K 7.2 -> 6.0, Q6_K 8.3 -> 6.6; 16 rows 2.3 ms both ways;
 /// a lone group of sixteen for 5 to 8 rows 2.2-2.6 ms against 1.5-1.8 for one of eight.
 const WIDE_FROM: usize = 32;
-/// Activation rows in a tile: 64 × 292 bytes of one block column fit L1 beside the rest,
-/// and make eight interleaved groups of eight, which one unpacking of a weight block serves
-/// with EVEX's 32 registers (VEX: two runs of four). Per pass of an 8192×3072 matrix, 64
-/// rows, AVX-512 VNNI on a Xeon: Q4_K 7.4 -> 6.2 ms, Q5_K 7.3 -> 6.3, Q6_K 8.4 -> 7.5
+/// Activation rows in a tile: 64 × 292 bytes of one block column (308 interleaved by
+/// sixteen) fit L1 beside the rest, and make eight interleaved groups of eight, which one
+/// unpacking of a weight block serves with EVEX's 32 registers (VEX: two runs of four), or
+/// four groups of sixteen (`x86::wide`). Per pass of an 8192×3072 matrix, 64 rows, AVX-512
+/// VNNI on a Xeon, groups of eight: Q4_K 7.4 -> 6.2 ms, Q5_K 7.3 -> 6.3, Q6_K 8.4 -> 7.5
 /// against 32.
 pub(super) const TILE_ACTS: usize = 64;
 
@@ -179,8 +180,8 @@ impl QMatrix {
             for first_act in (0..m).step_by(TILE_ACTS) {
                 let tile_acts = &acts[first_act..(first_act + TILE_ACTS).min(m)];
                 let n = tile_acts.len();
-                // The groups of eight among these rows (TILE_ACTS is a multiple; the last
-                // tile's may be padded) and of four (in the last tile only).
+                // The groups of sixteen or eight among these rows (TILE_ACTS is a multiple
+                // of both; the last tile's may be padded) and of four (in the last tile only).
                 let of_tile = |groups: usize, rows: usize| {
                     let first = (first_act / rows).min(groups);
                     first..(first + n.div_ceil(rows)).min(groups)

@@ -32,7 +32,8 @@ pub enum Kernels {
     /// Ours, AVX2 with AVX-VNNI (chosen at run time, so one portable build runs the best
     /// a CPU has).
     AvxVnni,
-    /// The same, with AVX-512 VNNI's encoding of `vpdpbusd` (no AVX-VNNI needed).
+    /// The same, with AVX-512 VNNI's encoding of `vpdpbusd` (no AVX-VNNI needed); prompts'
+    /// tiles in 512-bit registers, float matrices in 16 lanes.
     Avx512Vnni,
     /// Ours, AVX2.
     Avx2,

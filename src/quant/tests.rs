@@ -107,10 +107,13 @@ fn k_quant_products_match_candle() {
             RawTensor::from_qtensor(&QTensor::quantize(&dense, dtype).unwrap()).unwrap();
         for (source, weights) in [("random bits", &random), ("quantized", &quantized)] {
             // The decode case, groups of 4 and of 8 (VNNI) with every remainder, one to eight
-            // groups per unpacking, also in a second and third tile of activations (64 rows),
-            // and more than one tile of weights (44 rows: five tiles and a part).
+            // groups per unpacking; from 32 rows, groups of 16 (AVX-512 VNNI) beside a group
+            // of four, the AVX2 rows or a padded group; also in a second and third tile of
+            // activations (64 rows), and more than one tile of weights (44 rows: five tiles
+            // and a part).
             for m in [
-                1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 15, 16, 20, 37, 42, 44, 63, 64, 71, 100, 140,
+                1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 15, 16, 20, 33, 34, 35, 37, 42, 44, 63, 64, 65,
+                71, 100, 140,
             ] {
                 let x = noise(1000 + m as u64, m * cols);
                 let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
@@ -483,8 +486,9 @@ fn assert_rows_alone_as_together(
 }
 
 /// A K-quant row's product is the same, bit for bit, alone or among others: decoding
-/// streams in a group of four or a padded eight, prompt rows in groups of eight and beside
-/// them, across tiles of activations; the batcher promises each stream its results alone.
+/// streams in a group of four or a padded eight, prompt rows in groups of eight or sixteen
+/// and beside them (a group of four, the AVX2 rows, a padded group), across tiles of
+/// activations; the batcher promises each stream its results alone.
 #[test]
 fn kquant_rows_are_the_same_alone_or_among_others() {
     let (rows, cols) = (40, 512);
@@ -493,7 +497,7 @@ fn kquant_rows_are_the_same_alone_or_among_others() {
         for kernels in kernels_to_test() {
             let matrix = QMatrix::new(&weights, kernels).expect("a K-quant matrix");
             let what = format!("{dtype:?} {kernels:?}");
-            let ms = [2, 3, 4, 5, 7, 8, 9, 12, 17, 40, 75];
+            let ms = [2, 3, 4, 5, 7, 8, 9, 12, 17, 33, 34, 36, 40, 65, 75, 128];
             assert_rows_alone_as_together(|x, m| matrix.matmul(x, m), rows, cols, &ms, &what);
         }
     }

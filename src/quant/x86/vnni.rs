@@ -5,7 +5,9 @@
 //! sub-block's scale then applies once per eight rows: half the multiplies of the AVX2 path.
 //! The instruction comes in two encodings, one build each: AVX-VNNI (VEX) and AVX-512 VNNI
 //! with VL (EVEX, on 256-bit registers); where a CPU has both, EVEX's runs. A weight block is
-//! unpacked to bytes once per tile row (`Unpacked`), so each broadcast is one load.
+//! unpacked to bytes once per tile row (`Unpacked`), so each broadcast is one load. With
+//! AVX-512 VNNI, passes of 32 rows or more go sixteen rows to a 512-bit register instead
+//! (`wide.rs`).
 //!
 //! Three or four rows left (decoding as many streams) are a group of four (`BlockQ8Kx4`):
 //! one `vpdpbusd` multiplies eight broadcast weights with eight positions of each row, two

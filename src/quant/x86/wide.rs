@@ -52,8 +52,8 @@ pub unsafe fn tile_sixteens<B: WideBlock>(
     debug_assert!(w.iter().all(|row| row.len() == blocks));
     debug_assert!(groups.iter().all(|g| g.len() >= blocks));
     if n == 1 {
-        // One group (decoding five to sixteen streams): the weights stream from memory,
-        // row by row, prefetched as in `tile`.
+        // One group (the rows of a pass's last tile, past its whole tiles): the weights
+        // stream from memory, row by row, prefetched as in `tile`.
         for (j, row) in w.iter().enumerate() {
             for (b, x) in row.iter().enumerate() {
                 prefetch(x);
