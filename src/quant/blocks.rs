@@ -252,18 +252,29 @@ impl<const RUN: usize> BlockQ8Kx<RUN> {
             for (k, group) in out.qs[..QK_K / RUN].iter_mut().enumerate() {
                 group[RUN * r..RUN * (r + 1)].copy_from_slice(&y.qs[RUN * k..RUN * (k + 1)]);
             }
-            for (q, sums) in out.sums.iter_mut().enumerate() {
-                for half in 0..2 {
-                    let s = 2 * q + half;
-                    sums[2 * lane + half] = y.bsums[2 * s] + y.bsums[2 * s + 1];
-                }
-            }
-            for (q, bsums) in out.bsums.iter_mut().enumerate() {
-                bsums[2 * lane] = y.bsums[2 * q];
-                bsums[2 * lane + 1] = y.bsums[2 * q + 1];
-            }
+            lane_sums(y, lane, &mut out.sums, &mut out.bsums);
         }
         out
+    }
+}
+
+/// An interleaved group's sums of one row, into i32 lane `lane` as i16 pairs: `sums[q]`
+/// holds its 32-value sub-blocks 2q and 2q+1, `bsums[q]` its 16-value ones.
+fn lane_sums<const N: usize>(
+    y: &BlockQ8K,
+    lane: usize,
+    sums: &mut [[i16; N]; 4],
+    bsums: &mut [[i16; N]; 8],
+) {
+    for (q, sums) in sums.iter_mut().enumerate() {
+        for half in 0..2 {
+            let s = 2 * q + half;
+            sums[2 * lane + half] = y.bsums[2 * s] + y.bsums[2 * s + 1];
+        }
+    }
+    for (q, bsums) in bsums.iter_mut().enumerate() {
+        bsums[2 * lane] = y.bsums[2 * q];
+        bsums[2 * lane + 1] = y.bsums[2 * q + 1];
     }
 }
 
@@ -304,16 +315,7 @@ impl BlockQ8Kx16 {
             for (k, group) in out.qs.iter_mut().enumerate() {
                 group[4 * r..4 * (r + 1)].copy_from_slice(&y.qs[4 * k..4 * (k + 1)]);
             }
-            for (q, sums) in out.sums.iter_mut().enumerate() {
-                for half in 0..2 {
-                    let s = 2 * q + half;
-                    sums[2 * r + half] = y.bsums[2 * s] + y.bsums[2 * s + 1];
-                }
-            }
-            for (q, bsums) in out.bsums.iter_mut().enumerate() {
-                bsums[2 * r] = y.bsums[2 * q];
-                bsums[2 * r + 1] = y.bsums[2 * q + 1];
-            }
+            lane_sums(y, r, &mut out.sums, &mut out.bsums);
         }
         out
     }

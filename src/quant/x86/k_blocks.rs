@@ -13,6 +13,32 @@ use super::{f32_of, load, Avx2Block, MulAdd, Prepared};
 #[repr(C, align(32))]
 pub struct Unpacked(pub [[u8; 32]; 8]);
 
+impl Unpacked {
+    /// Q4_K's or Q5_K's values from its chunks (`chunk(c)`: sub-blocks 2c and 2c+1).
+    #[inline(always)]
+    pub(super) unsafe fn of_chunks(chunk: impl Fn(usize) -> (__m256i, __m256i)) -> Self {
+        let mut values = Unpacked([[0; 32]; 8]);
+        for c in 0..4 {
+            let (lo, hi) = chunk(c);
+            _mm256_store_si256(values.0[2 * c].as_mut_ptr() as *mut __m256i, lo);
+            _mm256_store_si256(values.0[2 * c + 1].as_mut_ptr() as *mut __m256i, hi);
+        }
+        values
+    }
+
+    /// A block of 16-value sub-blocks' values in order, 32 a row.
+    #[inline(always)]
+    pub(super) unsafe fn of_runs<B: SixteenBlock>(block: &B) -> Self {
+        let mut values = Unpacked([[0; 32]; 8]);
+        for h in 0..2 {
+            for (run, q) in block.runs(h).into_iter().enumerate() {
+                _mm256_store_si256(values.0[4 * h + run].as_mut_ptr() as *mut __m256i, q);
+            }
+        }
+        values
+    }
+}
+
 /// `vpshufb` masks that repeat one i16 lane (of eight) across each 128-bit half.
 static LANE_BROADCAST: [[u8; 32]; 8] = {
     let mut masks = [[0u8; 32]; 8];

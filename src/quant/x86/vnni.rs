@@ -361,12 +361,7 @@ macro_rules! k_quant_vnni_block {
                 ys: [&BlockQ8Kx<RUN>; G],
                 acc: &mut [__m256; G],
             ) {
-                let mut values = Unpacked([[0; 32]; 8]);
-                for c in 0..4 {
-                    let (lo, hi) = self.chunk(c);
-                    _mm256_store_si256(values.0[2 * c].as_mut_ptr() as *mut __m256i, lo);
-                    _mm256_store_si256(values.0[2 * c + 1].as_mut_ptr() as *mut __m256i, hi);
-                }
+                let values = Unpacked::of_chunks(|c| self.chunk(c));
                 let factors = (f32_of(self.d), f32_of(self.dmin));
                 k_quant_interleaved::<V, RUN, G, $four_bits>(
                     &values,
@@ -408,12 +403,7 @@ unsafe fn sixteen_interleaved<V: Vnni, B: SixteenBlock, const RUN: usize, const 
 ) {
     // Unpacked once per block, in value order, into a buffer; each four weights are then
     // one broadcast load. Sub-blocks are 16 values: four dwords per scale.
-    let mut values = Unpacked([[0; 32]; 8]);
-    for h in 0..2 {
-        for (run, q) in block.runs(h).into_iter().enumerate() {
-            _mm256_store_si256(values.0[4 * h + run].as_mut_ptr() as *mut __m256i, q);
-        }
-    }
+    let values = Unpacked::of_runs(block);
     let (scales, mins) = block.scale_vectors();
     let scales = bytes_of(scales);
     let mut total = [_mm256_setzero_si256(); G];

@@ -249,12 +249,7 @@ macro_rules! k_quant_wide_block {
                 ys: [&BlockQ8Kx16; G],
                 acc: &mut [__m512; G],
             ) {
-                let mut values = Unpacked([[0; 32]; 8]);
-                for c in 0..4 {
-                    let (lo, hi) = self.chunk(c);
-                    _mm256_store_si256(values.0[2 * c].as_mut_ptr() as *mut __m256i, lo);
-                    _mm256_store_si256(values.0[2 * c + 1].as_mut_ptr() as *mut __m256i, hi);
-                }
+                let mut values = Unpacked::of_chunks(|c| self.chunk(c));
                 let factors = (f32_of(self.d), f32_of(self.dmin));
                 let values = opaque(&mut values);
                 k_quant_sixteens::<G, $four_bits>(values, &self.scales, factors, ys, acc)
@@ -289,12 +284,7 @@ unsafe fn sixteen_sixteens<B: SixteenBlock, const G: usize>(
     ys: [&BlockQ8Kx16; G],
     acc: &mut [__m512; G],
 ) {
-    let mut values = Unpacked([[0; 32]; 8]);
-    for h in 0..2 {
-        for (run, q) in block.runs(h).into_iter().enumerate() {
-            _mm256_store_si256(values.0[4 * h + run].as_mut_ptr() as *mut __m256i, q);
-        }
-    }
+    let mut values = Unpacked::of_runs(block);
     let values = opaque(&mut values);
     let (scales, mins) = block.scale_vectors();
     let scales = bytes_of(scales);
