@@ -9,6 +9,8 @@ pub mod engine;
 pub mod error;
 pub mod generation;
 pub mod gguf;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 pub mod logprobs;
 pub mod model;
 // Kernels and raw weight storage stay inside the crate: their unsafe code relies on

@@ -6,6 +6,7 @@
 
 use std::arch::x86_64::*;
 
+pub use crate::lanes::{Avx2, Avx512, Lanes};
 use crate::model::kv_cache::{Element, HeadRows};
 
 /// Queries per tile: one AVX2 lane each.
@@ -28,95 +29,24 @@ pub struct Tile<'a, E: Element> {
     pub scale: f32,
 }
 
-/// The vectors the products over a head's dimensions take: AVX2's 8 lanes, or AVX-512's
-/// 16, half the multiply-adds per key where a core has two 512-bit FMA units (Intel's
-/// servers; Zen 4 splits them, and runs them no slower).
-pub trait Width {
-    type V: Copy;
-    const LANES: usize;
-    unsafe fn zero() -> Self::V;
-    unsafe fn load(p: *const f32) -> Self::V;
-    unsafe fn store(p: *mut f32, v: Self::V);
-    /// `a · b + c`.
-    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-    /// `*x` in every lane.
-    unsafe fn splat(x: *const f32) -> Self::V;
+/// The vectors the products over a head's dimensions take (`Lanes`: AVX2's 8 or AVX-512's
+/// 16), and how a cache row loads into them.
+pub trait Width: Lanes {
     /// Dimensions `c..c + LANES` of a cache row (`c` a multiple of `LANES`).
     unsafe fn row<E: Element>(row: *const E::Unit, d: usize, c: usize) -> Self::V;
-    /// Eight lanes whose sum is the vector's.
-    unsafe fn fold(v: Self::V) -> __m256;
 }
 
-/// AVX2 + FMA (and F16C for f16 rows).
-pub struct Avx2;
-
-/// AVX-512F, on a CPU that also has what `Avx2` needs.
-pub struct Avx512;
-
 impl Width for Avx2 {
-    type V = __m256;
-    const LANES: usize = 8;
-    #[inline(always)]
-    unsafe fn zero() -> __m256 {
-        _mm256_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> __m256 {
-        _mm256_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: __m256) {
-        _mm256_storeu_ps(p, v)
-    }
-    #[inline(always)]
-    unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
-        _mm256_fmadd_ps(a, b, c)
-    }
-    #[inline(always)]
-    unsafe fn splat(x: *const f32) -> __m256 {
-        _mm256_broadcast_ss(&*x)
-    }
     #[inline(always)]
     unsafe fn row<E: Element>(row: *const E::Unit, d: usize, c: usize) -> __m256 {
         E::load8(row, d, c)
     }
-    #[inline(always)]
-    unsafe fn fold(v: __m256) -> __m256 {
-        v
-    }
 }
 
 impl Width for Avx512 {
-    type V = __m512;
-    const LANES: usize = 16;
-    #[inline(always)]
-    unsafe fn zero() -> __m512 {
-        _mm512_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> __m512 {
-        _mm512_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn store(p: *mut f32, v: __m512) {
-        _mm512_storeu_ps(p, v)
-    }
-    #[inline(always)]
-    unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
-        _mm512_fmadd_ps(a, b, c)
-    }
-    #[inline(always)]
-    unsafe fn splat(x: *const f32) -> __m512 {
-        _mm512_set1_ps(*x)
-    }
     #[inline(always)]
     unsafe fn row<E: Element>(row: *const E::Unit, d: usize, c: usize) -> __m512 {
         E::load16(row, d, c)
-    }
-    #[inline(always)]
-    unsafe fn fold(v: __m512) -> __m256 {
-        let high = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v));
-        _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(high))
     }
 }
 

@@ -16,6 +16,7 @@ use std::ops::Range;
 use super::super::float::FloatFormat;
 use super::super::OutPtr;
 use super::hsum;
+use crate::lanes::{Avx2, Avx512, Lanes};
 
 /// Activation rows per tile.
 const ACTS: usize = 16;
@@ -74,10 +75,9 @@ impl Format for BF16 {
     }
 }
 
-/// A vector of f32 lanes: AVX2's eight or AVX-512's sixteen.
-trait Lanes {
-    type V: Copy;
-    const N: usize;
+/// The lanes the tiles take (`Lanes`: AVX2's 8 or AVX-512's 16), their microkernel's shape,
+/// and how a format's weights load into them.
+trait Tiles: Lanes {
     /// Activation rows per microkernel: what the registers hold beside three weight vectors
     /// and one activation vector (16 ymm, 32 zmm).
     const QUAD: usize;
@@ -87,69 +87,24 @@ trait Lanes {
     /// 6.6-6.7 s against 6.8-7.2 on the Xeon VM: half the microkernels' loads and stores
     /// of their sums.
     const CHUNK: usize;
-    unsafe fn zero() -> Self::V;
-    unsafe fn load(x: *const f32) -> Self::V;
     unsafe fn weights<F: Format>(row: *const u8, k: usize) -> Self::V;
-    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-    unsafe fn sum(v: Self::V) -> f32;
 }
 
-struct Avx2;
-struct Avx512;
-
-impl Lanes for Avx2 {
-    type V = __m256;
-    const N: usize = 8;
+impl Tiles for Avx2 {
     const QUAD: usize = 4;
     const CHUNK: usize = 256;
-    #[inline(always)]
-    unsafe fn zero() -> __m256 {
-        _mm256_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn load(x: *const f32) -> __m256 {
-        _mm256_loadu_ps(x)
-    }
     #[inline(always)]
     unsafe fn weights<F: Format>(row: *const u8, k: usize) -> __m256 {
         F::load8(row, k)
     }
-    #[inline(always)]
-    unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
-        _mm256_fmadd_ps(a, b, c)
-    }
-    #[inline(always)]
-    unsafe fn sum(v: __m256) -> f32 {
-        hsum(v)
-    }
 }
 
-impl Lanes for Avx512 {
-    type V = __m512;
-    const N: usize = 16;
+impl Tiles for Avx512 {
     const QUAD: usize = 8;
     const CHUNK: usize = 512;
     #[inline(always)]
-    unsafe fn zero() -> __m512 {
-        _mm512_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn load(x: *const f32) -> __m512 {
-        _mm512_loadu_ps(x)
-    }
-    #[inline(always)]
     unsafe fn weights<F: Format>(row: *const u8, k: usize) -> __m512 {
         F::load16(row, k)
-    }
-    #[inline(always)]
-    unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
-        _mm512_fmadd_ps(a, b, c)
-    }
-    #[inline(always)]
-    unsafe fn sum(v: __m512) -> f32 {
-        // Halves added, then AVX2's sum: a fixed order, the same for every pass.
-        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-        hsum(_mm256_add_ps(_mm512_castps512_ps256(v), high))
     }
 }
 
@@ -194,10 +149,10 @@ unsafe fn group_avx512<F: Format>(g: &FloatGroup<'_>) {
 }
 
 #[inline(always)]
-unsafe fn group<F: Format, L: Lanes>(g: &FloatGroup<'_>) {
+unsafe fn group<F: Format, L: Tiles>(g: &FloatGroup<'_>) {
     let n = g.rows.len();
     let cols = g.cols;
-    debug_assert!(cols.is_multiple_of(L::N) && g.weights.len() >= n * cols * F::BYTES);
+    debug_assert!(cols.is_multiple_of(L::LANES) && g.weights.len() >= n * cols * F::BYTES);
     debug_assert!(g.x.len() >= g.m * cols);
     let w = |j: usize| g.weights.as_ptr().add(j * cols * F::BYTES);
     let x = |i: usize| g.x.as_ptr().add(i * cols);
@@ -225,7 +180,7 @@ unsafe fn group<F: Format, L: Lanes>(g: &FloatGroup<'_>) {
         }
         for j in 0..n {
             for i in acts.clone() {
-                let sum = L::sum(acc[j * ACTS + i - first_act]);
+                let sum = hsum(L::fold(acc[j * ACTS + i - first_act]));
                 *g.out.at(i * g.stride + g.rows.start + j) = sum;
             }
         }
@@ -249,7 +204,7 @@ struct Micro<V> {
 /// The microkernel for `r` weight rows and `a` activation rows. AVX-512's rows beyond four
 /// go as eight (the extra sums computed and dropped), which keeps its instances few.
 #[inline(always)]
-unsafe fn micro_any<F: Format, L: Lanes>(at: &Micro<L::V>, r: usize, a: usize, prefetch: bool) {
+unsafe fn micro_any<F: Format, L: Tiles>(at: &Micro<L::V>, r: usize, a: usize, prefetch: bool) {
     macro_rules! by_shape {
         ($(($r:literal, $a:literal)),*) => {
             match (r, if a > 4 { 8 } else { a }, prefetch) {
@@ -285,7 +240,7 @@ unsafe fn micro_any<F: Format, L: Lanes>(at: &Micro<L::V>, r: usize, a: usize, p
 // Indexes: the loops walk a grid of registers (weight row j, activation row i).
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn micro<F: Format, L: Lanes, const R: usize, const A: usize, const PREFETCH: bool>(
+unsafe fn micro<F: Format, L: Tiles, const R: usize, const A: usize, const PREFETCH: bool>(
     at: &Micro<L::V>,
     real: usize,
 ) {
@@ -298,7 +253,7 @@ unsafe fn micro<F: Format, L: Lanes, const R: usize, const A: usize, const PREFE
     // Slots past the real rows repeat the last (their sums are dropped). Every slot
     // computed the same way: a loop over the real ones only became a masked store.
     let x: [*const f32; A] = std::array::from_fn(|i| at.x.add(i.min(real - 1) * at.x_stride));
-    for k in at.k.clone().step_by(L::N) {
+    for k in at.k.clone().step_by(L::LANES) {
         if PREFETCH && (k * F::BYTES).is_multiple_of(64) {
             for w in &at.w[..R] {
                 let ahead = w.wrapping_add(k * F::BYTES + PREFETCH_AHEAD);
