@@ -111,6 +111,7 @@ impl Engine {
     ) -> Result<Self> {
         let progress = options.progress;
         let threads = set_threads(options.threads)?;
+        crate::heap::keep_pass_buffers();
         let start = Instant::now();
         if let Some(ModelSource::Local(path)) = tokenizer {
             if !path.is_file() {

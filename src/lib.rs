@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod generation;
 pub mod gguf;
+mod heap;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
 pub mod logprobs;

@@ -343,3 +343,59 @@ def test_from_pretrained_resolves_a_glob_in_the_cache(
         Phi3Generator.from_pretrained("me/tiny", "*q8.gguf")
     with pytest.raises(InvalidArgumentError, match="given twice"):
         Phi3Generator.from_pretrained("me/tiny", "*q4.gguf", model="x.gguf")
+
+
+# How many blocks glibc's malloc serves by mmap (mallinfo2's hblks) grows by when Python
+# allocates a 24 MiB buffer after loading a model.
+MAPPED_BLOCKS = """
+import ctypes, sys
+from candle_phi import Phi3Generator
+
+class Mallinfo2(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(name, ctypes.c_size_t) for name in names.split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Mallinfo2
+gen = Phi3Generator(sys.argv[1], tokenizer=sys.argv[2])
+before = libc.mallinfo2().hblks
+buffer = bytearray(24 << 20)
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+def glibc_has_mallinfo2() -> bool:
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    return hasattr(ctypes.CDLL(None), "mallinfo2")
+
+
+@pytest.mark.skipif(not glibc_has_mallinfo2(), reason="glibc's malloc (2.33+) only")
+@pytest.mark.parametrize(
+    ("environment", "mapped"),
+    [({}, 0), ({"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}, 1)],
+    ids=["engine-settings", "users-own"],
+)
+def test_loading_keeps_pass_sized_buffers_on_the_heap(
+    model_path: Path, tokenizer_path: Path, environment: dict[str, str], mapped: int
+) -> None:
+    # Every forward pass allocates the same megabyte buffers again: served by fresh mmaps,
+    # each pass would fault all their pages in again. Loading sets glibc's thresholds so
+    # that blocks up to 32 MiB come from (and return to) the heap, unless the user set them.
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("GLIBC_TUNABLES", None)
+    out = subprocess.run(
+        [sys.executable, "-c", MAPPED_BLOCKS, str(model_path), str(tokenizer_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, **environment},
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == mapped

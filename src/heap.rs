@@ -1,0 +1,78 @@
+//! glibc's malloc, set for forward passes that allocate the same large buffers again and
+//! again (every layer's activations, scores and products: megabytes each).
+//!
+//! glibc serves such blocks by `mmap` at first, and only raises that threshold to a freed
+//! block's size (up to 32 MiB) once blocks are freed; and it hands the top of its heaps back
+//! to the system beyond twice that. Meanwhile each pass maps fresh pages and faults every 4
+//! KiB of them in again: measured on an 8-layer Phi-3-mini-shaped Q4_K_M file (2 threads),
+//! 28-124 thousand page faults per prompt of 128-512 tokens, about a tenth of its time, and
+//! a sixth of an F16 file's 128-token prompt. So the engine sets, once, the values glibc's
+//! own adjustment ends at: blocks up to 32 MiB come from the heap, and 64 MiB of free heap
+//! top stays. Peak RSS is the passes' live memory either way (measured: +0.2%).
+//!
+//! These are process-wide settings, so a user's own choice wins: with `MALLOC_MMAP_THRESHOLD_`,
+//! `MALLOC_TRIM_THRESHOLD_` or malloc tunables in `GLIBC_TUNABLES`, nothing is changed.
+
+/// glibc's `DEFAULT_MMAP_THRESHOLD_MAX` on 64-bit: the most its own adjustment reaches.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+/// Twice that, as glibc's adjustment sets it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TRIM_THRESHOLD: libc::c_int = 64 << 20;
+
+/// Sets the thresholds above, once per process, unless the user set malloc's own.
+pub fn keep_pass_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static SET: std::sync::Once = std::sync::Once::new();
+        SET.call_once(|| {
+            if user_tuned(|name| std::env::var_os(name)) {
+                return;
+            }
+            // SAFETY: mallopt only changes two parameters under glibc's own lock.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+            }
+        });
+    }
+}
+
+/// Whether the environment (read through `var`) already tunes these parameters.
+#[cfg_attr(not(all(target_os = "linux", target_env = "gnu")), allow(dead_code))]
+fn user_tuned(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
+    var("MALLOC_MMAP_THRESHOLD_").is_some()
+        || var("MALLOC_TRIM_THRESHOLD_").is_some()
+        || var("GLIBC_TUNABLES").is_some_and(|t| t.to_string_lossy().contains("glibc.malloc."))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(
+        pairs: &'a [(&'a str, &'a str)],
+    ) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.into())
+        }
+    }
+
+    #[test]
+    fn a_users_own_malloc_settings_are_kept() {
+        assert!(!user_tuned(env(&[])));
+        assert!(!user_tuned(env(&[(
+            "GLIBC_TUNABLES",
+            "glibc.cpu.x86_shstk=off"
+        )])));
+        assert!(user_tuned(env(&[("MALLOC_MMAP_THRESHOLD_", "1048576")])));
+        assert!(user_tuned(env(&[("MALLOC_TRIM_THRESHOLD_", "0")])));
+        assert!(user_tuned(env(&[(
+            "GLIBC_TUNABLES",
+            "glibc.malloc.arena_max=2"
+        )])));
+    }
+}
