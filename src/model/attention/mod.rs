@@ -171,7 +171,7 @@ impl CausalAttention<'_> {
         if out.len() < 2 * head_dim {
             return self.head::<E, true>(head, out); // one query (decode): nothing to share
         }
-        self.head_tiled::<tiled::Avx2, E>(head, out)
+        self.head_tiled::<tiled::Avx2, E, 4, 2>(head, out)
     }
 
     /// A prompt chunk's `head` with the products 16 lanes wide.
@@ -181,43 +181,33 @@ impl CausalAttention<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn head_avx512<E: Element>(&self, head: &Head<'_, E>, out: &mut [f32]) {
-        self.head_tiled::<tiled::Avx512, E>(head, out)
+        self.head_tiled::<tiled::Avx512, E, 8, 2>(head, out)
     }
 
-    /// Every query of `head` in tiles of eight (`tiled::attend`).
+    /// Every query of `head`, key block by key block (`tiled::attend`): tiles of `Q`
+    /// queries, `S` output vectors per query in registers.
     ///
     /// Safety: the CPU runs `W`, and the head size is a multiple of `W::LANES`.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn head_tiled<W: tiled::Width, E: Element>(&self, head: &Head<'_, E>, out: &mut [f32]) {
-        use tiled::TILE;
-        let head_dim = head.q.head_dim;
-        let offset = self.offset(head);
-        let mut scratch = tiled::Scratch::default();
-        for (t, out) in out.chunks_mut(TILE * head_dim).enumerate() {
-            let count = out.len() / head_dim;
-            let position = |r: usize| offset + t * TILE + r;
-            let live = |r: usize| r < count;
-            let tile = tiled::Tile {
-                queries: std::array::from_fn(|r| {
-                    head.q.row(head.h, t * TILE + if live(r) { r } else { 0 })
-                }),
-                count,
-                keys: head.keys,
-                values: head.values,
-                kv_h: head.kv_h,
-                // Positions fit i32: the context is at most 2^24 tokens.
-                first: std::array::from_fn(|r| match live(r) {
-                    true => self.first_key(position(r)) as i32,
-                    false => 1,
-                }),
-                last: std::array::from_fn(|r| if live(r) { position(r) as i32 } else { 0 }),
-                scale: self.scale,
-            };
-            // SAFETY: the caller checked the CPU and the head size; each live query sees at
-            // least its own key, which is in the cache.
-            tiled::attend::<W, E>(&tile, &mut scratch, out);
-        }
+    unsafe fn head_tiled<W: tiled::Width, E: Element, const Q: usize, const S: usize>(
+        &self,
+        head: &Head<'_, E>,
+        out: &mut [f32],
+    ) {
+        let rows = head.q.seq * head.q.head_dim;
+        let chunk = tiled::Chunk {
+            queries: &head.q.data[head.h * rows..(head.h + 1) * rows],
+            keys: head.keys,
+            values: head.values,
+            kv_h: head.kv_h,
+            offset: self.offset(head),
+            window: self.window,
+            scale: self.scale,
+        };
+        // SAFETY: the caller checked the CPU and the head size; the cache holds every
+        // query's position (checked in `cpu_fwd`).
+        tiled::attend::<W, E, Q, S>(&chunk, &mut tiled::Scratch::default(), out);
     }
 
     /// The first key a query at `pos` sees: all before it, or its window's.

@@ -104,8 +104,9 @@ fn vector_and_portable_attention_agree() {
     }
 }
 
-/// Prompt chunks go through the eight-query tiles: they equal the portable one-query path
-/// for every cache format, tile shape (full, partial), offset, window and grouped heads.
+/// Prompt chunks go key block by key block in tiles of four queries: they equal the portable
+/// one-query path for every cache format, tile shape (full, partial), offset, window, head
+/// size (whole and partial slices of outputs) and grouped heads, over many blocks.
 #[test]
 fn tiled_and_per_query_attention_agree() {
     if !simd::available() {
@@ -120,6 +121,12 @@ fn tiled_and_per_query_attention_agree() {
         (17, 100, Some(50), 96),
         (30, 3, Some(4), 8),
         (1, 60, None, 96),
+        (64, 0, None, 96),
+        (70, 200, Some(100), 96),
+        (37, 300, None, 32),
+        (9, 20, Some(3), 64),
+        (66, 10, None, 128),
+        (5, 33, Some(40), 48),
     ] {
         let kv_len = offset + seq;
         let (qd, kd, vd) = (
@@ -146,9 +153,11 @@ fn tiled_and_per_query_attention_agree() {
                     let q = &qd[(h * seq + i) * d..][..d];
                     let want = expected(&cache, q, h / (heads / kv_heads), first..pos + 1);
                     let got = &fast[(h * seq + i) * d..][..d];
+                    // Each score sums its head's dimensions in one lane, in order: at 128
+                    // dimensions the two orders differ by up to 1.7e-5 here.
                     for (e, g) in want.iter().zip(got) {
                         assert!(
-                            (e - g).abs() < 1e-5,
+                            (e - g).abs() < 3e-5,
                             "{kind:?} wide {wide} {seq} {offset} {window:?} {d}: {e} vs {g}"
                         );
                     }
