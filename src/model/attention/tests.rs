@@ -225,3 +225,32 @@ fn vector_exp_is_accurate() {
         "{total} vs {sum}"
     );
 }
+
+/// The sixteen-lane exp is the eight-lane one's steps: the same bits in every lane.
+#[test]
+fn sixteen_lane_exp_equals_eight_lane_exp() {
+    if !simd::has_avx512() {
+        return;
+    }
+    use std::arch::x86_64::*;
+    let xs: Vec<f32> = (0..=16_000).map(|i| -100.0 * i as f32 / 16_000.0).collect();
+    for chunk in xs.chunks_exact(16) {
+        let (mut wide, mut narrow) = ([0f32; 16], [0f32; 16]);
+        // SAFETY: the CPU checked above; each chunk holds sixteen values.
+        unsafe {
+            _mm512_storeu_ps(
+                wide.as_mut_ptr(),
+                simd::exp16(_mm512_loadu_ps(chunk.as_ptr())),
+            );
+            for half in 0..2 {
+                let x = _mm256_loadu_ps(chunk[8 * half..].as_ptr());
+                _mm256_storeu_ps(narrow[8 * half..].as_mut_ptr(), simd::exp(x));
+            }
+        }
+        assert_eq!(
+            wide.map(f32::to_bits),
+            narrow.map(f32::to_bits),
+            "{chunk:?}"
+        );
+    }
+}

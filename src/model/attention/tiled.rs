@@ -16,15 +16,26 @@
 //! AVX2 build takes 21.3 ms.
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 pub use crate::lanes::{Avx2, Avx512, Lanes};
 use crate::model::kv_cache::{Element, HeadRows};
 
-/// The vectors the products run on (`Lanes`: AVX2's 8 or AVX-512's 16), and how a cache
-/// row loads into them.
+/// The vectors the products run on (`Lanes`: AVX2's 8 or AVX-512's 16), how a cache row
+/// loads into them, and the softmax's operations on a vector of scores (a key per lane).
 pub trait Width: Lanes {
     /// Dimensions `c..c + LANES` of a cache row (`c` a multiple of `LANES`).
     unsafe fn row<E: Element>(row: *const E::Unit, d: usize, c: usize) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// e^x for x ≤ 0 (`simd::exp`).
+    unsafe fn exp(x: Self::V) -> Self::V;
+    /// `v` in the lanes `i` with `base + i` in `seen`, `fill` in the others.
+    unsafe fn keep(v: Self::V, base: usize, seen: &Range<usize>, fill: f32) -> Self::V;
+    unsafe fn max_lane(v: Self::V) -> f32;
+    unsafe fn sum_lanes(v: Self::V) -> f32;
 }
 
 impl Width for Avx2 {
@@ -32,12 +43,87 @@ impl Width for Avx2 {
     unsafe fn row<E: Element>(row: *const E::Unit, d: usize, c: usize) -> __m256 {
         E::load8(row, d, c)
     }
+    #[inline(always)]
+    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+        _mm256_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        _mm256_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+        _mm256_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m256, b: __m256) -> __m256 {
+        _mm256_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn exp(x: __m256) -> __m256 {
+        super::simd::exp(x)
+    }
+    #[inline(always)]
+    unsafe fn keep(v: __m256, base: usize, seen: &Range<usize>, fill: f32) -> __m256 {
+        let index = _mm256_add_epi32(
+            _mm256_set1_epi32(base as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        let inside = _mm256_and_si256(
+            _mm256_cmpgt_epi32(index, _mm256_set1_epi32(seen.start as i32 - 1)),
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(seen.end as i32), index),
+        );
+        _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_castsi256_ps(inside))
+    }
+    #[inline(always)]
+    unsafe fn max_lane(v: __m256) -> f32 {
+        horizontal(v, |a, b| _mm_max_ps(a, b))
+    }
+    #[inline(always)]
+    unsafe fn sum_lanes(v: __m256) -> f32 {
+        horizontal(v, |a, b| _mm_add_ps(a, b))
+    }
 }
 
 impl Width for Avx512 {
     #[inline(always)]
     unsafe fn row<E: Element>(row: *const E::Unit, d: usize, c: usize) -> __m512 {
         E::load16(row, d, c)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+        _mm512_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+        _mm512_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m512, b: __m512) -> __m512 {
+        _mm512_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn exp(x: __m512) -> __m512 {
+        super::simd::exp16(x)
+    }
+    #[inline(always)]
+    unsafe fn keep(v: __m512, base: usize, seen: &Range<usize>, fill: f32) -> __m512 {
+        // Bit i: base + i in seen (both ends clamped to the vector's sixteen lanes).
+        let lanes = |k: usize| (1u32 << k.saturating_sub(base).min(16)) - 1;
+        let inside = (lanes(seen.end) & !lanes(seen.start)) as __mmask16;
+        _mm512_mask_blend_ps(inside, _mm512_set1_ps(fill), v)
+    }
+    #[inline(always)]
+    unsafe fn max_lane(v: __m512) -> f32 {
+        _mm512_reduce_max_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn sum_lanes(v: __m512) -> f32 {
+        _mm512_reduce_add_ps(v)
     }
 }
 
@@ -130,7 +216,7 @@ pub unsafe fn attend<W: Width, E: Element, const Q: usize, const S: usize>(
 }
 
 /// The keys `first..first + keys` into `scratch.keys` (transposed, `block` lanes per
-/// dimension, zero past `keys`) and their values into `scratch.values`, as f32.
+/// dimension) and their values into `scratch.values`, as f32.
 #[inline(always)]
 unsafe fn stage<W: Width, E: Element>(
     chunk: &Chunk<'_, E>,
@@ -147,18 +233,18 @@ unsafe fn stage<W: Width, E: Element>(
             W::store(values.add(j * d + c), W::row::<E>(row, d, c));
         }
     }
-    // Eight keys by eight dimensions at a time.
+    // Eight keys by eight dimensions at a time. Lanes past `keys` repeat the last key:
+    // no query sees them (`keep` masks them), and no branch is needed per row.
     let transposed = scratch.keys.as_mut_ptr();
     for j0 in (0..block).step_by(8) {
-        let rows: [Option<*const E::Unit>; 8] = std::array::from_fn(|r| {
-            (j0 + r < keys).then(|| chunk.keys.row(chunk.kv_h, first + j0 + r).as_ptr())
+        let rows: [*const E::Unit; 8] = std::array::from_fn(|r| {
+            let j = (j0 + r).min(keys - 1);
+            chunk.keys.row(chunk.kv_h, first + j).as_ptr()
         });
         for c0 in (0..d).step_by(8) {
             let mut m = [_mm256_setzero_ps(); 8];
             for (m, row) in m.iter_mut().zip(rows) {
-                if let Some(row) = row {
-                    *m = E::load8(row, d, c0);
-                }
+                *m = E::load8(row, d, c0);
             }
             for (i, column) in transpose(m).into_iter().enumerate() {
                 _mm256_storeu_ps(transposed.add((c0 + i) * block + j0), column);
@@ -200,29 +286,28 @@ unsafe fn tile<W: Width, E: Element, const Q: usize, const S: usize>(
             acc[1] = W::fmadd(q, k[1], acc[1]);
         }
     }
-    let weights = scratch.weights.as_mut_ptr();
-    for (r, acc) in acc.iter().enumerate() {
-        W::store(weights.add(r * block), acc[0]);
-        W::store(weights.add(r * block + W::LANES), acc[1]);
-    }
-
-    // The softmax update, per query: its new maximum, `rescale` (what its sums so far
-    // shrink by: one vector exp for the tile), and the block's numerators.
-    let mut seen: [std::ops::Range<usize>; Q] = std::array::from_fn(|_| 0..0);
+    // The softmax update, in registers: per query its new maximum, `rescale` (what its
+    // sums so far shrink by: one vector exp for the tile), and the block's numerators.
+    let mut seen: [Range<usize>; Q] = std::array::from_fn(|_| 0..0);
     let mut old_max = [0f32; 8];
     let mut new_max = [0f32; 8];
-    for (r, seen) in seen.iter_mut().enumerate() {
-        let w = std::slice::from_raw_parts_mut(weights.add(r * block), block);
+    let scale = W::splat(&chunk.scale);
+    for (r, (seen, acc)) in seen.iter_mut().zip(&mut acc).enumerate() {
         let i = t + r;
         let pos = chunk.offset + i;
-        // The block's keys this query sees, as indices into the block.
-        if r < rows && pos >= first && chunk.first_key(pos) < first + keys {
-            *seen = chunk.first_key(pos).saturating_sub(first)..(pos + 1 - first).min(keys);
-            old_max[r] = scratch.max[i];
-            new_max[r] = scaled_max(w, seen.clone(), chunk.scale).max(old_max[r]);
-        } else {
-            w.fill(0.0);
+        if r >= rows || pos < first || chunk.first_key(pos) >= first + keys {
+            continue;
         }
+        // The block's keys this query sees, as indices into the block.
+        *seen = chunk.first_key(pos).saturating_sub(first)..(pos + 1 - first).min(keys);
+        for (v, acc) in acc.iter_mut().enumerate() {
+            *acc = W::mul(*acc, scale);
+            if seen.len() < block {
+                *acc = W::keep(*acc, v * W::LANES, seen, f32::NEG_INFINITY);
+            }
+        }
+        old_max[r] = scratch.max[i];
+        new_max[r] = W::max_lane(W::max(acc[0], acc[1])).max(old_max[r]);
     }
     let mut rescale = [0f32; 8];
     let shrink = _mm256_sub_ps(
@@ -230,13 +315,25 @@ unsafe fn tile<W: Width, E: Element, const Q: usize, const S: usize>(
         _mm256_loadu_ps(new_max.as_ptr()),
     );
     _mm256_storeu_ps(rescale.as_mut_ptr(), super::simd::exp(shrink));
-    for (r, seen) in seen.into_iter().enumerate() {
-        if !seen.is_empty() {
-            let w = std::slice::from_raw_parts_mut(weights.add(r * block), block);
+    let weights = scratch.weights.as_mut_ptr();
+    for (r, (seen, acc)) in seen.iter().zip(&mut acc).enumerate() {
+        if seen.is_empty() {
+            *acc = [W::zero(); 2];
+        } else {
+            let max = W::splat(&new_max[r]);
+            for (v, acc) in acc.iter_mut().enumerate() {
+                *acc = W::exp(W::sub(*acc, max));
+                if seen.len() < block {
+                    *acc = W::keep(*acc, v * W::LANES, seen, 0.0);
+                }
+            }
             let i = t + r;
-            scratch.total[i] = scratch.total[i] * rescale[r] + numerators(w, seen, new_max[r]);
+            let total = W::sum_lanes(W::add(acc[0], acc[1]));
+            scratch.total[i] = scratch.total[i] * rescale[r] + total;
             scratch.max[i] = new_max[r];
         }
+        W::store(weights.add(r * block), acc[0]);
+        W::store(weights.add(r * block + W::LANES), acc[1]);
     }
 
     // The weighted sum, `S` vectors of the tile's outputs at a time (then two, then one).
@@ -258,54 +355,6 @@ unsafe fn tile<W: Width, E: Element, const Q: usize, const S: usize>(
         weighted_sum::<W, Q, 1>(o, c, &rescale, weights, block, values, keys, d);
         c += W::LANES;
     }
-}
-
-/// Scales a query's scores `w` for the block and keeps those of the keys it sees (`seen`:
-/// the others become -inf); returns their maximum.
-#[inline(always)]
-unsafe fn scaled_max(w: &mut [f32], seen: std::ops::Range<usize>, scale: f32) -> f32 {
-    let whole = seen.start == 0 && seen.end == w.len();
-    let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
-    for j in (0..w.len()).step_by(8) {
-        let mut s = _mm256_mul_ps(_mm256_loadu_ps(w.as_ptr().add(j)), _mm256_set1_ps(scale));
-        if !whole {
-            s = _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), s, visible(j, &seen));
-        }
-        _mm256_storeu_ps(w.as_mut_ptr().add(j), s);
-        max = _mm256_max_ps(max, s);
-    }
-    horizontal(max, |a, b| _mm_max_ps(a, b))
-}
-
-/// Turns the scores `scaled_max` left into numerators relative to `max` (0 outside
-/// `seen`); returns their sum.
-#[inline(always)]
-unsafe fn numerators(w: &mut [f32], seen: std::ops::Range<usize>, max: f32) -> f32 {
-    let whole = seen.start == 0 && seen.end == w.len();
-    let mut total = _mm256_setzero_ps();
-    for j in (0..w.len()).step_by(8) {
-        let s = _mm256_loadu_ps(w.as_ptr().add(j));
-        let mut e = super::simd::exp(_mm256_sub_ps(s, _mm256_set1_ps(max)));
-        if !whole {
-            e = _mm256_blendv_ps(_mm256_setzero_ps(), e, visible(j, &seen));
-        }
-        _mm256_storeu_ps(w.as_mut_ptr().add(j), e);
-        total = _mm256_add_ps(total, e);
-    }
-    horizontal(total, |a, b| _mm_add_ps(a, b))
-}
-
-/// Which of the block's keys `j..j + 8` lie in `seen`, as a lane mask.
-#[inline(always)]
-unsafe fn visible(j: usize, seen: &std::ops::Range<usize>) -> __m256 {
-    let index = _mm256_add_epi32(
-        _mm256_set1_epi32(j as i32),
-        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-    );
-    _mm256_castsi256_ps(_mm256_and_si256(
-        _mm256_cmpgt_epi32(index, _mm256_set1_epi32(seen.start as i32 - 1)),
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(seen.end as i32), index),
-    ))
 }
 
 /// `o[r][c..c + S·LANES] = rescale[r] · o[r][..] + Σ_j weights[r][j] · values[j][..]`.
