@@ -193,9 +193,13 @@ impl Batcher {
 
     fn leave(&self, seat: u64) {
         self.lock().members.remove(&seat);
-        self.active.fetch_sub(1, Ordering::SeqCst);
+        let was = self.active.fetch_sub(1, Ordering::SeqCst);
         // A leader may be waiting for this stream.
         self.wake.notify_all();
+        if was == 1 {
+            // The last stream: no pass runs until another starts.
+            crate::heap::release_freed();
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

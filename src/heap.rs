@@ -10,6 +10,10 @@
 //! own adjustment ends at: blocks up to 32 MiB come from the heap, and 64 MiB of free heap
 //! top stays. Peak RSS is the passes' live memory either way (measured: +0.2%).
 //!
+//! The heap then keeps what a pass freed, for the next pass; the engine hands it back when
+//! its last stream ends (`release_freed`), so that a long prompt's buffers do not stay
+//! resident beside a later one's cache (measured: 8 MiB more peak RSS without).
+//!
 //! These are process-wide settings, so a user's own choice wins: with `MALLOC_MMAP_THRESHOLD_`,
 //! `MALLOC_TRIM_THRESHOLD_` or malloc tunables in `GLIBC_TUNABLES`, nothing is changed.
 
@@ -19,6 +23,10 @@ const MMAP_THRESHOLD: libc::c_int = 32 << 20;
 /// Twice that, as glibc's adjustment sets it.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TRIM_THRESHOLD: libc::c_int = 64 << 20;
+
+/// Whether `keep_pass_buffers` set the thresholds.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+static KEEPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Sets the thresholds above, once per process, unless the user set malloc's own.
 pub fn keep_pass_buffers() {
@@ -34,7 +42,20 @@ pub fn keep_pass_buffers() {
                 libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
                 libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
             }
+            KEEPING.store(true, std::sync::atomic::Ordering::Relaxed);
         });
+    }
+}
+
+/// Hands the heap's free pages back to the system, where `keep_pass_buffers` kept them:
+/// for when no pass will run for a while.
+pub fn release_freed() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if KEEPING.load(std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: malloc_trim only returns free memory, under glibc's own locks.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 }
 
