@@ -1,8 +1,9 @@
 //! Causal self-attention over the KV cache, fused: for one query at a time (in prompt
 //! chunks, tiles of queries a block of keys at a time, `tiled.rs`), the scores, their
-//! softmax and the weighted sum of the values, so no queries × keys matrix is built (at a 512-token context, Candle's separate matmul, scale, mask and
-//! softmax ops cost a sixth of prompt processing). Keys and values are read in the cache's
-//! own format (f16, 8-bit or f32), converted to f32 in registers.
+//! softmax and the weighted sum of the values, so no queries × keys matrix is built (at a
+//! 512-token context, Candle's separate matmul, scale, mask and softmax ops cost a sixth of
+//! prompt processing). Keys and values are read in the cache's own format (f16, 8-bit or
+//! f32), converted to f32 in registers.
 
 use std::ops::Range;
 
