@@ -97,30 +97,37 @@ pub unsafe fn softmax_numerators(scores: &mut [f32], max: f32) -> f32 {
     sum(total) + rest
 }
 
+/// Below this, e^x is under f32's smallest normal; `exp` then gives ~0, as it should.
+const EXP_FLOOR: f32 = -87.0;
+/// ln 2 = 0.693359375 (exact in a few bits, so n times it is exact) − 2.121944e-4.
+const LN2_HIGH: f32 = 0.693_359_4;
+const LN2_LOW: f32 = -2.121_944_4e-4;
+/// e^r's Taylor coefficients to degree 7, highest first (Horner's order).
+const EXP_TAYLOR: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
 /// e^x for x ≤ 0: 2^n · e^r with n = round(x·log2 e) and r = x − n·ln 2 (in two parts,
 /// so r keeps its precision), |r| ≤ ½ ln 2, and e^r from its Taylor series to degree 7.
 #[inline(always)]
 pub unsafe fn exp(x: __m256) -> __m256 {
-    // Below this, e^x is under f32's smallest normal; the result is then ~0, as it should be.
-    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+    let x = _mm256_max_ps(x, _mm256_set1_ps(EXP_FLOOR));
     let n = _mm256_round_ps(
         _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
     );
-    // ln 2 = 0.693359375 (exact in a few bits, so n times it is exact) − 2.121944e-4.
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm256_set1_ps(1.0 / 5040.0);
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HIGH), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LOW), r);
+    let mut p = _mm256_set1_ps(EXP_TAYLOR[0]);
+    for c in &EXP_TAYLOR[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
     }
     let scale = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
     _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale))
@@ -131,23 +138,15 @@ pub unsafe fn exp(x: __m256) -> __m256 {
 /// Safety: the CPU has AVX-512F.
 #[inline(always)]
 pub unsafe fn exp16(x: __m512) -> __m512 {
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+    let x = _mm512_max_ps(x, _mm512_set1_ps(EXP_FLOOR));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
     );
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm512_set1_ps(1.0 / 5040.0);
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HIGH), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LOW), r);
+    let mut p = _mm512_set1_ps(EXP_TAYLOR[0]);
+    for c in &EXP_TAYLOR[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
     }
     let scale = _mm512_slli_epi32::<23>(_mm512_cvtps_epi32(n));
     _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), scale))
