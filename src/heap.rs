@@ -37,7 +37,9 @@ pub fn keep_pass_buffers() {
             if user_tuned(|name| std::env::var_os(name)) {
                 return;
             }
-            // SAFETY: mallopt only changes two parameters under glibc's own lock.
+            // SAFETY: mallopt changes two parameters under the main arena's lock; other
+            // threads' frees read them unlocked (glibc: "MT-Unsafe const"), as plain ints
+            // that only decide whether a block is mapped or a heap's top trimmed.
             unsafe {
                 libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
                 libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);

@@ -346,7 +346,7 @@ def test_from_pretrained_resolves_a_glob_in_the_cache(
 
 
 # How many blocks glibc's malloc serves by mmap (mallinfo2's hblks) grows by when Python
-# allocates a 24 MiB buffer after loading a model.
+# allocates a 24 MiB buffer, after loading a model or not ("load" or "none").
 MAPPED_BLOCKS = """
 import ctypes, sys
 from candle_phi import Phi3Generator
@@ -357,7 +357,8 @@ class Mallinfo2(ctypes.Structure):
 
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Mallinfo2
-gen = Phi3Generator(sys.argv[1], tokenizer=sys.argv[2])
+if sys.argv[3] == "load":
+    gen = Phi3Generator(sys.argv[1], tokenizer=sys.argv[2])
 before = libc.mallinfo2().hblks
 buffer = bytearray(24 << 20)
 print(libc.mallinfo2().hblks - before)
@@ -375,12 +376,16 @@ def glibc_has_mallinfo2() -> bool:
 
 @pytest.mark.skipif(not glibc_has_mallinfo2(), reason="glibc's malloc (2.33+) only")
 @pytest.mark.parametrize(
-    ("environment", "mapped"),
-    [({}, 0), ({"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}, 1)],
-    ids=["engine-settings", "users-own"],
+    ("environment", "load", "mapped"),
+    [
+        ({}, "none", 1),  # the control: without a model, glibc maps such a block
+        ({}, "load", 0),
+        ({"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}, "load", 1),
+    ],
+    ids=["no-model", "engine-settings", "users-own"],
 )
 def test_loading_keeps_pass_sized_buffers_on_the_heap(
-    model_path: Path, tokenizer_path: Path, environment: dict[str, str], mapped: int
+    model_path: Path, tokenizer_path: Path, environment: dict[str, str], load: str, mapped: int
 ) -> None:
     # Every forward pass allocates the same megabyte buffers again: served by fresh mmaps,
     # each pass would fault all their pages in again. Loading sets glibc's thresholds so
@@ -391,7 +396,7 @@ def test_loading_keeps_pass_sized_buffers_on_the_heap(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.pop("GLIBC_TUNABLES", None)
     out = subprocess.run(
-        [sys.executable, "-c", MAPPED_BLOCKS, str(model_path), str(tokenizer_path)],
+        [sys.executable, "-c", MAPPED_BLOCKS, str(model_path), str(tokenizer_path), load],
         capture_output=True,
         text=True,
         timeout=120,

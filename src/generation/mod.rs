@@ -417,15 +417,16 @@ impl Generation {
     }
 
     fn release_state(&mut self) {
-        self.seat = None;
-        let Some(model) = self.model.take() else {
-            return;
-        };
-        if let Some(cache) = &self.prefix_cache {
-            let tokens = self.cached_tokens();
-            // `put` checks that the cache holds exactly these tokens.
-            cache.put(tokens, model);
+        if let Some(model) = self.model.take() {
+            if let Some(cache) = &self.prefix_cache {
+                let tokens = self.cached_tokens();
+                // `put` checks that the cache holds exactly these tokens.
+                cache.put(tokens, model);
+            }
         }
+        // Last: leaving the batcher may hand freed memory back (`heap::release_freed`),
+        // which should include what the lines above freed.
+        self.seat = None;
     }
 }
 

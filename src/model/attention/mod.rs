@@ -3,7 +3,8 @@
 //! softmax and the weighted sum of the values, so no queries × keys matrix is built (at a
 //! 512-token context, Candle's separate matmul, scale, mask and softmax ops cost a sixth of
 //! prompt processing). Keys and values are read in the cache's own format (f16, 8-bit or
-//! f32), converted to f32 in registers.
+//! f32) and converted to f32 in registers (a prompt chunk's, one block of keys at a time
+//! into scratch): there is no f32 copy of the cache.
 
 use std::ops::Range;
 

@@ -1,7 +1,8 @@
 //! AVX2 + FMA inner loops for one query, for head sizes that are a multiple of 8 (inlined
 //! into `head_simd`): four keys per pass, so each query load serves four dot products and
 //! each output load and store serves four values. Rows are loaded in the cache's format
-//! (`Element::load8`; F16C converts f16).
+//! (`Element::load8`; F16C converts f16). And the vector exp of every attention path, in
+//! 8 lanes (AVX2) and 16 (`exp16`, AVX-512), with the same constants and steps.
 
 use std::arch::x86_64::*;
 

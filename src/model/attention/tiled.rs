@@ -10,10 +10,10 @@
 //! (the online softmax), and `S` vectors of each output stay in registers while the
 //! block's values stream past. Widths: AVX2's 8 lanes or AVX-512's 16 (`Width`).
 //!
-//! Measured (one head group of 64 queries against 4,000 f16 keys, 32 heads, 2 threads,
-//! Xeon with AVX-512): 16.3 ms against 36.5 ms for eight queries at a time over the whole
-//! cache with AVX2 (115 ms with AVX-512, whose closures were not inlined); this path's
-//! AVX2 build takes 21.3 ms.
+//! Measured (64 queries against 4,000 f16 keys, 32 heads, 2 threads, Xeon with AVX-512):
+//! 14.7-15.3 ms, against 36.5 ms for eight queries at a time over the whole cache with AVX2
+//! (115 ms with AVX-512, whose closures were not inlined); this path's AVX2 build takes
+//! 21-24 ms.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -197,8 +197,10 @@ pub unsafe fn attend<W: Width, E: Element, const Q: usize, const S: usize>(
         // The queries that see a key of the block: at or after its first key, and (with
         // a window) not past the last query whose window reaches its last key.
         let seen_from = first.saturating_sub(chunk.offset);
+        // Saturating: a file may give a window of up to u64::MAX ("none").
         let seen_to = chunk.window.map_or(count, |w| {
-            (first + keys - 1 + w)
+            (first + keys - 1)
+                .saturating_add(w)
                 .saturating_sub(chunk.offset)
                 .min(count)
         });
