@@ -8,11 +8,12 @@
 //! 28-124 thousand page faults per prompt of 128-512 tokens, about a tenth of its time, and
 //! a sixth of an F16 file's 128-token prompt. So the engine sets, once, the values glibc's
 //! own adjustment ends at: blocks up to 32 MiB come from the heap, and 64 MiB of free heap
-//! top stays. Peak RSS is the passes' live memory either way (measured: +0.2%).
+//! top stays.
 //!
-//! The heap then keeps what a pass freed, for the next pass; the engine hands it back when
-//! its last stream ends (`release_freed`), so that a long prompt's buffers do not stay
-//! resident beside a later one's cache (measured: 8 MiB more peak RSS without).
+//! The heap then keeps what a pass freed, for the next pass, which costs peak RSS: 8-13 MiB
+//! at 4,000 tokens of that file. So the engine hands the free pages back when a prompt of
+//! several chunks is done (decoding needs only small buffers while the cache grows: 6 MiB
+//! of that peak) and when its last stream ends (`release_freed`).
 //!
 //! These are process-wide settings, so a user's own choice wins: with `MALLOC_MMAP_THRESHOLD_`,
 //! `MALLOC_TRIM_THRESHOLD_` or malloc tunables in `GLIBC_TUNABLES`, nothing is changed.

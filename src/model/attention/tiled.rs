@@ -26,10 +26,6 @@ use crate::model::kv_cache::{Element, HeadRows};
 pub trait Width: Lanes {
     /// Dimensions `c..c + LANES` of a cache row (`c` a multiple of `LANES`).
     unsafe fn row<E: Element>(row: *const E::Unit, d: usize, c: usize) -> Self::V;
-    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
     /// e^x for x ≤ 0 (`simd::exp`).
     unsafe fn exp(x: Self::V) -> Self::V;
     /// `v` in the lanes `i` with `base + i` in `seen`, `fill` in the others.
@@ -42,22 +38,6 @@ impl Width for Avx2 {
     #[inline(always)]
     unsafe fn row<E: Element>(row: *const E::Unit, d: usize, c: usize) -> __m256 {
         E::load8(row, d, c)
-    }
-    #[inline(always)]
-    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
-        _mm256_mul_ps(a, b)
-    }
-    #[inline(always)]
-    unsafe fn add(a: __m256, b: __m256) -> __m256 {
-        _mm256_add_ps(a, b)
-    }
-    #[inline(always)]
-    unsafe fn sub(a: __m256, b: __m256) -> __m256 {
-        _mm256_sub_ps(a, b)
-    }
-    #[inline(always)]
-    unsafe fn max(a: __m256, b: __m256) -> __m256 {
-        _mm256_max_ps(a, b)
     }
     #[inline(always)]
     unsafe fn exp(x: __m256) -> __m256 {
@@ -89,22 +69,6 @@ impl Width for Avx512 {
     #[inline(always)]
     unsafe fn row<E: Element>(row: *const E::Unit, d: usize, c: usize) -> __m512 {
         E::load16(row, d, c)
-    }
-    #[inline(always)]
-    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
-        _mm512_mul_ps(a, b)
-    }
-    #[inline(always)]
-    unsafe fn add(a: __m512, b: __m512) -> __m512 {
-        _mm512_add_ps(a, b)
-    }
-    #[inline(always)]
-    unsafe fn sub(a: __m512, b: __m512) -> __m512 {
-        _mm512_sub_ps(a, b)
-    }
-    #[inline(always)]
-    unsafe fn max(a: __m512, b: __m512) -> __m512 {
-        _mm512_max_ps(a, b)
     }
     #[inline(always)]
     unsafe fn exp(x: __m512) -> __m512 {
@@ -147,7 +111,7 @@ impl<E: Element> Chunk<'_, E> {
     }
 }
 
-/// Space reused across blocks and heads.
+/// Space reused across a chunk's blocks.
 #[derive(Default)]
 pub struct Scratch {
     /// The block's keys transposed: dimension-major, a key per lane.
@@ -378,7 +342,7 @@ unsafe fn weighted_sum<W: Width, const Q: usize, const S: usize>(
     for (r, acc) in acc.iter_mut().enumerate() {
         let scale = W::splat(&rescale[r]);
         for (s, acc) in acc.iter_mut().enumerate() {
-            *acc = W::fmadd(W::load(o[r].add(c + s * W::LANES)), scale, W::zero());
+            *acc = W::mul(W::load(o[r].add(c + s * W::LANES)), scale);
         }
     }
     for j in 0..keys {
