@@ -6,6 +6,7 @@
     python bench/bench.py --weights f16 --layers 8 --kernels avx2,candle   # other files
     python bench/bench.py --prompts 128,512 --long-context 0 --runs 3      # the short cases
     python bench/bench.py --shape mini-128k --prompts "" --long-context 16384 --layers 8
+    CANDLE_PHI_KERNELS=avx2 python bench/bench.py --layers 8 --llama-lib /tmp/avx2-build/bin
 
 The model has Phi-3-mini-4k-instruct's exact shapes (vocab 32064, hidden 3072, 32 layers, 32
 heads, feed-forward 8192, context 4096) and the tensor-type mix of llama.cpp's Q4_K_M, as in
@@ -239,7 +240,12 @@ def work_llama(
 ) -> dict[str, Any]:
     n_ctx = max([*sizes, long_context, SHORT_PROMPT]) + DECODE_TOKENS + 1
     llm, load_s = load_llama(model, threads, n_ctx=n_ctx)
-    result: dict[str, Any] = {"load_s": load_s, "kernels": "llama.cpp"}
+    from llama_cpp import llama_print_system_info
+
+    # Which of its SIMD paths the loaded libggml was built with (`--llama-lib` picks one).
+    features = llama_print_system_info().decode(errors="replace")
+    built = [f.split("=")[0].strip() for f in features.split("|") if f.strip().endswith("= 1")]
+    result: dict[str, Any] = {"load_s": load_s, "kernels": "llama.cpp " + " ".join(built)}
 
     def prompt_then_decode(n: int, decode: int) -> tuple[float, float]:
         llm.reset()
@@ -265,6 +271,9 @@ def run_worker(
     env = dict(os.environ)
     if kernels:
         env["CANDLE_PHI_KERNELS"] = kernels
+    if args.llama_lib:
+        # llama-cpp-python loads libllama (and its libggml) from here instead of its own.
+        env["LLAMA_CPP_LIB_PATH"] = str(args.llama_lib)
     command = [sys.executable, __file__, "--worker", engine, "--model", str(model)]
     command += ["--tokenizer", str(tokenizer), "--threads", str(args.threads)]
     command += ["--prompts", args.prompts, "--long-context", str(args.long_context)]
@@ -427,6 +436,12 @@ def main() -> int:
         help="also compare candle-phi's matmul kernels, e.g. avx-vnni,avx2,candle "
         "(CANDLE_PHI_KERNELS; 'candle' is Candle's own QMatMul)",
     )
+    parser.add_argument(
+        "--llama-lib",
+        type=Path,
+        help="a directory with another build of libllama.so for llama-cpp-python, e.g. one "
+        "with AVX2 only to compare against CANDLE_PHI_KERNELS=avx2 on an AVX-512 CPU",
+    )
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
@@ -454,7 +469,9 @@ def main() -> int:
         f"model {size / 2**30:.2f} GiB (Phi-3-{args.shape} shapes, {args.layers} layers, "
         f"{args.weights}, random weights).",
         "",
-        f"candle-phi's kernels: {results['candle-phi'][0]['kernels']}.",
+        f"candle-phi's kernels: {results['candle-phi'][0]['kernels']}"
+        + (f"; {results['llama.cpp'][0]['kernels']}" if "llama.cpp" in results else "")
+        + ".",
         "",
         "| metric | candle-phi | llama.cpp | candle-phi / llama.cpp |",
         "| --- | --- | --- | --- |",

@@ -78,10 +78,10 @@ const WIDE_FROM: usize = 32;
 /// against 32.
 pub(super) const TILE_ACTS: usize = 64;
 
-/// A tile's activation rows as the VNNI kernels take them: its groups of sixteen (rows
-/// `16g..16g+16` in `sixteens[g]`, AVX-512's 512-bit kernels) or of eight (`eights`,
-/// 256-bit kernels), the last maybe padded with zeros past the tile's rows, then a group
-/// of four (`fours`, likewise). Rows in none go through the AVX2 path.
+/// A tile's activation rows as the grouped x86 kernels take them: its groups of sixteen
+/// (rows `16g..16g+16` in `sixteens[g]`, AVX-512 VNNI's 512-bit kernels) or of eight
+/// (`eights`, 256-bit kernels: VNNI or AVX2), the last maybe padded with zeros past the
+/// tile's rows, then a group of four (`fours`, VNNI only). Rows in none go row by row.
 #[derive(Clone, Copy)]
 pub(super) struct Groups<'a> {
     pub(super) sixteens: &'a [&'a [BlockQ8Kx16]],
@@ -89,7 +89,7 @@ pub(super) struct Groups<'a> {
     pub(super) fours: &'a [&'a [BlockQ8Kx4]],
 }
 
-/// The activation rows of a pass interleaved for the VNNI kernels (see `Groups`), block
+/// The activation rows of a pass interleaved for the grouped kernels (see `Groups`), block
 /// column after block column.
 #[derive(Default)]
 struct Interleaved {
@@ -100,9 +100,9 @@ struct Interleaved {
 
 /// A block type every kernel of this build handles.
 #[cfg(target_arch = "x86_64")]
-trait KernelBlock: WeightBlock + scalar::ScalarBlock + x86::VnniBlock {}
+trait KernelBlock: WeightBlock + scalar::ScalarBlock + x86::GroupBlock {}
 #[cfg(target_arch = "x86_64")]
-impl<T: WeightBlock + scalar::ScalarBlock + x86::VnniBlock> KernelBlock for T {}
+impl<T: WeightBlock + scalar::ScalarBlock + x86::GroupBlock> KernelBlock for T {}
 #[cfg(not(target_arch = "x86_64"))]
 trait KernelBlock: WeightBlock + scalar::ScalarBlock {}
 #[cfg(not(target_arch = "x86_64"))]
@@ -233,15 +233,19 @@ impl QMatrix {
         }
     }
 
-    /// The activations interleaved for the VNNI kernels: in groups of sixteen rows
+    /// The activations interleaved for the grouped kernels: in groups of sixteen rows
     /// (AVX-512 VNNI's kernels) or eight, then the rows left over: if more than `FOURS`
     /// holds, as a last group padded with zeros (a group costs the same however many of its
-    /// rows are real); if `FOURS` holds their count (and the type takes groups of four), as a
-    /// group of four; else they go through `x86::tile` (eight weight rows at a time).
+    /// rows are real); if `FOURS` holds their count (and the type takes groups of four, with
+    /// VNNI), as a group of four; else they go through `x86::tile` (eight weight rows at a
+    /// time). AVX2 takes the groups of eight for every prompt (its steps sum in 16-bit lanes;
+    /// see `x86::k_groups`): per pass of an 8192×3072 matrix on the Xeon VM, 8 / 16 rows:
+    /// Q4_K 1.96 / 3.78 -> 1.29 / 2.38 ms against the rows one by one; 5 rows (a padded
+    /// group) 1.49 -> 1.26, but Q6_K 1.56 -> 1.69.
     fn interleave(&self, acts: &[&[BlockQ8K]], blocks_per_row: usize) -> Interleaved {
         let wide = match self.kernels {
             Kernels::Avx512Vnni => acts.len() >= WIDE_FROM,
-            Kernels::AvxVnni => false,
+            Kernels::AvxVnni | Kernels::Avx2 => false,
             _ => return Interleaved::default(),
         };
         let rows = if wide { BlockQ8Kx16::ROWS } else { 8 };
@@ -252,7 +256,10 @@ impl QMatrix {
         } else {
             &acts[..whole]
         };
-        let fours = if FOURS.contains(&left) && self.block_type.groups_of_four() {
+        let fours = if FOURS.contains(&left)
+            && self.block_type.groups_of_four()
+            && self.kernels != Kernels::Avx2
+        {
             &acts[whole..]
         } else {
             &[]
@@ -301,7 +308,7 @@ impl QMatrix {
             *slot = row;
         }
         let w = &w[..rows.len()];
-        // Only the x86 VNNI kernels read the interleaved groups.
+        // Only the x86 kernels read the interleaved groups.
         #[cfg(not(target_arch = "x86_64"))]
         let _ = groups;
         match self.kernels {
@@ -312,7 +319,7 @@ impl QMatrix {
             #[cfg(target_arch = "x86_64")]
             Kernels::Avx512Vnni => unsafe { x86::tile_avx512_vnni(w, acts, groups, out) },
             #[cfg(target_arch = "x86_64")]
-            Kernels::Avx2 => unsafe { x86::tile_avx2(w, acts, out) },
+            Kernels::Avx2 => unsafe { x86::tile_avx2(w, acts, groups, out) },
             _ => {
                 for (j, row) in w.iter().enumerate() {
                     for (i, act) in acts.iter().enumerate() {

@@ -127,6 +127,50 @@ fn k_quant_products_match_candle() {
     }
 }
 
+/// Every stored value at its largest (all bits set), times activations that quantize to
+/// -128 throughout: the largest sums a lane meets, which AVX2's 16-bit chains must hold
+/// exactly (a chain one step too long wraps, and the product is far off Candle's).
+#[test]
+fn the_largest_values_sum_exactly() {
+    let (rows, cols) = (16, 2 * QK_K);
+    for (t, dtype) in K_QUANTS.into_iter().enumerate() {
+        let mut bytes = random_blocks(dtype, rows, cols, 40 + t as u64)
+            .bytes()
+            .as_bytes()
+            .to_vec();
+        let block_bytes = dtype.type_size();
+        let one = half::f16::from_f32(0.01).to_le_bytes();
+        for block in bytes.chunks_exact_mut(block_bytes) {
+            block.fill(0xFF);
+            // Finite factors where each type keeps them (as `random_blocks`).
+            match dtype {
+                GgmlDType::Q6K | GgmlDType::Q3K => block[block_bytes - 2..].copy_from_slice(&one),
+                GgmlDType::Q2K => {
+                    block[block_bytes - 4..block_bytes - 2].copy_from_slice(&one);
+                    block[block_bytes - 2..].copy_from_slice(&one);
+                }
+                _ => {
+                    block[..2].copy_from_slice(&one);
+                    block[2..4].copy_from_slice(&one);
+                }
+            }
+        }
+        let weights = RawTensor::new(dtype, vec![rows, cols], WeightBytes::copied(&bytes)).unwrap();
+        for m in [1, 4, 8, 16, 64] {
+            // Constant rows quantize to -128 (Q8_K's scale maps the largest to -128).
+            for value in [1.0f32, -1.0] {
+                let x = vec![value; m * cols];
+                let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
+                let theirs = candle_product(&weights, &xt);
+                for kernels in kernels_to_test() {
+                    let what = format!("{dtype:?} m={m} x={value} {kernels:?}");
+                    assert_close(&ours(&weights, kernels, &x, m), &theirs, &what);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn zero_activations_give_zero() {
     let weights = random_blocks(GgmlDType::Q4K, 16, QK_K, 3);
@@ -446,6 +490,42 @@ fn legacy_products_match_f64_and_candle() {
                     if source == "quantized" {
                         assert_within(&product, &theirs, candle_bound, &what);
                     }
+                }
+            }
+        }
+    }
+}
+
+/// The 32-value types with every value at its largest magnitude (Q8_0's -128, the others'
+/// 15 or 31) times activations at ±127 throughout: the sums AVX2's 16-bit pairs and chains
+/// must hold exactly.
+#[test]
+fn legacy_largest_values_sum_exactly() {
+    use super::LegacyMatrix;
+    let (rows, cols) = (16, 128);
+    for (t, dtype) in LEGACY.into_iter().enumerate() {
+        let mut bytes = random_legacy_blocks(dtype, rows, cols, 30 + t as u64)
+            .bytes()
+            .as_bytes()
+            .to_vec();
+        // Keep each block's factors (its first 2 or 4 bytes); all value bits set, or -128.
+        let factors = match dtype {
+            GgmlDType::Q4_1 | GgmlDType::Q5_1 => 4,
+            _ => 2,
+        };
+        let fill = if dtype == GgmlDType::Q8_0 { 0x80 } else { 0xFF };
+        for block in bytes.chunks_exact_mut(dtype.type_size()) {
+            block[factors..].fill(fill);
+        }
+        let weights = RawTensor::new(dtype, vec![rows, cols], WeightBytes::copied(&bytes)).unwrap();
+        for m in [1, 8, 16, 33] {
+            for value in [1.0f32, -1.0] {
+                let x = vec![value; m * cols];
+                let exact = legacy_exact(&weights, &x, m);
+                for kernels in kernels_to_test() {
+                    let matrix = LegacyMatrix::new(&weights, kernels).expect("a legacy matrix");
+                    let what = format!("{dtype:?} m={m} x={value} {kernels:?}");
+                    assert_close(&matrix.matmul(&x, m), &exact, &what);
                 }
             }
         }

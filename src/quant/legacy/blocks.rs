@@ -125,6 +125,9 @@ pub trait LegacyBlock: WeightBlock + Sync {
     const SIGNED: bool = false;
     /// What the values are offset by, in units of d: 0 or minus a power of two.
     const OFFSET: i32 = 0;
+    /// The largest value as the kernels take it (unsigned, or the magnitude for Q8_0).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    const MAX_VALUE: i32;
     /// Whether the block stores a minimum.
     const STORED_MIN: bool = false;
     /// Whether `m` is there: the products then need each activation block's sum.
@@ -165,6 +168,7 @@ fn fifth_bit(qh: &[u8; 4], i: usize) -> u8 {
 
 impl LegacyBlock for BlockQ8_0 {
     const SIGNED: bool = true;
+    const MAX_VALUE: i32 = 128;
 
     fn values(&self) -> [i8; QK] {
         self.qs
@@ -183,6 +187,7 @@ impl LegacyBlock for BlockQ8_0 {
 
 impl LegacyBlock for BlockQ4_0 {
     const OFFSET: i32 = -8;
+    const MAX_VALUE: i32 = 15;
 
     fn values(&self) -> [i8; QK] {
         std::array::from_fn(|i| nibble(&self.qs, i) as i8)
@@ -201,6 +206,7 @@ impl LegacyBlock for BlockQ4_0 {
 
 impl LegacyBlock for BlockQ4_1 {
     const STORED_MIN: bool = true;
+    const MAX_VALUE: i32 = 15;
 
     fn values(&self) -> [i8; QK] {
         std::array::from_fn(|i| nibble(&self.qs, i) as i8)
@@ -223,6 +229,7 @@ impl LegacyBlock for BlockQ4_1 {
 
 impl LegacyBlock for BlockQ5_0 {
     const OFFSET: i32 = -16;
+    const MAX_VALUE: i32 = 31;
 
     fn values(&self) -> [i8; QK] {
         std::array::from_fn(|i| (nibble(&self.qs, i) | fifth_bit(&self.qh, i)) as i8)
@@ -241,6 +248,7 @@ impl LegacyBlock for BlockQ5_0 {
 
 impl LegacyBlock for BlockQ5_1 {
     const STORED_MIN: bool = true;
+    const MAX_VALUE: i32 = 31;
 
     fn values(&self) -> [i8; QK] {
         std::array::from_fn(|i| (nibble(&self.qs, i) | fifth_bit(&self.qh, i)) as i8)

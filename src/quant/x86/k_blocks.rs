@@ -1,6 +1,6 @@
 //! How each K-quant block unpacks and meets Q8_K activation blocks with AVX2: the scales
 //! and minimums (`prepare`), and the values of each 32, as u8 (`chunk`, `runs`), which the
-//! VNNI kernels (`vnni.rs`) unpack the same way. Q4_K and Q5_K (sub-blocks of 32 with
+//! grouped kernels (`k_groups.rs`) unpack the same way. Q4_K and Q5_K (sub-blocks of 32 with
 //! minimums) share their products, and so do Q6_K, Q3_K and Q2_K (sub-blocks of 16).
 
 use std::arch::x86_64::*;
@@ -192,6 +192,8 @@ pub(super) trait SixteenBlock {
     /// Whether a lane's sum over a sub-block (16 values, each at most 128 in magnitude
     /// times the largest stored value) fits an i16: Q3_K's (7) and Q2_K's (3), not Q6_K's.
     const SUMS_FIT_I16: bool = false;
+    /// The largest stored value (unsigned).
+    const MAX_VALUE: i32;
     /// The block's factors `d` and `dmin` (Safety: the CPU has F16C).
     unsafe fn factors(&self) -> (f32, f32);
     /// The 16 sub-blocks' scales and (with `MINIMUMS`) minimums, a byte each, unpacked in
@@ -212,6 +214,7 @@ pub(super) unsafe fn bytes_of(v: __m128i) -> [i8; 16] {
 
 impl SixteenBlock for BlockQ6K {
     const OFFSET_BITS: i32 = 5;
+    const MAX_VALUE: i32 = 63;
 
     #[inline(always)]
     unsafe fn factors(&self) -> (f32, f32) {
@@ -233,6 +236,7 @@ impl SixteenBlock for BlockQ6K {
 impl SixteenBlock for BlockQ3K {
     const OFFSET_BITS: i32 = 2;
     const SUMS_FIT_I16: bool = true;
+    const MAX_VALUE: i32 = 7;
 
     #[inline(always)]
     unsafe fn factors(&self) -> (f32, f32) {
@@ -279,6 +283,7 @@ impl SixteenBlock for BlockQ3K {
 impl SixteenBlock for BlockQ2K {
     const MINIMUMS: bool = true;
     const SUMS_FIT_I16: bool = true;
+    const MAX_VALUE: i32 = 3;
 
     #[inline(always)]
     unsafe fn factors(&self) -> (f32, f32) {

@@ -3,16 +3,18 @@
 //! broadcast, with eight rows, and a weight block's eight broadcasts serve up to 32 rows.
 //! Per 32 values and eight rows: eight products, one subtraction of the weights' integer
 //! excess, one conversion and one scaling, where the row-by-row tiles spend some forty
-//! instructions. Without VNNI, `maddubs` + `madd` stand in for `vpdpbusd`, for the 4- and
-//! 5-bit types only: Q8_0's weights, shifted to unsigned, would saturate `maddubs`.
+//! instructions. Without VNNI, `maddubs` stands in for `vpdpbusd`: the 4- and 5-bit types'
+//! pairs are summed in i16 over four or eight quads, then to i32 by one `madd`; Q8_0's
+//! weights (which `maddubs` would saturate on, shifted to unsigned) go as their magnitudes,
+//! the activations taking their signs, and each quad's pairs to i32 at once.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::super::legacy::{BlockQ8_0x8, LegacyBlock};
 use super::super::{Kernels, OutPtr};
+use super::k_groups::{Evex, Vex};
 use super::legacy_tiles::ByteDot;
-use super::vnni::{Evex, Vex};
 use super::{f32_of, load, Avx2};
 
 /// Groups of eight activation rows per pass over a weight row: their accumulators and the
@@ -34,19 +36,17 @@ pub struct InterleavedGroup<'a, B> {
 /// One of the kernels below.
 pub type InterleavedKernel<B> = for<'a> unsafe fn(&InterleavedGroup<'a, B>);
 
-/// The kernel for B with `kernels`, if they have one: VNNI for every type, AVX2 for the
-/// unsigned ones (Q8_0's weights, shifted to unsigned, would saturate `maddubs`).
+/// The kernel for B with `kernels`, if they have one.
 pub fn interleaved<B: LegacyBlock>(kernels: Kernels) -> Option<InterleavedKernel<B>> {
     match kernels {
         Kernels::AvxVnni => Some(interleaved_avx_vnni::<B>),
         Kernels::Avx512Vnni => Some(interleaved_avx512_vnni::<B>),
-        Kernels::Avx2 if !B::SIGNED => Some(interleaved_avx2::<B>),
+        Kernels::Avx2 => Some(interleaved_avx2::<B>),
         _ => None,
     }
 }
 
-/// Safety: the CPU must have AVX2, FMA and F16C; B must not be signed (Q8_0);
-/// `weights` holds `rows.len()` rows and `groups` whole groups of `blocks` blocks, built
+/// Safety: the CPU must have AVX2, FMA and F16C; `weights` holds `rows.len()` rows and `groups` whole groups of `blocks` blocks, built
 /// with B's `EXCESS`; `out` has room for every group's rows at `stride`, and no other
 /// thread writes these rows' outputs meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -114,12 +114,18 @@ unsafe fn pass<D: ByteDot, B: LegacyBlock, const G: usize>(
     xs: &[*const BlockQ8_0x8; GROUPS],
     nb: usize,
 ) -> [__m256; G] {
+    // Without VNNI, Q8_0's weights go as magnitudes with the activations taking their signs,
+    // and the products carry no excess.
+    let by_magnitude = B::SIGNED && D::I16_PAIRS;
     let mut acc = [_mm256_setzero_ps(); G];
     let mut quads = [0i32; 8];
+    let mut magnitudes = [0i32; 8];
     for b in 0..nb {
         let block = &*w.add(b);
         let mut wv = block.unpack();
-        if B::SIGNED {
+        if by_magnitude {
+            _mm256_storeu_si256(magnitudes.as_mut_ptr().cast(), _mm256_abs_epi8(wv));
+        } else if B::SIGNED {
             // w + 128: unsigned, as `vpdpbusd` takes it (the excess is taken off below).
             wv = _mm256_xor_si256(wv, _mm256_set1_epi8(i8::MIN));
         }
@@ -131,11 +137,36 @@ unsafe fn pass<D: ByteDot, B: LegacyBlock, const G: usize>(
         let wd = _mm256_set1_ps(f32_of(block.d()));
         for k in 0..G {
             let x = &*xs[k].add(b);
+            // The activations' quad q of the eight rows.
+            let y = x.qs.as_ptr();
             let mut dots = _mm256_setzero_si256();
-            for q in 0..8 {
-                dots = D::dot_acc(dots, wq[q], load(x.qs.as_ptr().add(32 * q)));
+            if by_magnitude {
+                // |w| · (y with w's sign) = w · y; a pair of them nears the i16 limit, so
+                // each quad's pairs go to i32 at once.
+                for q in 0..8 {
+                    let signed = _mm256_sign_epi8(load(y.add(32 * q)), wq[q]);
+                    dots = D::dot_acc(dots, _mm256_set1_epi32(magnitudes[q]), signed);
+                }
+            } else if D::I16_PAIRS {
+                // Pairs summed in i16 for as many quads as stay exact (values below 16:
+                // all eight; below 32: four), then to i32 once.
+                let span = (i32::from(i16::MAX) / (2 * B::MAX_VALUE * 128)).max(1) as usize;
+                let mut chain = _mm256_setzero_si256();
+                for q in 0..8 {
+                    chain =
+                        _mm256_add_epi16(chain, _mm256_maddubs_epi16(wq[q], load(y.add(32 * q))));
+                    if (q + 1).is_multiple_of(span) || q == 7 {
+                        let pairs = _mm256_madd_epi16(chain, _mm256_set1_epi16(1));
+                        dots = _mm256_add_epi32(dots, pairs);
+                        chain = _mm256_setzero_si256();
+                    }
+                }
+            } else {
+                for q in 0..8 {
+                    dots = D::dot_acc(dots, wq[q], load(y.add(32 * q)));
+                }
             }
-            if B::EXCESS != 0 {
+            if B::EXCESS != 0 && !by_magnitude {
                 dots = _mm256_sub_epi32(dots, load(x.offsets.as_ptr()));
             }
             let scale = _mm256_mul_ps(wd, _mm256_load_ps(x.d.as_ptr()));

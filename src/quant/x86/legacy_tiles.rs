@@ -12,12 +12,16 @@ use std::ops::Range;
 
 use super::super::legacy::{BlockQ8_0, LegacyBlock};
 use super::super::OutPtr;
-use super::vnni::{Evex, Vex};
+use super::k_groups::{Evex, Vex};
 use super::{f32_of, lane_totals, load, Avx2};
 
 /// `Σ4 u8 · i8` per i32 lane (AVX2's `maddubs` saturates pairs past ±32767: operands whose
 /// pairs cannot reach that only).
 pub trait ByteDot {
+    /// Whether the products are `maddubs`'s (pairs summed in i16, saturating), which
+    /// callers may sum a few of in i16 before widening, and which signed weights must meet
+    /// as magnitudes: AVX2 without VNNI.
+    const I16_PAIRS: bool = false;
     /// From zero.
     unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
         Self::dot_acc(_mm256_setzero_si256(), unsigned, signed)
@@ -27,6 +31,8 @@ pub trait ByteDot {
 }
 
 impl ByteDot for Avx2 {
+    const I16_PAIRS: bool = true;
+
     #[inline(always)]
     unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), _mm256_set1_epi16(1))

@@ -1,6 +1,7 @@
 //! x86 matrix products, in builds chosen at run time. K-quant weight rows with Q8_K
-//! activation rows: the tiles here (AVX2), the VNNI ones in `vnni.rs` (256-bit) and
-//! `wide.rs` (AVX-512's 512-bit registers, for prompts), each block type's
+//! activation rows: the row-by-row tiles here (decoding, and rows beside the groups), the
+//! groups of eight interleaved rows in `k_groups.rs` (256-bit: AVX2 or VNNI) and of sixteen
+//! in `wide.rs` (AVX-512's 512-bit registers, for prompts), each block type's
 //! unpacking in `k_blocks.rs`, the activations' quantizing and the output's transposing in
 //! `activations.rs`. The 32-value types: pairs of weight rows (eight, decoding the 4-bit
 //! types) in `legacy_tiles.rs`, eight activation rows at a time in `legacy_interleaved.rs`.
@@ -11,10 +12,10 @@
 //! that column's activations stay in L1 for all the tile's weight rows; decoding streams go
 //! row after row, prefetched.
 //!
-//! AVX2: each 32 values of a row take one `maddubs` (unsigned weight × signed activation,
-//! pairs summed to i16) and one `madd` by the sub-block scale (to i32); four activation
-//! rows share each unpacking of a weight block, and their exact totals are reduced and
-//! scaled together.
+//! Row by row, with AVX2: each 32 values of a row take one `maddubs` (unsigned weight ×
+//! signed activation, pairs summed to i16) and one `madd` by the sub-block scale (to i32);
+//! four activation rows share each unpacking of a weight block, and their exact totals are
+//! reduced and scaled together.
 
 use std::arch::x86_64::*;
 
@@ -24,32 +25,25 @@ use super::kquant::{TILE_ACTS, TILE_ROWS};
 mod activations;
 mod float_tiles;
 mod k_blocks;
+mod k_groups;
 mod legacy_interleaved;
 mod legacy_tiles;
-mod vnni;
 mod wide;
 pub use activations::{quantize_q8k, transpose};
 pub use float_tiles::{float_group, FloatGroup};
 use k_blocks::{bytes_of, SixteenBlock, Unpacked};
+pub use k_groups::{
+    has_avx512_vnni, has_avx_vnni, tile_avx2, tile_avx512_vnni, tile_avx_vnni, GroupBlock,
+};
 pub use legacy_interleaved::{interleaved, InterleavedGroup, InterleavedKernel};
 pub use legacy_tiles::{
     legacy_group_avx2, legacy_group_avx512_vnni, legacy_group_avx_vnni, LegacyGroup,
 };
-pub use vnni::{has_avx512_vnni, has_avx_vnni, tile_avx512_vnni, tile_avx_vnni, VnniBlock};
 
 pub fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
-}
-
-/// `out[j * ys.len() + i] = w[j] · ys[i]`, with AVX2.
-///
-/// Safety: the CPU must have AVX2, FMA and F16C (`has_avx2`); every row of `w` and `ys` has
-/// the same number of blocks; at most `TILE_ROWS` × `TILE_ACTS`; `out` is `w.len() * ys.len()`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile_avx2<B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mut [f32]) {
-    tile::<Avx2, B>(w, ys, out)
 }
 
 /// What a weight block contributes besides its values: Σ_r = yd·(d·dots − dm·offsets),
@@ -77,7 +71,7 @@ pub trait Avx2Block {
 
 /// `acc + Σ a·b` over each i32 lane's two i16 pairs: where each 32 values' products take
 /// their scale. AVX2 takes two instructions (`madd`, `add`); VNNI's `vpdpwssd` one, which
-/// takes a third off the work per activation row (`vnni.rs`). The sums are exact either way.
+/// takes a third off the work per activation row (`k_groups.rs`). The sums are exact either way.
 pub trait MulAdd {
     unsafe fn mul_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
 }

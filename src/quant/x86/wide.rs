@@ -1,6 +1,6 @@
 //! The VNNI tiles in AVX-512's 512-bit registers: activation rows interleaved sixteen to a
 //! vector (`BlockQ8Kx16`), so that one `vpdpbusd` multiplies four broadcast weights with
-//! the same positions of sixteen rows, twice the rows of the 256-bit kernels in `vnni.rs`
+//! the same positions of sixteen rows, twice the rows of the 256-bit kernels in `k_groups.rs`
 //! per instruction. Cores with two 512-bit multiply-add ports (Intel's Xeons) run as many
 //! of these per cycle as of the 256-bit ones; Zen 4 splits each into two halves, so there
 //! it saves instructions, not multiply-adds.

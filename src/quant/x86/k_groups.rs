@@ -1,19 +1,23 @@
-//! The VNNI builds of the x86 products, in groups of eight activation rows: the activations
-//! are interleaved (`BlockQ8Kx8`) so that one `vpdpbusd` multiplies four broadcast weights
-//! with the same four positions of eight rows, summing into one i32 lane per row; each
-//! broadcast serves up to four such groups with VEX's 16 registers, eight with EVEX's 32. A
-//! sub-block's scale then applies once per eight rows: half the multiplies of the AVX2 path.
-//! The instruction comes in two encodings, one build each: AVX-VNNI (VEX) and AVX-512 VNNI
-//! with VL (EVEX, on 256-bit registers); where a CPU has both, EVEX's runs. A weight block is
-//! unpacked to bytes once per tile row (`Unpacked`), so each broadcast is one load. With
-//! AVX-512 VNNI, passes of 32 rows or more go sixteen rows to a 512-bit register instead
-//! (`wide.rs`).
+//! K-quant products in groups of eight activation rows: the activations are interleaved
+//! (`BlockQ8Kx8`) so that one step multiplies four broadcast weights with the same four
+//! positions of eight rows, one lane per row; each broadcast serves up to four such groups
+//! with 16 registers (AVX2, VEX), eight with EVEX's 32. A sub-block's scale then applies
+//! once per eight rows. The step (`GroupDot`) is VNNI's `vpdpbusd` in two encodings, one
+//! build each: AVX-VNNI (VEX) and AVX-512 VNNI with VL (EVEX, on 256-bit registers; where a
+//! CPU has both, EVEX's runs); without VNNI, AVX2's `maddubs` into 16-bit lanes, summed
+//! there for as many steps as stay exact. A weight block is unpacked to bytes once per tile
+//! row (`Unpacked`), so each broadcast is one load. With AVX-512 VNNI, passes of 32 rows or
+//! more go sixteen rows to a 512-bit register instead (`wide.rs`).
 //!
-//! Three or four rows left (decoding as many streams) are a group of four (`BlockQ8Kx4`):
-//! one `vpdpbusd` multiplies eight broadcast weights with eight positions of each row, two
-//! lanes per row (their integer totals added before the scaling). Against the AVX2 path's
-//! `maddubs` + `vpdpwssd` per row and 32 values, that is one instruction per row and 32
-//! values, besides the scale's multiply per sub-block.
+//! With VNNI, three or four rows left (decoding as many streams) are a group of four
+//! (`BlockQ8Kx4`): one `vpdpbusd` multiplies eight broadcast weights with eight positions of
+//! each row, two lanes per row (their integer totals added before the scaling). Against
+//! the row-by-row path's `maddubs` + `vpdpwssd` per row and 32 values, that is one
+//! instruction per row and 32 values, besides the scale's multiply per sub-block.
+//!
+//! Per pass of an 8192×3072 matrix, 64 rows, AVX2 on the Xeon VM, row by row (four rows
+//! per unpacking) -> groups of eight: Q4_K 15.0 -> 9.4 ms, Q5_K 14.4 -> 9.1, Q6_K 14.9 ->
+//! 10.3 (3072×8192: 17.0 -> 9.3-10.4); AVX-VNNI's groups take 6.8-7.4 ms.
 
 use std::arch::x86_64::*;
 
@@ -24,14 +28,14 @@ use super::super::blocks::{scales_and_mins, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ
 use super::super::kquant::{Groups, TILE_ACTS, TILE_ROWS};
 use super::wide::{tile_sixteens, WideBlock};
 use super::{
-    bytes_of, f32_of, has_avx2, load, prefetch, prefetch_next_tile, scale_block, tile, Avx2Block,
-    MulAdd, SixteenBlock, Unpacked,
+    bytes_of, f32_of, has_avx2, load, prefetch, prefetch_next_tile, scale_block, tile, Avx2,
+    Avx2Block, MulAdd, SixteenBlock, Unpacked,
 };
 
 /// A K-quant block that can be multiplied with interleaved groups of activation blocks.
-pub trait VnniBlock: Avx2Block + WideBlock {
-    /// `acc[g]` (its rows' lanes) += this block · group g's block, with VNNI.
-    unsafe fn interleaved_dots<V: Vnni, const RUN: usize, const G: usize>(
+pub trait GroupBlock: Avx2Block + WideBlock {
+    /// `acc[g]` (its rows' lanes) += this block · group g's block, with `V`'s steps.
+    unsafe fn interleaved_dots<V: GroupDot, const RUN: usize, const G: usize>(
         &self,
         ys: [&BlockQ8Kx<RUN>; G],
         acc: &mut [__m256; G],
@@ -53,13 +57,47 @@ pub fn has_avx512_vnni() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// `acc + Σ4 a_u8 · b_i8` per i32 lane: `vpdpbusd` in one of its two encodings; and, as
-/// `MulAdd`, `vpdpwssd` in the same encoding.
-pub trait Vnni: MulAdd {
+/// How a kernel set multiplies broadcast weights (u8) with an interleaved group's
+/// activations (i8), a sub-block at a time: a chain of steps sums the products per lane,
+/// and `add_scaled` adds the chains, times their sub-blocks' scales, to the exact i32
+/// totals. VNNI's chain is `vpdpbusd` into i32 lanes. AVX2's is `maddubs` into i16 lanes
+/// (two products each), added with `add_epi16` for as many steps as stay exact, then one
+/// `madd` by the scale: where the row-by-row tiles take a `maddubs`, a `madd` and an `add`
+/// per 32 values and row, this takes a `maddubs` and an `add_epi16`, and the scale's
+/// `madd` once per sub-block (Q4_K) or per few steps.
+pub trait GroupDot: MulAdd {
     /// Interleaved groups that one unpacking of a weight block serves: their two chains
     /// and total each take a register; VEX encodes 16 ymm registers, EVEX 32.
     const GROUPS: usize;
-    unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i;
+    /// The largest magnitude a chain's lane holds exactly.
+    const CHAIN_MAX: i32;
+    /// Products a step adds to each of a chain's lanes.
+    const STEP_PRODUCTS: i32;
+    /// `chain` + the products of `a` (u8) and `b` (i8), per lane.
+    unsafe fn step(chain: __m256i, a: __m256i, b: __m256i) -> __m256i;
+    /// `total += lo·scale_lo + hi·scale_hi` per i32 lane, exact. `fit_i16`: every lane of
+    /// the chains fits an i16.
+    unsafe fn add_scaled<const G: usize>(
+        total: &mut [__m256i; G],
+        lo: &[__m256i; G],
+        hi: &[__m256i; G],
+        scales: (i16, i16),
+        fit_i16: bool,
+    );
+}
+
+/// Steps a chain of `V` takes exactly with weights up to `max_weight` (activations are at
+/// most 128 in magnitude): AVX2's i16 lanes take eight with Q4_K's 4-bit values, four with
+/// Q5_K's, two with Q6_K's; VNNI's i32 lanes, any number.
+#[inline(always)]
+fn chain_span<V: GroupDot>(max_weight: i32) -> usize {
+    (V::CHAIN_MAX / (V::STEP_PRODUCTS * max_weight * 128)).max(1) as usize
+}
+
+/// Whether step k (of `steps`) ends a chain of `span` steps.
+#[inline(always)]
+fn chain_ends(k: usize, steps: usize, span: usize) -> bool {
+    (k + 1).is_multiple_of(span) || k + 1 == steps
 }
 
 /// VEX-encoded (AVX-VNNI).
@@ -82,19 +120,70 @@ impl MulAdd for Evex {
     }
 }
 
-impl Vnni for Vex {
+impl GroupDot for Vex {
     const GROUPS: usize = 4;
+    const CHAIN_MAX: i32 = i32::MAX;
+    const STEP_PRODUCTS: i32 = 4;
     #[inline(always)]
-    unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
-        _mm256_dpbusd_avx_epi32(acc, a, b)
+    unsafe fn step(chain: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(chain, a, b)
+    }
+    #[inline(always)]
+    unsafe fn add_scaled<const G: usize>(
+        total: &mut [__m256i; G],
+        lo: &[__m256i; G],
+        hi: &[__m256i; G],
+        scales: (i16, i16),
+        fit_i16: bool,
+    ) {
+        add_scaled_i32::<Self, G>(total, lo, hi, scales, fit_i16)
     }
 }
 
-impl Vnni for Evex {
+impl GroupDot for Evex {
     const GROUPS: usize = 8;
+    const CHAIN_MAX: i32 = i32::MAX;
+    const STEP_PRODUCTS: i32 = 4;
     #[inline(always)]
-    unsafe fn dpbusd(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, a, b)
+    unsafe fn step(chain: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(chain, a, b)
+    }
+    #[inline(always)]
+    unsafe fn add_scaled<const G: usize>(
+        total: &mut [__m256i; G],
+        lo: &[__m256i; G],
+        hi: &[__m256i; G],
+        scales: (i16, i16),
+        fit_i16: bool,
+    ) {
+        add_scaled_i32::<Self, G>(total, lo, hi, scales, fit_i16)
+    }
+}
+
+/// Without VNNI: chains in i16 lanes, each `madd` by its scale into the i32 totals. Four
+/// groups per unpacking, as VEX's: two or three measured 3-20% slower.
+impl GroupDot for Avx2 {
+    const GROUPS: usize = 4;
+    const CHAIN_MAX: i32 = i16::MAX as i32;
+    const STEP_PRODUCTS: i32 = 2;
+    #[inline(always)]
+    unsafe fn step(chain: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_add_epi16(chain, _mm256_maddubs_epi16(a, b))
+    }
+    #[inline(always)]
+    unsafe fn add_scaled<const G: usize>(
+        total: &mut [__m256i; G],
+        lo: &[__m256i; G],
+        hi: &[__m256i; G],
+        (scale_lo, scale_hi): (i16, i16),
+        _fit_i16: bool,
+    ) {
+        let (scale_lo, scale_hi) = (_mm256_set1_epi16(scale_lo), _mm256_set1_epi16(scale_hi));
+        for g in 0..G {
+            let l = _mm256_madd_epi16(lo[g], scale_lo);
+            let h = _mm256_madd_epi16(hi[g], scale_hi);
+            total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
+        }
     }
 }
 
@@ -102,30 +191,44 @@ impl Vnni for Evex {
 ///
 /// Safety: as for `tile_avx2`, and `groups` interleaves the rows of `ys` it says it does.
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-pub unsafe fn tile_avx_vnni<B: VnniBlock>(
+pub unsafe fn tile_avx_vnni<B: GroupBlock>(
     w: &[&[B]],
     ys: &[&[BlockQ8K]],
     groups: Groups,
     out: &mut [f32],
 ) {
-    tile_vnni::<Vex, B>(w, ys, groups, out)
+    tile_groups::<Vex, B>(w, ys, groups, out)
 }
 
 /// `tile_avx_vnni` with AVX-512 VNNI's encoding (`has_avx512_vnni`): the same results.
 ///
 /// Safety: as for `tile_avx_vnni`, on a CPU with `has_avx512_vnni`.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-pub unsafe fn tile_avx512_vnni<B: VnniBlock>(
+pub unsafe fn tile_avx512_vnni<B: GroupBlock>(
     w: &[&[B]],
     ys: &[&[BlockQ8K]],
     groups: Groups,
     out: &mut [f32],
 ) {
-    tile_vnni::<Evex, B>(w, ys, groups, out)
+    tile_groups::<Evex, B>(w, ys, groups, out)
+}
+
+/// As `tile_avx_vnni`, without VNNI (`GroupDot for Avx2`).
+///
+/// Safety: as for `tile_avx2`, and `groups` interleaves the rows of `ys` it says it does
+/// (groups of eight only).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_avx2<B: GroupBlock>(
+    w: &[&[B]],
+    ys: &[&[BlockQ8K]],
+    groups: Groups,
+    out: &mut [f32],
+) {
+    tile_groups::<Avx2, B>(w, ys, groups, out)
 }
 
 #[inline(always)]
-unsafe fn tile_vnni<V: Vnni, B: VnniBlock>(
+unsafe fn tile_groups<V: GroupDot, B: GroupBlock>(
     w: &[&[B]],
     ys: &[&[BlockQ8K]],
     groups: Groups,
@@ -158,9 +261,9 @@ unsafe fn tile_vnni<V: Vnni, B: VnniBlock>(
 }
 
 /// `out[j * m + first + i]` for the rows of the interleaved groups, as many at once as
-/// `Vnni::GROUPS` allows, so that each broadcast weight serves up to 64 rows.
+/// `GroupDot::GROUPS` allows, so that each broadcast weight serves up to 64 rows.
 #[inline(always)]
-unsafe fn tile_interleaved<V: Vnni, B: VnniBlock, const RUN: usize>(
+unsafe fn tile_interleaved<V: GroupDot, B: GroupBlock, const RUN: usize>(
     w: &[&[B]],
     groups: &[&[BlockQ8Kx<RUN>]],
     first: usize,
@@ -209,10 +312,10 @@ unsafe fn tile_interleaved<V: Vnni, B: VnniBlock, const RUN: usize>(
 }
 
 /// Weight block `x` (block column `b`) with each interleaved group, into `acc[g]`: as many
-/// groups per unpacking as the encoding's registers hold (`Vnni::GROUPS`). A function, not
+/// groups per unpacking as the encoding's registers hold (`GroupDot::GROUPS`). A function, not
 /// a closure, so that it inherits the caller's target features.
 #[inline(always)]
-unsafe fn group_products<V: Vnni, B: VnniBlock, const RUN: usize>(
+unsafe fn group_products<V: GroupDot, B: GroupBlock, const RUN: usize>(
     x: &B,
     groups: &[&[BlockQ8Kx<RUN>]],
     b: usize,
@@ -243,13 +346,18 @@ unsafe fn group_products<V: Vnni, B: VnniBlock, const RUN: usize>(
     }
 }
 
-/// Q4_K/Q5_K with VNNI, from the block's unpacked values (sub-block s in `values.0[s]`).
+/// Q4_K/Q5_K, from the block's unpacked values (sub-block s in `values.0[s]`).
 /// A chunk's two sub-blocks go side by side: two chains per group, so that the multiply-adds
 /// do not wait on each other. `FOUR_BITS`: the values are below 16 (Q4_K), so where a lane
 /// sums 16 products (groups of four, RUN 8) its sum fits an i16, and one `vpdpwssd` applies
 /// both sub-blocks' scales (instead of two multiplies and adds).
 #[inline(always)]
-unsafe fn k_quant_interleaved<V: Vnni, const RUN: usize, const G: usize, const FOUR_BITS: bool>(
+unsafe fn k_quant_interleaved<
+    V: GroupDot,
+    const RUN: usize,
+    const G: usize,
+    const FOUR_BITS: bool,
+>(
     values: &Unpacked,
     packed: &[u8; 12],
     (d, dmin): (f32, f32),
@@ -257,8 +365,10 @@ unsafe fn k_quant_interleaved<V: Vnni, const RUN: usize, const G: usize, const F
     acc: &mut [__m256; G],
 ) {
     let (scales, mins) = scales_and_mins(packed);
+    let span = chain_span::<V>(if FOUR_BITS { 15 } else { 31 });
     let mut total = [_mm256_setzero_si256(); G];
     for c in 0..4 {
+        let sub_scales = (i16::from(scales[2 * c]), i16::from(scales[2 * c + 1]));
         let mut lo = [_mm256_setzero_si256(); G];
         let mut hi = [_mm256_setzero_si256(); G];
         for k in 0..32 / RUN {
@@ -266,12 +376,15 @@ unsafe fn k_quant_interleaved<V: Vnni, const RUN: usize, const G: usize, const F
             let wh = broadcast::<RUN>(values.0[2 * c + 1].as_ptr().add(RUN * k));
             for g in 0..G {
                 let qs = &ys[g].qs;
-                lo[g] = V::dpbusd(lo[g], wl, load(qs[64 * c / RUN + k].as_ptr()));
-                hi[g] = V::dpbusd(hi[g], wh, load(qs[(64 * c + 32) / RUN + k].as_ptr()));
+                lo[g] = V::step(lo[g], wl, load(qs[64 * c / RUN + k].as_ptr()));
+                hi[g] = V::step(hi[g], wh, load(qs[(64 * c + 32) / RUN + k].as_ptr()));
+            }
+            if chain_ends(k, 32 / RUN, span) {
+                V::add_scaled::<G>(&mut total, &lo, &hi, sub_scales, FOUR_BITS && RUN == 8);
+                lo = [_mm256_setzero_si256(); G];
+                hi = [_mm256_setzero_si256(); G];
             }
         }
-        let sub_scales = (i16::from(scales[2 * c]), i16::from(scales[2 * c + 1]));
-        add_scaled::<V, G>(&mut total, &lo, &hi, sub_scales, FOUR_BITS && RUN == 8);
     }
     pair_totals::<RUN, G>(&mut total);
     let (d, dmin) = (_mm256_set1_ps(d), _mm256_set1_ps(dmin));
@@ -287,7 +400,7 @@ unsafe fn k_quant_interleaved<V: Vnni, const RUN: usize, const G: usize, const F
 /// and `hi` fits an i16) both go as the i16 halves of each lane into one `vpdpwssd` with
 /// both scales: a third of the two multiplies and adds.
 #[inline(always)]
-unsafe fn add_scaled<V: Vnni, const G: usize>(
+unsafe fn add_scaled_i32<V: MulAdd, const G: usize>(
     total: &mut [__m256i; G],
     lo: &[__m256i; G],
     hi: &[__m256i; G],
@@ -354,9 +467,9 @@ unsafe fn broadcast<const RUN: usize>(ptr: *const u8) -> __m256i {
 /// fewer registers held for it, which the 16 of AVX-VNNI's encoding need).
 macro_rules! k_quant_vnni_block {
     ($($block:ty: $four_bits:expr),*) => {$(
-        impl VnniBlock for $block {
+        impl GroupBlock for $block {
             #[inline(always)]
-            unsafe fn interleaved_dots<V: Vnni, const RUN: usize, const G: usize>(
+            unsafe fn interleaved_dots<V: GroupDot, const RUN: usize, const G: usize>(
                 &self,
                 ys: [&BlockQ8Kx<RUN>; G],
                 acc: &mut [__m256; G],
@@ -380,9 +493,9 @@ k_quant_vnni_block!(BlockQ4K: true, BlockQ5K: false);
 /// Q6_K, Q3_K and Q2_K: sub-blocks of 16.
 macro_rules! sixteen_vnni_block {
     ($($block:ty),*) => {$(
-        impl VnniBlock for $block {
+        impl GroupBlock for $block {
             #[inline(always)]
-            unsafe fn interleaved_dots<V: Vnni, const RUN: usize, const G: usize>(
+            unsafe fn interleaved_dots<V: GroupDot, const RUN: usize, const G: usize>(
                 &self,
                 ys: [&BlockQ8Kx<RUN>; G],
                 acc: &mut [__m256; G],
@@ -396,7 +509,7 @@ macro_rules! sixteen_vnni_block {
 sixteen_vnni_block!(BlockQ6K, BlockQ3K, BlockQ2K);
 
 #[inline(always)]
-unsafe fn sixteen_interleaved<V: Vnni, B: SixteenBlock, const RUN: usize, const G: usize>(
+unsafe fn sixteen_interleaved<V: GroupDot, B: SixteenBlock, const RUN: usize, const G: usize>(
     block: &B,
     ys: [&BlockQ8Kx<RUN>; G],
     acc: &mut [__m256; G],
@@ -406,8 +519,10 @@ unsafe fn sixteen_interleaved<V: Vnni, B: SixteenBlock, const RUN: usize, const 
     let values = Unpacked::of_runs(block);
     let (scales, mins) = block.scale_vectors();
     let scales = bytes_of(scales);
+    let span = chain_span::<V>(B::MAX_VALUE);
     let mut total = [_mm256_setzero_si256(); G];
     for t in 0..8 {
+        let sub_scales = (i16::from(scales[2 * t]), i16::from(scales[2 * t + 1]));
         let mut lo = [_mm256_setzero_si256(); G];
         let mut hi = [_mm256_setzero_si256(); G];
         for k in 0..16 / RUN {
@@ -415,12 +530,15 @@ unsafe fn sixteen_interleaved<V: Vnni, B: SixteenBlock, const RUN: usize, const 
             let wh = broadcast::<RUN>(values.0[t].as_ptr().add(16 + RUN * k));
             for g in 0..G {
                 let qs = &ys[g].qs;
-                lo[g] = V::dpbusd(lo[g], wl, load(qs[32 * t / RUN + k].as_ptr()));
-                hi[g] = V::dpbusd(hi[g], wh, load(qs[(32 * t + 16) / RUN + k].as_ptr()));
+                lo[g] = V::step(lo[g], wl, load(qs[32 * t / RUN + k].as_ptr()));
+                hi[g] = V::step(hi[g], wh, load(qs[(32 * t + 16) / RUN + k].as_ptr()));
+            }
+            if chain_ends(k, 16 / RUN, span) {
+                V::add_scaled::<G>(&mut total, &lo, &hi, sub_scales, B::SUMS_FIT_I16);
+                lo = [_mm256_setzero_si256(); G];
+                hi = [_mm256_setzero_si256(); G];
             }
         }
-        let sub_scales = (i16::from(scales[2 * t]), i16::from(scales[2 * t + 1]));
-        add_scaled::<V, G>(&mut total, &lo, &hi, sub_scales, B::SUMS_FIT_I16);
     }
     pair_totals::<RUN, G>(&mut total);
     let (d, dmin) = block.factors();
