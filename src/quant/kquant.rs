@@ -81,7 +81,7 @@ pub(super) const TILE_ACTS: usize = 64;
 /// A tile's activation rows as the grouped x86 kernels take them: its groups of sixteen
 /// (rows `16g..16g+16` in `sixteens[g]`, AVX-512 VNNI's 512-bit kernels) or of eight
 /// (`eights`, 256-bit kernels: VNNI or AVX2), the last maybe padded with zeros past the
-/// tile's rows, then a group of four (`fours`, VNNI only). Rows in none go row by row.
+/// tile's rows, then a group of four (`fours`, likewise). Rows in none go row by row.
 #[derive(Clone, Copy)]
 pub(super) struct Groups<'a> {
     pub(super) sixteens: &'a [&'a [BlockQ8Kx16]],
@@ -236,12 +236,13 @@ impl QMatrix {
     /// The activations interleaved for the grouped kernels: in groups of sixteen rows
     /// (AVX-512 VNNI's kernels) or eight, then the rows left over: if more than `FOURS`
     /// holds, as a last group padded with zeros (a group costs the same however many of its
-    /// rows are real); if `FOURS` holds their count (and the type takes groups of four, with
-    /// VNNI), as a group of four; else they go through `x86::tile` (eight weight rows at a
+    /// rows are real); if `FOURS` holds their count (and the type takes groups of four), as
+    /// a group of four; else they go through `x86::tile` (eight weight rows at a
     /// time). AVX2 takes the groups of eight for every prompt (its steps sum in 16-bit lanes;
     /// see `x86::k_groups`): per pass of an 8192×3072 matrix on the Xeon VM, 8 / 16 rows:
     /// Q4_K 1.96 / 3.78 -> 1.29 / 2.38 ms against the rows one by one; 5 rows (a padded
-    /// group) 1.49 -> 1.26, but Q6_K 1.56 -> 1.69.
+    /// group) 1.49 -> 1.26, but Q6_K 1.56 -> 1.69; 4 rows (a group of four) Q4_K 1.02 ->
+    /// 0.84, Q5_K 1.17 -> 0.95 against eight weight rows at a time (3 rows: the same).
     fn interleave(&self, acts: &[&[BlockQ8K]], blocks_per_row: usize) -> Interleaved {
         let wide = match self.kernels {
             Kernels::Avx512Vnni => acts.len() >= WIDE_FROM,
@@ -256,10 +257,7 @@ impl QMatrix {
         } else {
             &acts[..whole]
         };
-        let fours = if FOURS.contains(&left)
-            && self.block_type.groups_of_four()
-            && self.kernels != Kernels::Avx2
-        {
+        let fours = if FOURS.contains(&left) && self.block_type.groups_of_four() {
             &acts[whole..]
         } else {
             &[]

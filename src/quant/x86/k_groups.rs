@@ -9,9 +9,9 @@
 //! row (`Unpacked`), so each broadcast is one load. With AVX-512 VNNI, passes of 32 rows or
 //! more go sixteen rows to a 512-bit register instead (`wide.rs`).
 //!
-//! With VNNI, three or four rows left (decoding as many streams) are a group of four
-//! (`BlockQ8Kx4`): one `vpdpbusd` multiplies eight broadcast weights with eight positions of
-//! each row, two lanes per row (their integer totals added before the scaling). Against
+//! Three or four rows left (decoding as many streams) are a group of four (`BlockQ8Kx4`):
+//! one `vpdpbusd` multiplies eight broadcast weights with eight positions of each row (AVX2:
+//! one `maddubs`), two lanes per row (their integer totals added before the scaling). Against
 //! the row-by-row path's `maddubs` + `vpdpwssd` per row and 32 values, that is one
 //! instruction per row and 32 values, besides the scale's multiply per sub-block.
 //!
