@@ -13,7 +13,7 @@ use std::ops::Range;
 
 use super::super::legacy::{BlockQ8_0x8, LegacyBlock};
 use super::super::{Kernels, OutPtr};
-use super::k_groups::{Evex, Vex};
+use super::group_dot::{Evex, Vex};
 use super::legacy_tiles::ByteDot;
 use super::{f32_of, load, Avx2};
 

@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use super::super::legacy::{BlockQ8_0, LegacyBlock};
 use super::super::OutPtr;
-use super::k_groups::{Evex, Vex};
+use super::group_dot::{Evex, Vex};
 use super::{f32_of, lane_totals, load, Avx2};
 
 /// `Σ4 u8 · i8` per i32 lane (AVX2's `maddubs` saturates pairs past ±32767: operands whose

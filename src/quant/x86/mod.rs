@@ -1,6 +1,7 @@
 //! x86 matrix products, in builds chosen at run time. K-quant weight rows with Q8_K
 //! activation rows: the row-by-row tiles here (decoding, and rows beside the groups), the
-//! groups of eight interleaved rows in `k_groups.rs` (256-bit: AVX2 or VNNI) and of sixteen
+//! groups of eight interleaved rows in `k_groups.rs` (256-bit: AVX2 or VNNI, their steps in
+//! `group_dot.rs`) and of sixteen
 //! in `wide.rs` (AVX-512's 512-bit registers, for prompts), each block type's
 //! unpacking in `k_blocks.rs`, the activations' quantizing and the output's transposing in
 //! `activations.rs`. The 32-value types: pairs of weight rows (eight, decoding the 4-bit
@@ -24,6 +25,7 @@ use super::kquant::{TILE_ACTS, TILE_ROWS};
 
 mod activations;
 mod float_tiles;
+mod group_dot;
 mod k_blocks;
 mod k_groups;
 mod legacy_interleaved;
@@ -31,10 +33,9 @@ mod legacy_tiles;
 mod wide;
 pub use activations::{quantize_q8k, transpose};
 pub use float_tiles::{float_group, FloatGroup};
+pub use group_dot::{has_avx512_vnni, has_avx_vnni};
 use k_blocks::{bytes_of, SixteenBlock, Unpacked};
-pub use k_groups::{
-    has_avx512_vnni, has_avx_vnni, tile_avx2, tile_avx512_vnni, tile_avx_vnni, GroupBlock,
-};
+pub use k_groups::{tile_avx2, tile_avx512_vnni, tile_avx_vnni, GroupBlock};
 pub use legacy_interleaved::{interleaved, InterleavedGroup, InterleavedKernel};
 pub use legacy_tiles::{
     legacy_group_avx2, legacy_group_avx512_vnni, legacy_group_avx_vnni, LegacyGroup,

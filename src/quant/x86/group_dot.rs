@@ -1,0 +1,180 @@
+//! How a kernel set takes the grouped K-quant kernels' steps (`k_groups.rs`): VNNI's
+//! `vpdpbusd` in its two encodings (one build each), or AVX2's `maddubs` into 16-bit lanes
+//! summed there for as many steps as stay exact; and how a sub-block's scale then applies.
+
+use std::arch::x86_64::*;
+
+use super::{has_avx2, Avx2, MulAdd};
+
+pub fn has_avx_vnni() -> bool {
+    has_avx2() && is_x86_feature_detected!("avxvnni")
+}
+
+/// The same 256-bit `vpdpbusd`, EVEX-encoded: CPUs with AVX-512 VNNI but no AVX-VNNI (some
+/// Zen 4 and Ice Lake / Cascade Lake servers, and virtual machines that hide AVX-VNNI); and
+/// prompts' tiles in 512-bit registers (`wide.rs`).
+pub fn has_avx512_vnni() -> bool {
+    has_avx2()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// How a kernel set multiplies broadcast weights (u8) with an interleaved group's
+/// activations (i8), a sub-block at a time: a chain of steps sums the products per lane,
+/// and `add_scaled` adds the chains, times their sub-blocks' scales, to the exact i32
+/// totals. VNNI's chain is `vpdpbusd` into i32 lanes. AVX2's is `maddubs` into i16 lanes
+/// (two products each), added with `add_epi16` for as many steps as stay exact, then one
+/// `madd` by the scale: where the row-by-row tiles take a `maddubs`, a `madd` and an `add`
+/// per 32 values and row, this takes a `maddubs` and an `add_epi16`, and the scale's
+/// `madd` once per sub-block (Q4_K) or per few steps.
+pub trait GroupDot: MulAdd {
+    /// Interleaved groups that one unpacking of a weight block serves: their two chains
+    /// and total each take a register; VEX encodes 16 ymm registers, EVEX 32.
+    const GROUPS: usize;
+    /// The largest magnitude a chain's lane holds exactly.
+    const CHAIN_MAX: i32;
+    /// Products a step adds to each of a chain's lanes.
+    const STEP_PRODUCTS: i32;
+    /// `chain` + the products of `a` (u8) and `b` (i8), per lane.
+    unsafe fn step(chain: __m256i, a: __m256i, b: __m256i) -> __m256i;
+    /// `total += lo·scale_lo + hi·scale_hi` per i32 lane, exact. `fit_i16`: every lane of
+    /// the chains fits an i16.
+    unsafe fn add_scaled<const G: usize>(
+        total: &mut [__m256i; G],
+        lo: &[__m256i; G],
+        hi: &[__m256i; G],
+        scales: (i16, i16),
+        fit_i16: bool,
+    );
+}
+
+/// Steps a chain of `V` takes exactly with weights up to `max_weight` (activations are at
+/// most 128 in magnitude): AVX2's i16 lanes take eight with Q4_K's 4-bit values, four with
+/// Q5_K's, two with Q6_K's; VNNI's i32 lanes, any number.
+#[inline(always)]
+pub(super) fn chain_span<V: GroupDot>(max_weight: i32) -> usize {
+    (V::CHAIN_MAX / (V::STEP_PRODUCTS * max_weight * 128)).max(1) as usize
+}
+
+/// Whether step k (of `steps`) ends a chain of `span` steps.
+#[inline(always)]
+pub(super) fn chain_ends(k: usize, steps: usize, span: usize) -> bool {
+    (k + 1).is_multiple_of(span) || k + 1 == steps
+}
+
+/// VEX-encoded (AVX-VNNI).
+pub struct Vex;
+
+/// EVEX-encoded (AVX-512 VNNI with VL), on 256-bit registers.
+pub struct Evex;
+
+impl MulAdd for Vex {
+    #[inline(always)]
+    unsafe fn mul_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpwssd_avx_epi32(acc, a, b)
+    }
+}
+
+impl MulAdd for Evex {
+    #[inline(always)]
+    unsafe fn mul_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpwssd_epi32(acc, a, b)
+    }
+}
+
+impl GroupDot for Vex {
+    const GROUPS: usize = 4;
+    const CHAIN_MAX: i32 = i32::MAX;
+    const STEP_PRODUCTS: i32 = 4;
+    #[inline(always)]
+    unsafe fn step(chain: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(chain, a, b)
+    }
+    #[inline(always)]
+    unsafe fn add_scaled<const G: usize>(
+        total: &mut [__m256i; G],
+        lo: &[__m256i; G],
+        hi: &[__m256i; G],
+        scales: (i16, i16),
+        fit_i16: bool,
+    ) {
+        add_scaled_i32::<Self, G>(total, lo, hi, scales, fit_i16)
+    }
+}
+
+impl GroupDot for Evex {
+    const GROUPS: usize = 8;
+    const CHAIN_MAX: i32 = i32::MAX;
+    const STEP_PRODUCTS: i32 = 4;
+    #[inline(always)]
+    unsafe fn step(chain: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(chain, a, b)
+    }
+    #[inline(always)]
+    unsafe fn add_scaled<const G: usize>(
+        total: &mut [__m256i; G],
+        lo: &[__m256i; G],
+        hi: &[__m256i; G],
+        scales: (i16, i16),
+        fit_i16: bool,
+    ) {
+        add_scaled_i32::<Self, G>(total, lo, hi, scales, fit_i16)
+    }
+}
+
+/// Without VNNI: chains in i16 lanes, each `madd` by its scale into the i32 totals. Four
+/// groups per unpacking, as VEX's: two or three measured 3-20% slower.
+impl GroupDot for Avx2 {
+    const GROUPS: usize = 4;
+    const CHAIN_MAX: i32 = i16::MAX as i32;
+    const STEP_PRODUCTS: i32 = 2;
+    #[inline(always)]
+    unsafe fn step(chain: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        _mm256_add_epi16(chain, _mm256_maddubs_epi16(a, b))
+    }
+    #[inline(always)]
+    unsafe fn add_scaled<const G: usize>(
+        total: &mut [__m256i; G],
+        lo: &[__m256i; G],
+        hi: &[__m256i; G],
+        (scale_lo, scale_hi): (i16, i16),
+        _fit_i16: bool,
+    ) {
+        let (scale_lo, scale_hi) = (_mm256_set1_epi16(scale_lo), _mm256_set1_epi16(scale_hi));
+        for g in 0..G {
+            let l = _mm256_madd_epi16(lo[g], scale_lo);
+            let h = _mm256_madd_epi16(hi[g], scale_hi);
+            total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
+        }
+    }
+}
+
+/// `total += lo·scale_lo + hi·scale_hi` per lane, exact. With `fit_i16` (every lane of `lo`
+/// and `hi` fits an i16) both go as the i16 halves of each lane into one `vpdpwssd` with
+/// both scales: a third of the two multiplies and adds.
+#[inline(always)]
+unsafe fn add_scaled_i32<V: MulAdd, const G: usize>(
+    total: &mut [__m256i; G],
+    lo: &[__m256i; G],
+    hi: &[__m256i; G],
+    (scale_lo, scale_hi): (i16, i16),
+    fit_i16: bool,
+) {
+    if fit_i16 {
+        let pair = _mm256_set1_epi32(i32::from(scale_lo as u16) | (i32::from(scale_hi) << 16));
+        for g in 0..G {
+            let both = _mm256_blend_epi16::<0xAA>(lo[g], _mm256_slli_epi32::<16>(hi[g]));
+            total[g] = V::mul_add(total[g], both, pair);
+        }
+    } else {
+        let scale_lo = _mm256_set1_epi32(i32::from(scale_lo));
+        let scale_hi = _mm256_set1_epi32(i32::from(scale_hi));
+        for g in 0..G {
+            let l = _mm256_mullo_epi32(lo[g], scale_lo);
+            let h = _mm256_mullo_epi32(hi[g], scale_hi);
+            total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
+        }
+    }
+}
