@@ -2,10 +2,10 @@
 //! (`BlockQ8Kx8`) so that one step multiplies four broadcast weights with the same four
 //! positions of eight rows, one lane per row; each broadcast serves up to four such groups
 //! with 16 registers (AVX2, VEX), eight with EVEX's 32. A sub-block's scale then applies
-//! once per eight rows. The step (`GroupDot`, `group_dot.rs`) is VNNI's `vpdpbusd` in two encodings, one
-//! build each: AVX-VNNI (VEX) and AVX-512 VNNI with VL (EVEX, on 256-bit registers; where a
-//! CPU has both, EVEX's runs); without VNNI, AVX2's `maddubs` into 16-bit lanes, summed
-//! there for as many steps as stay exact. A weight block is unpacked to bytes once per tile
+//! once per eight rows. The step (`GroupDot`, in `group_dot.rs`) is VNNI's `vpdpbusd` in
+//! two encodings, one build each: AVX-VNNI (VEX) and AVX-512 VNNI with VL (EVEX, on 256-bit
+//! registers; where a CPU has both, EVEX's runs); without VNNI, AVX2's `maddubs` into
+//! 16-bit lanes, summed there for as many steps as stay exact. A weight block is unpacked to bytes once per tile
 //! row (`Unpacked`), so each broadcast is one load. With AVX-512 VNNI, passes of 32 rows or
 //! more go sixteen rows to a 512-bit register instead (`wide.rs`).
 //!
