@@ -46,7 +46,7 @@ impl BlockType {
         }
     }
 
-    /// Whether three or four rows left go as a VNNI group of four (`FOURS`), rather than
+    /// Whether three or four rows left go as a group of four (`FOURS`), rather than
     /// eight weight rows at a time (`x86::tile`'s decoding path): so for the types with
     /// sub-blocks of 32. Per pass of an 8192×3072 matrix, AVX-512 VNNI on a Xeon, three /
     /// four rows: Q4_K 0.89-0.95 / 0.86-0.94 ms grouped against 0.89-0.92 / 0.97-1.03 by
@@ -58,8 +58,8 @@ impl BlockType {
 
 /// Weight rows in a tile.
 pub(super) const TILE_ROWS: usize = 8;
-/// Rows left beyond the groups of sixteen or eight that the VNNI kernels take as a group of
-/// four (for the types `BlockType::groups_of_four` names); more go as a padded group. Measured
+/// Rows left beyond the groups of sixteen or eight that the grouped kernels take as a group
+/// of four (for the types `BlockType::groups_of_four` names); more go as a padded group. Measured
 /// per pass of a Phi-3-mini-shaped 8192×3072 Q4_K matrix on a Xeon with AVX-VNNI, before
 /// decoding took eight weight rows at a time: rows by AVX2 1 0.60 ms, 2 0.80, 3 ~1.0; a
 /// group of four 1.01 ms (1.29 for Q6_K); two groups of four 1.74 ms; a group of eight

@@ -128,8 +128,9 @@ fn k_quant_products_match_candle() {
 }
 
 /// Every stored value at its largest (all bits set), times activations that quantize to
-/// -128 throughout: the largest sums a lane meets, which AVX2's 16-bit chains must hold
-/// exactly (a chain one step too long wraps, and the product is far off Candle's).
+/// ±127 throughout (Q8_K's largest magnitude): the largest sums a lane meets, which AVX2's
+/// 16-bit chains must hold exactly (a chain one step too long wraps, and the product is far
+/// off Candle's).
 #[test]
 fn the_largest_values_sum_exactly() {
     let (rows, cols) = (16, 2 * QK_K);
@@ -157,7 +158,7 @@ fn the_largest_values_sum_exactly() {
         }
         let weights = RawTensor::new(dtype, vec![rows, cols], WeightBytes::copied(&bytes)).unwrap();
         for m in [1, 4, 8, 16, 64] {
-            // Constant rows quantize to -128 (Q8_K's scale maps the largest to -128).
+            // Constant rows quantize to ±127 throughout.
             for value in [1.0f32, -1.0] {
                 let x = vec![value; m * cols];
                 let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();

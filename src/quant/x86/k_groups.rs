@@ -5,15 +5,17 @@
 //! once per eight rows. The step (`GroupDot`, in `group_dot.rs`) is VNNI's `vpdpbusd` in
 //! two encodings, one build each: AVX-VNNI (VEX) and AVX-512 VNNI with VL (EVEX, on 256-bit
 //! registers; where a CPU has both, EVEX's runs); without VNNI, AVX2's `maddubs` into
-//! 16-bit lanes, summed there for as many steps as stay exact. A weight block is unpacked to bytes once per tile
-//! row (`Unpacked`), so each broadcast is one load. With AVX-512 VNNI, passes of 32 rows or
-//! more go sixteen rows to a 512-bit register instead (`wide.rs`).
+//! 16-bit lanes, summed there for as many steps as stay exact. A weight block is unpacked
+//! to bytes once per tile row (`Unpacked`), so each broadcast is one load. With AVX-512
+//! VNNI, passes of 32 rows or more go sixteen rows to a 512-bit register instead
+//! (`wide.rs`).
 //!
 //! Three or four rows left (decoding as many streams) are a group of four (`BlockQ8Kx4`):
 //! one `vpdpbusd` multiplies eight broadcast weights with eight positions of each row (AVX2:
-//! one `maddubs`), two lanes per row (their integer totals added before the scaling). Against
-//! the row-by-row path's `maddubs` + `vpdpwssd` per row and 32 values, that is one
-//! instruction per row and 32 values, besides the scale's multiply per sub-block.
+//! one `maddubs` and a 16-bit add), two lanes per row (their integer totals added before the
+//! scaling). Against the row-by-row path's `maddubs` + `vpdpwssd` per row and 32 values,
+//! that is one instruction per row and 32 values with VNNI, besides the scale's multiply
+//! per sub-block.
 //!
 //! Per pass of an 8192×3072 matrix, 64 rows, AVX2 on the Xeon VM, row by row (four rows
 //! per unpacking) -> groups of eight: Q4_K 15.0 -> 9.4 ms, Q5_K 14.4 -> 9.1, Q6_K 14.9 ->
@@ -43,9 +45,25 @@ pub trait GroupBlock: Avx2Block + WideBlock {
     );
 }
 
-/// As `tile_avx2`, with AVX-VNNI (`has_avx_vnni`) for the rows in `groups`.
+/// `out[j * ys.len() + i] = w[j] · ys[i]`, with AVX2 (`GroupDot for Avx2`) for the rows
+/// in `groups` and row by row for the rest.
 ///
-/// Safety: as for `tile_avx2`, and `groups` interleaves the rows of `ys` it says it does.
+/// Safety: the CPU must have AVX2, FMA and F16C (`has_avx2`); every row of `w` and `ys` has
+/// the same number of blocks; at most `TILE_ROWS` × `TILE_ACTS`; `out` is `w.len() *
+/// ys.len()`; `groups` interleaves the rows of `ys` it says it does (no sixteens).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_avx2<B: GroupBlock>(
+    w: &[&[B]],
+    ys: &[&[BlockQ8K]],
+    groups: Groups,
+    out: &mut [f32],
+) {
+    tile_groups::<Avx2, B>(w, ys, groups, out)
+}
+
+/// As `tile_avx2`, with AVX-VNNI (`has_avx_vnni`).
+///
+/// Safety: as for `tile_avx2`, on a CPU with `has_avx_vnni`.
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
 pub unsafe fn tile_avx_vnni<B: GroupBlock>(
     w: &[&[B]],
@@ -58,7 +76,7 @@ pub unsafe fn tile_avx_vnni<B: GroupBlock>(
 
 /// `tile_avx_vnni` with AVX-512 VNNI's encoding (`has_avx512_vnni`): the same results.
 ///
-/// Safety: as for `tile_avx_vnni`, on a CPU with `has_avx512_vnni`.
+/// Safety: as for `tile_avx2`, on a CPU with `has_avx512_vnni` (groups of sixteen too).
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
 pub unsafe fn tile_avx512_vnni<B: GroupBlock>(
     w: &[&[B]],
@@ -67,20 +85,6 @@ pub unsafe fn tile_avx512_vnni<B: GroupBlock>(
     out: &mut [f32],
 ) {
     tile_groups::<Evex, B>(w, ys, groups, out)
-}
-
-/// As `tile_avx_vnni`, without VNNI (`GroupDot for Avx2`).
-///
-/// Safety: as for `tile_avx2`, and `groups` interleaves the rows of `ys` it says it does
-/// (groups of eight only).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile_avx2<B: GroupBlock>(
-    w: &[&[B]],
-    ys: &[&[BlockQ8K]],
-    groups: Groups,
-    out: &mut [f32],
-) {
-    tile_groups::<Avx2, B>(w, ys, groups, out)
 }
 
 #[inline(always)]

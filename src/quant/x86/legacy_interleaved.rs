@@ -46,9 +46,9 @@ pub fn interleaved<B: LegacyBlock>(kernels: Kernels) -> Option<InterleavedKernel
     }
 }
 
-/// Safety: the CPU must have AVX2, FMA and F16C; `weights` holds `rows.len()` rows and `groups` whole groups of `blocks` blocks, built
-/// with B's `EXCESS`; `out` has room for every group's rows at `stride`, and no other
-/// thread writes these rows' outputs meanwhile.
+/// Safety: the CPU must have AVX2, FMA and F16C; `weights` holds `rows.len()` rows and `groups`
+/// whole groups of `blocks` blocks, built with B's `EXCESS`; `out` has room for every group's rows
+/// at `stride`, and no other thread writes these rows' outputs meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn interleaved_avx2<B: LegacyBlock>(g: &InterleavedGroup<'_, B>) {
     run::<Avx2, B>(g)

@@ -1,12 +1,10 @@
-//! x86 matrix products, in builds chosen at run time. K-quant weight rows with Q8_K
-//! activation rows: the row-by-row tiles here (decoding, and rows beside the groups), the
-//! groups of eight interleaved rows in `k_groups.rs` (256-bit: AVX2 or VNNI, their steps in
-//! `group_dot.rs`) and of sixteen
-//! in `wide.rs` (AVX-512's 512-bit registers, for prompts), each block type's
-//! unpacking in `k_blocks.rs`, the activations' quantizing and the output's transposing in
-//! `activations.rs`. The 32-value types: pairs of weight rows (eight, decoding the 4-bit
-//! types) in `legacy_tiles.rs`, eight activation rows at a time in `legacy_interleaved.rs`.
-//! Float weights: `float_tiles.rs`.
+//! x86 matrix products, in builds chosen at run time. K-quant weight rows with Q8_K activation
+//! rows: the row-by-row tiles here (decoding, and rows beside the groups), the groups of eight
+//! interleaved rows in `k_groups.rs` (256-bit: AVX2 or VNNI, their steps in `group_dot.rs`) and of
+//! sixteen in `wide.rs` (AVX-512's 512-bit registers, for prompts), each block type's unpacking in
+//! `k_blocks.rs`, the activations' quantizing and the output's transposing in `activations.rs`. The
+//! 32-value types: pairs of weight rows (eight, decoding the 4-bit types) in `legacy_tiles.rs`,
+//! eight activation rows at a time in `legacy_interleaved.rs`. Float weights: `float_tiles.rs`.
 //!
 //! The weights are read in the file's own block layout (no repacked copy). A prompt's tile
 //! of weight rows meets its tile of activation rows one 256-value block column at a time, so
@@ -188,9 +186,9 @@ unsafe fn tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
 /// come out of one reduction (`lane_totals`) into the lanes of one vector and are scaled
 /// there together. Per pass of an 8192×3072 matrix on a Xeon, one stream, against row by
 /// row: Q4_K 580-635 -> 418-480 µs, Q5_K 620-716 -> 540-613, Q6_K 580-650 -> 512-578,
-/// Q3_K 735-843 -> 523-598, Q2_K 880-920 -> 423-460 (AVX2 and VNNI builds alike). Each lane takes a row's steps in `group_products` (its exact integer
-/// totals, then the same float operations in the same order): the same bits as the row
-/// alone.
+/// Q3_K 735-843 -> 523-598, Q2_K 880-920 -> 423-460 (AVX2 and VNNI builds alike). Each
+/// lane takes a row's steps in `group_products` (its exact integer totals, then the same
+/// float operations in the same order): the same bits as the row alone.
 #[inline(always)]
 unsafe fn eight_rows<A: MulAdd, B: Avx2Block, const R: usize>(
     w: &[&[B]],
