@@ -3,8 +3,8 @@
 //! activation rows (AVX2; 8 with AVX-512's 32 registers) keeps its sums in registers beside
 //! the three weight vectors and one activation vector, so each converted weight vector
 //! serves four (eight) rows. A group's weight rows (up to 48: 288 KiB of f16 at
-//! Phi-3-mini's 3072 columns) stay in L2 while every tile of 16 activation rows passes;
-//! prompt tiles go 256 columns at a time (512 with AVX-512), so the tile's activations stay
+//! Phi-3-mini's 3072 columns) stay in L2 while every tile of 8 activation rows passes;
+//! prompt tiles go 512 columns at a time (1024 with AVX-512), so the tile's activations stay
 //! in L1 meanwhile.
 //! Decoding (a few rows) streams each weight strip over all its columns, prefetched a page
 //! ahead. A matrix takes one width for every pass (`FloatGroup::wide`), so a row's sums
@@ -18,8 +18,15 @@ use super::super::OutPtr;
 use super::hsum;
 use crate::lanes::{Avx2, Avx512, Lanes};
 
-/// Activation rows per tile.
-const ACTS: usize = 16;
+/// Activation rows per tile. Rows whose length is a multiple of 4 KiB (Phi-3's 3,072 and
+/// 8,192 columns: 12 and 32 KiB) put every row's same column in the same L1 set, so a
+/// tile's rows compete for that set's ways (8 on Zen, 12 on recent Intel cores): at 16
+/// rows they evicted each other and the weights. Eight rows with twice the columns a pass,
+/// per 64-row pass on the Xeon VM, AVX-512 / AVX2: 9216×3072 23.9 / 25.7 -> 18.6-19.2 /
+/// 21.7-22.3 ms, 3072×8192 17.6 / 22.5 -> 15.0-15.5 / 20.6; the 8-layer F16 file's
+/// prompts 0.82x -> 0.98-1.00x of llama.cpp's (AVX2: 0.93-0.97x -> 1.06-1.09x). Copying
+/// the rows a line apart instead was slower for 8,192 columns (17.3 -> 20.5 ms).
+const ACTS: usize = 8;
 /// Weight rows per microkernel strip.
 const STRIP: usize = 3;
 /// As the K-quant decode path: the hardware prefetchers stop at page boundaries.
@@ -81,18 +88,18 @@ trait Tiles: Lanes {
     /// Activation rows per microkernel: what the registers hold beside three weight vectors
     /// and one activation vector (16 ymm, 32 zmm).
     const QUAD: usize;
-    /// Columns per pass of a prompt tile: the tile's 16 rows of activations stay in L1
-    /// meanwhile (16 KiB at 256, for L1s of 32 KiB; 32 KiB at 512 where AVX-512 CPUs have
-    /// 48, but Zen 4's 32). At 512, against 256, an 8-layer F16 prompt of 512 tokens took
-    /// 6.6-6.7 s against 6.8-7.2 on the Xeon VM: half the microkernels' loads and stores
-    /// of their sums.
+    /// Columns per pass of a prompt tile: the tile's 8 rows of activations stay in L1
+    /// meanwhile (16 KiB at 512, for L1s of 32 KiB; 32 KiB at 1024 where AVX-512 CPUs have
+    /// 48, but Zen 4's 32). Longer passes halve the microkernels' loads and stores of their
+    /// sums (with 16 rows, 512 against 256 columns took an 8-layer F16 prompt of 512
+    /// tokens from 6.8-7.2 s to 6.6-6.7 on the Xeon VM).
     const CHUNK: usize;
     unsafe fn weights<F: Format>(row: *const u8, k: usize) -> Self::V;
 }
 
 impl Tiles for Avx2 {
     const QUAD: usize = 4;
-    const CHUNK: usize = 256;
+    const CHUNK: usize = 512;
     #[inline(always)]
     unsafe fn weights<F: Format>(row: *const u8, k: usize) -> __m256 {
         F::load8(row, k)
@@ -101,7 +108,7 @@ impl Tiles for Avx2 {
 
 impl Tiles for Avx512 {
     const QUAD: usize = 8;
-    const CHUNK: usize = 512;
+    const CHUNK: usize = 1024;
     #[inline(always)]
     unsafe fn weights<F: Format>(row: *const u8, k: usize) -> __m512 {
         F::load16(row, k)
