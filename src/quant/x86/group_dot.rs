@@ -1,4 +1,5 @@
-//! How a kernel set takes the grouped K-quant kernels' steps (`k_groups.rs`): VNNI's
+//! How a kernel set multiplies u8 weights with i8 activations, for every x86 kernel of the
+//! quantized types (`k_groups.rs`, `legacy_tiles.rs`, `legacy_interleaved.rs`): VNNI's
 //! `vpdpbusd` in its two encodings (one build each), or AVX2's `maddubs` into 16-bit lanes
 //! summed there for as many steps as stay exact; and how a sub-block's scale then applies.
 
@@ -21,33 +22,55 @@ pub fn has_avx512_vnni() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// How a kernel set multiplies broadcast weights (u8) with an interleaved group's
-/// activations (i8), a sub-block at a time: a chain of steps sums the products per lane,
-/// and `add_scaled` adds the chains, times their sub-blocks' scales, to the exact i32
-/// totals. VNNI's chain is `vpdpbusd` into i32 lanes. AVX2's is `maddubs` into i16 lanes
-/// (two products each), added with `add_epi16` for as many steps as stay exact, then one
-/// `madd` by the scale: where the row-by-row tiles take a `maddubs`, a `madd` and an `add`
-/// per 32 values and row, this takes a `maddubs` and an `add_epi16`, and the scale's
-/// `madd` once per sub-block (Q4_K) or per few steps.
+/// How a kernel set multiplies u8 weights with i8 activations, four per i32 lane. The
+/// grouped kernels chain steps over a sub-block, and `add_scaled` adds the chains, times
+/// their sub-blocks' scales, to the exact i32 totals. VNNI's chain is `vpdpbusd` into i32
+/// lanes. AVX2's is `maddubs` into i16 lanes (two products each), added with `add_epi16`
+/// for as many steps as stay exact (`chain_span`), then one `madd` by the scale: where the
+/// row-by-row tiles take a `maddubs`, a `madd` and an `add` per 32 values and row (`dot`),
+/// this takes a `maddubs` and an `add_epi16`, and the scale's `madd` once per sub-block
+/// (Q4_K) or per few steps.
 pub trait GroupDot: MulAdd {
     /// Interleaved groups that one unpacking of a weight block serves: their two chains
     /// and total each take a register; VEX encodes 16 ymm registers, EVEX 32.
     const GROUPS: usize;
     /// The largest magnitude a chain's lane holds exactly.
-    const CHAIN_MAX: i32;
+    const CHAIN_MAX: i32 = i32::MAX;
     /// Products a step adds to each of a chain's lanes.
-    const STEP_PRODUCTS: i32;
+    const STEP_PRODUCTS: i32 = 4;
     /// `chain` + the products of `a` (u8) and `b` (i8), per lane.
     unsafe fn step(chain: __m256i, a: __m256i, b: __m256i) -> __m256i;
+    /// A chain's lanes as i32 lanes of the same total.
+    #[inline(always)]
+    unsafe fn widen(chain: __m256i) -> __m256i {
+        chain
+    }
+    /// `acc` + Σ4 a·b per i32 lane, for operands whose single step is exact.
+    #[inline(always)]
+    unsafe fn dot_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        if Self::CHAIN_MAX == i32::MAX {
+            Self::step(acc, a, b)
+        } else {
+            _mm256_add_epi32(acc, Self::widen(Self::step(_mm256_setzero_si256(), a, b)))
+        }
+    }
+    /// Σ4 a·b per i32 lane.
+    #[inline(always)]
+    unsafe fn dot(a: __m256i, b: __m256i) -> __m256i {
+        Self::dot_acc(_mm256_setzero_si256(), a, b)
+    }
     /// `total += lo·scale_lo + hi·scale_hi` per i32 lane, exact. `fit_i16`: every lane of
     /// the chains fits an i16.
+    #[inline(always)]
     unsafe fn add_scaled<const G: usize>(
         total: &mut [__m256i; G],
         lo: &[__m256i; G],
         hi: &[__m256i; G],
         scales: (i16, i16),
         fit_i16: bool,
-    );
+    ) {
+        add_scaled_i32::<Self, G>(total, lo, hi, scales, fit_i16)
+    }
 }
 
 /// Steps a chain of `V` takes exactly with weights up to `max_weight` (activations are at
@@ -86,46 +109,23 @@ impl MulAdd for Evex {
 
 impl GroupDot for Vex {
     const GROUPS: usize = 4;
-    const CHAIN_MAX: i32 = i32::MAX;
-    const STEP_PRODUCTS: i32 = 4;
     #[inline(always)]
     unsafe fn step(chain: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_avx_epi32(chain, a, b)
-    }
-    #[inline(always)]
-    unsafe fn add_scaled<const G: usize>(
-        total: &mut [__m256i; G],
-        lo: &[__m256i; G],
-        hi: &[__m256i; G],
-        scales: (i16, i16),
-        fit_i16: bool,
-    ) {
-        add_scaled_i32::<Self, G>(total, lo, hi, scales, fit_i16)
     }
 }
 
 impl GroupDot for Evex {
     const GROUPS: usize = 8;
-    const CHAIN_MAX: i32 = i32::MAX;
-    const STEP_PRODUCTS: i32 = 4;
     #[inline(always)]
     unsafe fn step(chain: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(chain, a, b)
     }
-    #[inline(always)]
-    unsafe fn add_scaled<const G: usize>(
-        total: &mut [__m256i; G],
-        lo: &[__m256i; G],
-        hi: &[__m256i; G],
-        scales: (i16, i16),
-        fit_i16: bool,
-    ) {
-        add_scaled_i32::<Self, G>(total, lo, hi, scales, fit_i16)
-    }
 }
 
-/// Without VNNI: chains in i16 lanes, each `madd` by its scale into the i32 totals. Four
-/// groups per unpacking, as VEX's: two or three measured 3-20% slower.
+/// Without VNNI: chains in i16 lanes (`maddubs` saturates pairs past ±32767: operands whose
+/// pairs cannot reach that only), each `madd` by its scale into the i32 totals. Four groups
+/// per unpacking, as VEX's: two or three measured 3-20% slower.
 impl GroupDot for Avx2 {
     const GROUPS: usize = 4;
     const CHAIN_MAX: i32 = i16::MAX as i32;
@@ -133,6 +133,10 @@ impl GroupDot for Avx2 {
     #[inline(always)]
     unsafe fn step(chain: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_add_epi16(chain, _mm256_maddubs_epi16(a, b))
+    }
+    #[inline(always)]
+    unsafe fn widen(chain: __m256i) -> __m256i {
+        _mm256_madd_epi16(chain, _mm256_set1_epi16(1))
     }
     #[inline(always)]
     unsafe fn add_scaled<const G: usize>(
@@ -155,7 +159,7 @@ impl GroupDot for Avx2 {
 /// and `hi` fits an i16) both go as the i16 halves of each lane into one `vpdpwssd` with
 /// both scales: a third of the two multiplies and adds.
 #[inline(always)]
-unsafe fn add_scaled_i32<V: MulAdd, const G: usize>(
+unsafe fn add_scaled_i32<V: MulAdd + ?Sized, const G: usize>(
     total: &mut [__m256i; G],
     lo: &[__m256i; G],
     hi: &[__m256i; G],

@@ -6,15 +6,15 @@
 //! instructions. Without VNNI, `maddubs` stands in for `vpdpbusd`: the 4- and 5-bit types'
 //! pairs are summed in i16 over four or eight quads, then to i32 by one `madd`; Q8_0's
 //! weights (which `maddubs` would saturate on, shifted to unsigned) go as their magnitudes,
-//! the activations taking their signs, and each quad's pairs to i32 at once.
+//! the activations taking their signs, and each quad's pairs to i32 at once (the chain
+//! of `group_dot.rs`, shared with the K-quant groups).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::super::legacy::{BlockQ8_0x8, LegacyBlock};
 use super::super::{Kernels, OutPtr};
-use super::group_dot::{Evex, Vex};
-use super::legacy_tiles::ByteDot;
+use super::group_dot::{chain_ends, chain_span, Evex, GroupDot, Vex};
 use super::{f32_of, load, Avx2};
 
 /// Groups of eight activation rows per pass over a weight row: their accumulators and the
@@ -67,7 +67,7 @@ pub unsafe fn interleaved_avx512_vnni<B: LegacyBlock>(g: &InterleavedGroup<'_, B
 }
 
 #[inline(always)]
-unsafe fn run<D: ByteDot, B: LegacyBlock>(g: &InterleavedGroup<'_, B>) {
+unsafe fn run<D: GroupDot, B: LegacyBlock>(g: &InterleavedGroup<'_, B>) {
     let nb = g.blocks;
     let n_groups = g.groups.len() / nb;
     debug_assert!(g.weights.len() >= g.rows.len() * nb && g.groups.len() == n_groups * nb);
@@ -109,14 +109,20 @@ unsafe fn widen<const G: usize>(sums: [__m256; G]) -> [__m256; GROUPS] {
 // Indexes: the loops walk the weight block's four-value quads and the groups.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn pass<D: ByteDot, B: LegacyBlock, const G: usize>(
+unsafe fn pass<D: GroupDot, B: LegacyBlock, const G: usize>(
     w: *const B,
     xs: &[*const BlockQ8_0x8; GROUPS],
     nb: usize,
 ) -> [__m256; G] {
-    // Without VNNI, Q8_0's weights go as magnitudes with the activations taking their signs,
-    // and the products carry no excess.
-    let by_magnitude = B::SIGNED && D::I16_PAIRS;
+    // Q8_0's weights, shifted by 128 to be unsigned, reach 255: where a step of those is
+    // not exact (`maddubs` would saturate), they go as magnitudes with the activations
+    // taking their signs, and the products carry no excess.
+    let by_magnitude = B::SIGNED && D::STEP_PRODUCTS * 255 * 128 > D::CHAIN_MAX;
+    let span = chain_span::<D>(match (B::SIGNED, by_magnitude) {
+        (true, true) => 128,
+        (true, false) => 255,
+        (false, _) => B::MAX_VALUE,
+    });
     let mut acc = [_mm256_setzero_ps(); G];
     let mut quads = [0i32; 8];
     let mut magnitudes = [0i32; 8];
@@ -139,31 +145,22 @@ unsafe fn pass<D: ByteDot, B: LegacyBlock, const G: usize>(
             let x = &*xs[k].add(b);
             // The activations' quad q of the eight rows.
             let y = x.qs.as_ptr();
+            // Quads chained while exact (AVX2's i16 lanes: all eight below 16, four below
+            // 32, one for Q8_0's magnitudes; VNNI's i32 lanes: all eight), widened to i32.
             let mut dots = _mm256_setzero_si256();
-            if by_magnitude {
-                // |w| · (y with w's sign) = w · y; a pair of them nears the i16 limit, so
-                // each quad's pairs go to i32 at once.
-                for q in 0..8 {
-                    let signed = _mm256_sign_epi8(load(y.add(32 * q)), wq[q]);
-                    dots = D::dot_acc(dots, _mm256_set1_epi32(magnitudes[q]), signed);
-                }
-            } else if D::I16_PAIRS {
-                // Pairs summed in i16 for as many quads as stay exact (values below 16:
-                // all eight; below 32: four), then to i32 once.
-                let span = (i32::from(i16::MAX) / (2 * B::MAX_VALUE * 128)).max(1) as usize;
-                let mut chain = _mm256_setzero_si256();
-                for q in 0..8 {
-                    chain =
-                        _mm256_add_epi16(chain, _mm256_maddubs_epi16(wq[q], load(y.add(32 * q))));
-                    if (q + 1).is_multiple_of(span) || q == 7 {
-                        let pairs = _mm256_madd_epi16(chain, _mm256_set1_epi16(1));
-                        dots = _mm256_add_epi32(dots, pairs);
-                        chain = _mm256_setzero_si256();
-                    }
-                }
-            } else {
-                for q in 0..8 {
-                    dots = D::dot_acc(dots, wq[q], load(y.add(32 * q)));
+            let mut chain = _mm256_setzero_si256();
+            for q in 0..8 {
+                let yq = load(y.add(32 * q));
+                chain = if by_magnitude {
+                    // |w| · (y with w's sign) = w · y.
+                    let w = _mm256_set1_epi32(magnitudes[q]);
+                    D::step(chain, w, _mm256_sign_epi8(yq, wq[q]))
+                } else {
+                    D::step(chain, wq[q], yq)
+                };
+                if chain_ends(q, 8, span) {
+                    dots = _mm256_add_epi32(dots, D::widen(chain));
+                    chain = _mm256_setzero_si256();
                 }
             }
             if B::EXCESS != 0 && !by_magnitude {

@@ -12,51 +12,8 @@ use std::ops::Range;
 
 use super::super::legacy::{BlockQ8_0, LegacyBlock};
 use super::super::OutPtr;
-use super::group_dot::{Evex, Vex};
+use super::group_dot::{Evex, GroupDot, Vex};
 use super::{f32_of, lane_totals, load, Avx2};
-
-/// `Σ4 u8 · i8` per i32 lane (AVX2's `maddubs` saturates pairs past ±32767: operands whose
-/// pairs cannot reach that only).
-pub trait ByteDot {
-    /// Whether the products are `maddubs`'s (pairs summed in i16, saturating), which
-    /// callers may sum a few of in i16 before widening, and which signed weights must meet
-    /// as magnitudes: AVX2 without VNNI.
-    const I16_PAIRS: bool = false;
-    /// From zero.
-    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
-        Self::dot_acc(_mm256_setzero_si256(), unsigned, signed)
-    }
-    /// Added to `acc`.
-    unsafe fn dot_acc(acc: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i;
-}
-
-impl ByteDot for Avx2 {
-    const I16_PAIRS: bool = true;
-
-    #[inline(always)]
-    unsafe fn dot(unsigned: __m256i, signed: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, signed), _mm256_set1_epi16(1))
-    }
-
-    #[inline(always)]
-    unsafe fn dot_acc(acc: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i {
-        _mm256_add_epi32(acc, Self::dot(unsigned, signed))
-    }
-}
-
-impl ByteDot for Vex {
-    #[inline(always)]
-    unsafe fn dot_acc(acc: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i {
-        _mm256_dpbusd_avx_epi32(acc, unsigned, signed)
-    }
-}
-
-impl ByteDot for Evex {
-    #[inline(always)]
-    unsafe fn dot_acc(acc: __m256i, unsigned: __m256i, signed: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, unsigned, signed)
-    }
-}
 
 /// Activation rows per tile, and per microkernel; weight rows per microkernel.
 const ACTS: usize = 16;
@@ -103,7 +60,7 @@ pub unsafe fn legacy_group_avx512_vnni<B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
 }
 
 #[inline(always)]
-unsafe fn group<D: ByteDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
+unsafe fn group<D: GroupDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
     let n = g.rows.len();
     let nb = g.blocks;
     debug_assert!(g.weights.len() >= n * nb && g.acts.len() >= g.m * nb);
@@ -165,7 +122,7 @@ const EIGHT_ROWS_BLOCK_BYTES: usize = 20;
 // Indexes: the loops walk the eight rows' registers and the activation rows' sums.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn eight_rows<D: ByteDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>, j: usize) {
+unsafe fn eight_rows<D: GroupDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>, j: usize) {
     let nb = g.blocks;
     let mut acc = [_mm256_setzero_ps(); EIGHT_ROWS_ACTS];
     let mut w = [UnpackedBlock::ZERO; 8];
@@ -247,7 +204,7 @@ impl UnpackedBlock {
 
     /// Σ4 w · y per i32 lane with the activations `y`.
     #[inline(always)]
-    unsafe fn dot<D: ByteDot, B: LegacyBlock>(self, y: __m256i) -> __m256i {
+    unsafe fn dot<D: GroupDot, B: LegacyBlock>(self, y: __m256i) -> __m256i {
         if B::SIGNED {
             // |w| · (y with w's sign) = w · y, with an unsigned first operand.
             D::dot(self.magnitudes, _mm256_sign_epi8(y, self.values))
@@ -268,7 +225,7 @@ struct Micro<B> {
 }
 
 #[inline(always)]
-unsafe fn micro_any<D: ByteDot, B: LegacyBlock>(
+unsafe fn micro_any<D: GroupDot, B: LegacyBlock>(
     at: &Micro<B>,
     r: usize,
     a: usize,
@@ -311,7 +268,7 @@ fn widen<const R: usize, const A: usize>(sums: [[f32; A]; R]) -> [[f32; QUAD]; P
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn micro<
-    D: ByteDot,
+    D: GroupDot,
     B: LegacyBlock,
     const R: usize,
     const A: usize,
