@@ -27,23 +27,35 @@ fn random_blocks(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> RawTe
     let mut bytes: Vec<u8> = bits.iter().map(|v| ((v + 1.0) * 128.0) as u8).collect();
     let factors = noise(seed + 1, n_blocks * 2);
     for (b, block) in bytes.chunks_exact_mut(block_bytes).enumerate() {
-        let d = half::f16::from_f32(factors[2 * b] * 0.01).to_le_bytes();
-        let dmin = half::f16::from_f32(factors[2 * b + 1] * 0.01).to_le_bytes();
-        match dtype {
-            // d, dmin lead the Q4_K and Q5_K blocks; Q6_K and Q3_K end with d, Q2_K with
-            // d, dmin.
-            GgmlDType::Q6K | GgmlDType::Q3K => block[block_bytes - 2..].copy_from_slice(&d),
-            GgmlDType::Q2K => {
-                block[block_bytes - 4..block_bytes - 2].copy_from_slice(&d);
-                block[block_bytes - 2..].copy_from_slice(&dmin);
-            }
-            _ => {
-                block[..2].copy_from_slice(&d);
-                block[2..4].copy_from_slice(&dmin);
-            }
-        }
+        set_factors(
+            dtype,
+            block,
+            factors[2 * b] * 0.01,
+            factors[2 * b + 1] * 0.01,
+        );
     }
     RawTensor::new(dtype, vec![rows, cols], WeightBytes::copied(&bytes)).unwrap()
+}
+
+/// A K-quant block's f16 factors `d` and `dmin`, where its type keeps them: they lead the
+/// Q4_K and Q5_K blocks; Q6_K and Q3_K end with d, Q2_K with d, dmin.
+fn set_factors(dtype: GgmlDType, block: &mut [u8], d: f32, dmin: f32) {
+    let (d, dmin) = (
+        half::f16::from_f32(d).to_le_bytes(),
+        half::f16::from_f32(dmin).to_le_bytes(),
+    );
+    let n = block.len();
+    match dtype {
+        GgmlDType::Q6K | GgmlDType::Q3K => block[n - 2..].copy_from_slice(&d),
+        GgmlDType::Q2K => {
+            block[n - 4..n - 2].copy_from_slice(&d);
+            block[n - 2..].copy_from_slice(&dmin);
+        }
+        _ => {
+            block[..2].copy_from_slice(&d);
+            block[2..4].copy_from_slice(&dmin);
+        }
+    }
 }
 
 fn candle_product(weights: &RawTensor, x: &Tensor) -> Vec<f32> {
@@ -139,22 +151,9 @@ fn the_largest_values_sum_exactly() {
             .bytes()
             .as_bytes()
             .to_vec();
-        let block_bytes = dtype.type_size();
-        let one = half::f16::from_f32(0.01).to_le_bytes();
-        for block in bytes.chunks_exact_mut(block_bytes) {
+        for block in bytes.chunks_exact_mut(dtype.type_size()) {
             block.fill(0xFF);
-            // Finite factors where each type keeps them (as `random_blocks`).
-            match dtype {
-                GgmlDType::Q6K | GgmlDType::Q3K => block[block_bytes - 2..].copy_from_slice(&one),
-                GgmlDType::Q2K => {
-                    block[block_bytes - 4..block_bytes - 2].copy_from_slice(&one);
-                    block[block_bytes - 2..].copy_from_slice(&one);
-                }
-                _ => {
-                    block[..2].copy_from_slice(&one);
-                    block[2..4].copy_from_slice(&one);
-                }
-            }
+            set_factors(dtype, block, 0.01, 0.01);
         }
         let weights = RawTensor::new(dtype, vec![rows, cols], WeightBytes::copied(&bytes)).unwrap();
         for m in [1, 4, 8, 16, 64] {
