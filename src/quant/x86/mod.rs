@@ -341,21 +341,28 @@ const PREFETCH_AHEAD: usize = 4096;
 /// the mapping does not fault, and nothing is read through the pointer).
 #[inline(always)]
 unsafe fn prefetch<B>(block: &B) {
-    prefetch_lines::<B>((block as *const B as *const i8).wrapping_add(PREFETCH_AHEAD));
+    prefetch_lines::<B, _MM_HINT_T0>((block as *const B as *const i8).wrapping_add(PREFETCH_AHEAD));
 }
 
 /// Asks for the same block of the next tile's row (`blocks` a row, rows contiguous): a
 /// prompt's tile reads its weights from memory once, block column by block column across
 /// its rows, and computes long enough on them for the next tile's to arrive. A page ahead
 /// would mostly land in the tile's own rows (a 3,072-column Q4_K row is 1.7 KiB).
+///
+/// Into L2, not L1: a tile is 14-54 KiB of weights ahead (3,072 to 8,192 columns), as much
+/// as L1 holds (32 KiB on Zen, 48 on recent Intel), so lines fetched into L1 that far ahead
+/// evict the tile in use and its activations. On a 2-vCPU Zen 4 (EPYC), one decoding
+/// stream of the 8-layer Q4_K_M file, one thread: 19.0-19.4 -> 21.0-22.5 tokens/s.
 #[inline(always)]
 unsafe fn prefetch_next_tile<B>(block: &B, blocks: usize) {
-    prefetch_lines::<B>((block as *const B).wrapping_add(TILE_ROWS * blocks) as *const i8);
+    let at = (block as *const B).wrapping_add(TILE_ROWS * blocks) as *const i8;
+    prefetch_lines::<B, _MM_HINT_T1>(at);
 }
 
+/// The lines of a `B` at `at`, into the cache level `HINT` names.
 #[inline(always)]
-unsafe fn prefetch_lines<B>(at: *const i8) {
+unsafe fn prefetch_lines<B, const HINT: i32>(at: *const i8) {
     for line in 0..std::mem::size_of::<B>().div_ceil(64) {
-        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line));
+        _mm_prefetch::<HINT>(at.wrapping_add(64 * line));
     }
 }
