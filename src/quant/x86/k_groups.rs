@@ -109,6 +109,10 @@ unsafe fn tile_groups<V: GroupDot, B: GroupBlock>(
         tile_interleaved::<V, B, 8>(w, groups.fours, covered, m, out);
         covered = m;
     }
+    if covered == 0 {
+        // No groups (decoding): the tile's own layout is the output's.
+        return tile::<V, B>(w, ys, out);
+    }
     if covered < m {
         let rest = &ys[covered..];
         let n = rest.len();
