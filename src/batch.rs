@@ -306,7 +306,11 @@ fn run_pass(mut jobs: Vec<Job>) -> Vec<(u64, u64, Done)> {
                 output: j.output,
             })
             .collect();
-        model::forward_batch(&mut segments)
+        // The whole pass on a worker of the pool: its many parallel steps (a few per layer)
+        // then start there, instead of each handing off from this thread and sleeping on a
+        // latch (a futex wake and wait apiece). Zen 4, one decoding stream: a fifth less
+        // system time, 39.5 -> 41.6 tokens/s (the mean of three runs; runs differ by 10%).
+        rayon::scope(|_| model::forward_batch(&mut segments))
     }));
     let results = match results {
         Ok(results) => results,
