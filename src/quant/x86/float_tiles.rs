@@ -6,9 +6,9 @@
 //! Phi-3-mini's 3072 columns) stay in L2 while every tile of 8 activation rows passes;
 //! prompt tiles go 512 columns at a time (1024 with AVX-512), so the tile's activations stay
 //! in L1 meanwhile.
-//! Decoding (a few rows) streams each weight strip over all its columns, prefetched a page
-//! ahead. A matrix takes one width for every pass (`FloatGroup::wide`), so a row's sums
-//! are the same bits alone or in a batch.
+//! Decoding (a few rows) streams each weight strip over all its columns, prefetched 16 KiB
+//! ahead into L2 (`STREAM_AHEAD`). A matrix takes one width for every pass
+//! (`FloatGroup::wide`), so a row's sums are the same bits alone or in a batch.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -29,8 +29,8 @@ use crate::lanes::{Avx2, Avx512, Lanes};
 const ACTS: usize = 8;
 /// Weight rows per microkernel strip.
 const STRIP: usize = 3;
-/// As the K-quant decode path: the hardware prefetchers stop at page boundaries.
-const PREFETCH_AHEAD: usize = 4096;
+/// The hardware prefetchers stop at page boundaries; see `STREAM_AHEAD`.
+const PREFETCH_AHEAD: usize = super::STREAM_AHEAD;
 
 /// How a format's values become f32, eight or sixteen at a time.
 trait Format {
@@ -264,7 +264,7 @@ unsafe fn micro<F: Format, L: Tiles, const R: usize, const A: usize, const PREFE
         if PREFETCH && (k * F::BYTES).is_multiple_of(64) {
             for w in &at.w[..R] {
                 let ahead = w.wrapping_add(k * F::BYTES + PREFETCH_AHEAD);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
             }
         }
         // A loop, not `array::from_fn`: a closure would not inherit the target features, and

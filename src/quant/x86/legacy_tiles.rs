@@ -4,8 +4,8 @@
 //! with VNNI one `vpdpbusd` does both), scaled by both blocks' scales into f32 sums; a
 //! weight block's minimum (or offset) adds m · the activation block's sum. A microkernel
 //! of 2 weight rows × 4 activation rows unpacks each weight block once for four rows and
-//! keeps its eight sums in registers. Decoding (a few rows) prefetches a page ahead, as the
-//! K-quant path does.
+//! keeps its eight sums in registers. Decoding (a few rows) prefetches 16 KiB ahead into L2
+//! (`STREAM_AHEAD`).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -21,7 +21,7 @@ const QUAD: usize = 4;
 const PAIR: usize = 2;
 /// Rows up to which tiles prefetch (decoding streams).
 const PREFETCH_ACTS: usize = 8;
-const PREFETCH_AHEAD: usize = 4096;
+const PREFETCH_AHEAD: usize = super::STREAM_AHEAD;
 
 /// Weight rows `rows` (`weights`: `blocks` blocks a row) with the `m` activation rows
 /// `acts`, into `out[i * stride + r]`; `qsums` holds each activation block's Σ q where the
@@ -191,7 +191,7 @@ impl UnpackedBlock {
             let ahead = (block as *const B)
                 .cast::<i8>()
                 .wrapping_add(PREFETCH_AHEAD);
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T1>(ahead);
         }
         let values = block.unpack();
         let magnitudes = if B::SIGNED {
