@@ -109,18 +109,9 @@ unsafe fn tile_groups<V: GroupDot, B: GroupBlock>(
         tile_interleaved::<V, B, 8>(w, groups.fours, covered, m, out);
         covered = m;
     }
-    if covered == 0 {
-        // No groups (decoding): the tile's own layout is the output's.
-        return tile::<V, B>(w, ys, out);
-    }
     if covered < m {
-        let rest = &ys[covered..];
-        let n = rest.len();
-        let mut part = [0f32; TILE_ROWS * TILE_ACTS];
-        tile::<V, B>(w, rest, &mut part[..w.len() * n]);
-        for (j, values) in part[..w.len() * n].chunks_exact(n).enumerate() {
-            out[j * m + covered..(j + 1) * m].copy_from_slice(values);
-        }
+        // The rows beside the groups (all of them when decoding), in place.
+        tile::<V, B>(w, &ys[covered..], covered, m, out);
     }
 }
 

@@ -131,8 +131,17 @@ unsafe fn offsets(p: &Prepared, y: &BlockQ8K) -> __m256i {
 /// Every row of a tile takes the same steps per block, whatever the rows beside it: its
 /// exact integer total, then one fused scaling into its sum (and the minimums' term), as the
 /// VNNI groups' lanes do; so a stream's logits are the same bits alone or in any batch.
+///
+/// Weight row j with activation row i goes to `out[j * stride + first + i]`: the rows
+/// beside a tile's groups land in place (`k_groups::tile_groups`), with no scratch tile.
 #[inline(always)]
-unsafe fn tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mut [f32]) {
+unsafe fn tile<A: MulAdd, B: Avx2Block>(
+    w: &[&[B]],
+    ys: &[&[BlockQ8K]],
+    first: usize,
+    stride: usize,
+    out: &mut [f32],
+) {
     let m = ys.len();
     let groups = m.div_ceil(4);
     // One accumulator per weight row and group of (up to) four activation rows.
@@ -142,13 +151,14 @@ unsafe fn tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
     debug_assert!(w.len() <= TILE_ROWS && m <= TILE_ACTS);
     debug_assert!(w.iter().all(|row| row.len() == blocks));
     debug_assert!(ys.iter().all(|y| y.len() >= blocks));
-    debug_assert!(out.len() >= w.len() * m);
+    debug_assert!(w.is_empty() || out.len() >= (w.len() - 1) * stride + first + m);
+    debug_assert!(first + m <= stride);
     if w.len() == TILE_ROWS {
         match m {
-            1 => return eight_rows::<A, B, 1>(w, ys, out),
-            2 => return eight_rows::<A, B, 2>(w, ys, out),
-            3 => return eight_rows::<A, B, 3>(w, ys, out),
-            4 => return eight_rows::<A, B, 4>(w, ys, out),
+            1 => return eight_rows::<A, B, 1>(w, ys, first, stride, out),
+            2 => return eight_rows::<A, B, 2>(w, ys, first, stride, out),
+            3 => return eight_rows::<A, B, 3>(w, ys, first, stride, out),
+            4 => return eight_rows::<A, B, 4>(w, ys, first, stride, out),
             _ => {}
         }
     }
@@ -177,7 +187,7 @@ unsafe fn tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
             let mut sums = [0f32; 4];
             _mm_storeu_ps(sums.as_mut_ptr(), acc[j * groups + g]);
             let rows = (m - 4 * g).min(4);
-            out[j * m + 4 * g..][..rows].copy_from_slice(&sums[..rows]);
+            out[j * stride + first + 4 * g..][..rows].copy_from_slice(&sums[..rows]);
         }
     }
 }
@@ -193,6 +203,8 @@ unsafe fn tile<A: MulAdd, B: Avx2Block>(w: &[&[B]], ys: &[&[BlockQ8K]], out: &mu
 unsafe fn eight_rows<A: MulAdd, B: Avx2Block, const R: usize>(
     w: &[&[B]],
     ys: &[&[BlockQ8K]],
+    first: usize,
+    stride: usize,
     out: &mut [f32],
 ) {
     let blocks = w[0].len();
@@ -221,12 +233,11 @@ unsafe fn eight_rows<A: MulAdd, B: Avx2Block, const R: usize>(
             acc[i] = scale_block(acc[i], dots, offs, yd, d, dm, B::OFFSETS_SCALED_BY_D);
         }
     }
-    // out[j * R + i]: weight row j with activation row i.
     for (i, acc) in acc.iter().enumerate() {
         let mut sums = [0f32; TILE_ROWS];
         _mm256_storeu_ps(sums.as_mut_ptr(), *acc);
         for (j, &sum) in sums.iter().enumerate() {
-            out[j * R + i] = sum;
+            out[j * stride + first + i] = sum;
         }
     }
 }
