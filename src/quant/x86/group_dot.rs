@@ -75,10 +75,17 @@ pub trait GroupDot: MulAdd {
 
 /// Steps a chain of `V` takes exactly with weights up to `max_weight` (activations are at
 /// most 128 in magnitude): AVX2's i16 lanes take eight with Q4_K's 4-bit values, four with
-/// Q5_K's, two with Q6_K's; VNNI's i32 lanes, any number.
+/// Q5_K's, two with Q6_K's, none with Q8_0's shifted to 255; VNNI's i32 lanes, any number.
+#[inline(always)]
+pub(super) fn exact_steps<V: GroupDot>(max_weight: i32) -> i32 {
+    V::CHAIN_MAX / (V::STEP_PRODUCTS * max_weight * 128)
+}
+
+/// The steps a chain runs before it is widened: as many as stay exact, at least one (a
+/// single step, widened at once, is exact whenever its pairs do not saturate).
 #[inline(always)]
 pub(super) fn chain_span<V: GroupDot>(max_weight: i32) -> usize {
-    (V::CHAIN_MAX / (V::STEP_PRODUCTS * max_weight * 128)).max(1) as usize
+    exact_steps::<V>(max_weight).max(1) as usize
 }
 
 /// Whether step k (of `steps`) ends a chain of `span` steps.

@@ -14,7 +14,7 @@ use std::ops::Range;
 
 use super::super::legacy::{BlockQ8_0x8, LegacyBlock};
 use super::super::{Kernels, OutPtr};
-use super::group_dot::{chain_ends, chain_span, Evex, GroupDot, Vex};
+use super::group_dot::{chain_ends, chain_span, exact_steps, Evex, GroupDot, Vex};
 use super::{f32_of, load, Avx2};
 
 /// Groups of eight activation rows per pass over a weight row: their accumulators and the
@@ -117,7 +117,7 @@ unsafe fn pass<D: GroupDot, B: LegacyBlock, const G: usize>(
     // Q8_0's weights, shifted by 128 to be unsigned, reach 255: where a step of those is
     // not exact (`maddubs` would saturate), they go as magnitudes with the activations
     // taking their signs, and the products carry no excess.
-    let by_magnitude = B::SIGNED && D::STEP_PRODUCTS * 255 * 128 > D::CHAIN_MAX;
+    let by_magnitude = B::SIGNED && exact_steps::<D>(255) == 0;
     let span = chain_span::<D>(match (B::SIGNED, by_magnitude) {
         (true, true) => 128,
         (true, false) => 255,
