@@ -600,3 +600,42 @@ fn legacy_rows_are_the_same_alone_or_among_others() {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn simd_q8_0_quantization_is_the_scalar_one() {
+    if !super::x86::has_avx2() {
+        return;
+    }
+    use super::legacy::{quantize_q8_0, BlockQ8_0, QK};
+    // Smooth values, exact halves after scaling, zeros, ties of magnitude, and values no
+    // model should make: NaN, infinities, subnormals, the largest finite ones.
+    let mut xs = noise(12, 12 * QK);
+    for (i, v) in xs[QK..2 * QK].iter_mut().enumerate() {
+        *v = (i as f32 - 16.0) / 254.0;
+    }
+    xs[2 * QK..3 * QK].fill(0.0);
+    xs[3 * QK + 5] = -2.0;
+    xs[3 * QK + 9] = 2.0;
+    xs[4 * QK + 3] = f32::NAN;
+    xs[5 * QK + 7] = f32::INFINITY;
+    xs[6 * QK + 1] = f32::NEG_INFINITY;
+    xs[7 * QK..8 * QK].fill(1e-42);
+    xs[8 * QK + 2] = f32::MAX;
+    xs[9 * QK + 4] = -f32::MAX;
+    xs[10 * QK..11 * QK].fill(f32::NAN);
+    xs[11 * QK] = 1e-40;
+    let blank = BlockQ8_0 {
+        d: half::f16::ZERO,
+        qs: [0; QK],
+    };
+    let mut scalar = vec![blank.clone(); 12];
+    let mut simd = vec![blank; 12];
+    quantize_q8_0(&xs, &mut scalar);
+    // SAFETY: AVX2 checked above.
+    unsafe { super::x86::quantize_q8_0(&xs, &mut simd) };
+    for (i, (a, b)) in scalar.iter().zip(&simd).enumerate() {
+        assert_eq!(a.d.to_bits(), b.d.to_bits(), "block {i}");
+        assert_eq!(a.qs, b.qs, "block {i}");
+    }
+}

@@ -108,7 +108,7 @@ impl LegacyMatrix {
         ];
         acts.par_chunks_mut(blocks)
             .zip(x.par_chunks(self.cols))
-            .for_each(|(a, x)| quantize_q8_0(x, a));
+            .for_each(|(a, x)| self.quantize(x, a));
         let qsums: Vec<i32> = match B::HAS_MIN {
             true => acts.iter().map(BlockQ8_0::q_sum).collect(),
             false => Vec::new(),
@@ -117,6 +117,11 @@ impl LegacyMatrix {
             true => acts.iter().zip(&qsums).map(|(a, &q)| a.d_sum(q)).collect(),
             false => Vec::new(),
         };
+        let offsets: Vec<i32> = match B::OFFSET {
+            0 => Vec::new(),
+            offset => qsums.iter().map(|&q| offset * q).collect(),
+        };
+        let scales: Vec<f32> = acts.iter().map(|a| a.d.to_f32()).collect();
         // Whole groups of eight rows, interleaved, where this CPU has a kernel for them.
         #[cfg(target_arch = "x86_64")]
         let interleaved = (m >= 8)
@@ -129,7 +134,8 @@ impl LegacyMatrix {
         };
         let acts = Activations {
             blocks: &acts,
-            qsums: &qsums,
+            scales: &scales,
+            offsets: &offsets,
             sums: &sums,
             #[cfg(target_arch = "x86_64")]
             groups: interleaved.map(|kernel| (&groups[..], kernel)),
@@ -144,6 +150,19 @@ impl LegacyMatrix {
         out
     }
 
+    /// One activation row as Q8_0 blocks, with this CPU's vector instructions where the
+    /// kernels have them (the same blocks).
+    fn quantize(&self, x: &[f32], out: &mut [BlockQ8_0]) {
+        match self.kernels {
+            // SAFETY: these kernel sets are only selected where the CPU has AVX2.
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2 | Kernels::AvxVnni | Kernels::Avx512Vnni => unsafe {
+                super::x86::quantize_q8_0(x, out)
+            },
+            _ => quantize_q8_0(x, out),
+        }
+    }
+
     fn group<B: LegacyBlock>(
         &self,
         rows: std::ops::Range<usize>,
@@ -155,7 +174,8 @@ impl LegacyMatrix {
         let row_bytes = blocks * B::BYTES;
         let bytes = &self.bytes.as_bytes()[rows.start * row_bytes..rows.end * row_bytes];
         let weights: &[B] = as_blocks(bytes).expect("whole, aligned blocks (checked in new)");
-        debug_assert!(!B::HAS_MIN || acts.qsums.len() == acts.blocks.len());
+        debug_assert!(acts.scales.len() == acts.blocks.len());
+        debug_assert!(B::OFFSET == 0 || acts.offsets.len() == acts.blocks.len());
         debug_assert!(!B::STORED_MIN || acts.sums.len() == acts.blocks.len());
         #[cfg(target_arch = "x86_64")]
         {
@@ -180,7 +200,8 @@ impl LegacyMatrix {
             let group = x86::LegacyGroup {
                 weights,
                 acts: &acts.blocks[grouped * blocks..],
-                qsums: acts.qsums.get(grouped * blocks..).unwrap_or_default(),
+                scales: &acts.scales[grouped * blocks..],
+                offsets: acts.offsets.get(grouped * blocks..).unwrap_or_default(),
                 sums: acts.sums.get(grouped * blocks..).unwrap_or_default(),
                 blocks,
                 m: m - grouped,
@@ -208,12 +229,15 @@ impl LegacyMatrix {
     }
 }
 
-/// The quantized activation rows, each block's Σ q where the weights have a minimum and its
-/// d · Σ q where they store one (else none), and the first rows' whole groups of eight
-/// interleaved, with the kernel that takes them (or none).
+/// The quantized activation rows; each block's d as f32, its offset term (the weights'
+/// integer offset · Σ q) where the weights have one and its d · Σ q where they store a
+/// minimum (else none); and the first rows' whole groups of eight interleaved, with the
+/// kernel that takes them (or none). The kernels load the per-block terms ready-made
+/// instead of converting and multiplying them per weight row.
 struct Activations<'a, B> {
     blocks: &'a [BlockQ8_0],
-    qsums: &'a [i32],
+    scales: &'a [f32],
+    offsets: &'a [i32],
     sums: &'a [f32],
     #[cfg(target_arch = "x86_64")]
     groups: Option<(&'a [BlockQ8_0x8], super::x86::InterleavedKernel<B>)>,

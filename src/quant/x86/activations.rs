@@ -1,9 +1,12 @@
-//! The activations' side of the x86 products: quantizing f32 rows to Q8_K blocks, and
+//! The activations' side of the x86 products: quantizing f32 rows to Q8_K and Q8_0 blocks, and
 //! transposing the tiles' (weight rows, activation rows) results into the output.
 
 use std::arch::x86_64::*;
 
+use half::f16;
+
 use super::super::blocks::BlockQ8K;
+use super::super::legacy::{BlockQ8_0, QK};
 
 /// `blocks::quantize_q8k` with AVX2, with identical results: the same scale, and rounding
 /// half away from zero done exactly (truncate, then step out where the remainder is ≥ ½).
@@ -12,8 +15,6 @@ use super::super::blocks::BlockQ8K;
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn quantize_q8k(xs: &[f32], out: &mut [BlockQ8K]) {
     let sign_bit = _mm256_set1_ps(-0.0);
-    let half = _mm256_set1_ps(0.5);
-    let one = _mm256_set1_ps(1.0);
     // packs interleave 128-bit lanes; this puts the 32 bytes back in order.
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (x, block) in xs
@@ -40,11 +41,7 @@ pub unsafe fn quantize_q8k(xs: &[f32], out: &mut [BlockQ8K]) {
             let mut ints = [_mm256_setzero_si256(); 4];
             for (k, int) in ints.iter_mut().enumerate() {
                 let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(32 * i + 8 * k)), scale);
-                let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-                let rest = _mm256_andnot_ps(sign_bit, _mm256_sub_ps(v, t));
-                let step = _mm256_and_ps(_mm256_cmp_ps(rest, half, _CMP_GE_OQ), one);
-                let r = _mm256_add_ps(t, _mm256_or_ps(step, _mm256_and_ps(v, sign_bit)));
-                *int = _mm256_cvttps_epi32(r);
+                *int = _mm256_cvttps_epi32(round_half_away(v, sign_bit));
             }
             // Sums of each 16 values, before the saturating packs (which clamp to i8).
             for (h, pair) in ints.chunks_exact(2).enumerate() {
@@ -63,6 +60,56 @@ pub unsafe fn quantize_q8k(xs: &[f32], out: &mut [BlockQ8K]) {
         }
         block.d = 1.0 / iscale;
     }
+}
+
+/// `legacy::quantize_q8_0` with AVX2, with identical blocks (for any input, NaN and
+/// infinities too): the same scale, and rounding half away from zero done exactly.
+///
+/// Safety: the CPU must have AVX2 and FMA (`has_avx2`); `xs.len() == out.len() * 32`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8_0(xs: &[f32], out: &mut [BlockQ8_0]) {
+    let sign_bit = _mm256_set1_ps(-0.0);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (x, block) in xs.chunks_exact(QK).zip(out.iter_mut()) {
+        let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(x.as_ptr().add(8 * k)));
+        let mut amax = _mm256_setzero_ps();
+        for v in v {
+            // NaN second: `max` returns it then, so a NaN is passed over as `f32::max` does.
+            amax = _mm256_max_ps(_mm256_andnot_ps(sign_bit, v), amax);
+        }
+        let d = hmax(amax) / 127.0;
+        let inverse = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        block.d = f16::from_f32(d);
+        let ints = v.map(|v| {
+            let v = _mm256_mul_ps(v, inverse);
+            let r = round_half_away(v, sign_bit);
+            // As `as i8` saturates (NaN to 0): clamped (a NaN passes through), then NaN
+            // lanes zeroed.
+            let r = _mm256_min_ps(_mm256_set1_ps(127.0), r);
+            let r = _mm256_max_ps(_mm256_set1_ps(-128.0), r);
+            let r = _mm256_and_ps(r, _mm256_cmp_ps(r, r, _CMP_ORD_Q));
+            _mm256_cvttps_epi32(r)
+        });
+        let words = _mm256_packs_epi16(
+            _mm256_packs_epi32(ints[0], ints[1]),
+            _mm256_packs_epi32(ints[2], ints[3]),
+        );
+        let bytes = _mm256_permutevar8x32_epi32(words, order);
+        _mm256_storeu_si256(block.qs.as_mut_ptr() as *mut __m256i, bytes);
+    }
+}
+
+/// Each lane rounded half away from zero, exactly: truncated, then one step out where the
+/// remainder is at least ½.
+#[inline(always)]
+unsafe fn round_half_away(v: __m256, sign_bit: __m256) -> __m256 {
+    let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    let rest = _mm256_andnot_ps(sign_bit, _mm256_sub_ps(v, t));
+    let step = _mm256_and_ps(
+        _mm256_cmp_ps(rest, _mm256_set1_ps(0.5), _CMP_GE_OQ),
+        _mm256_set1_ps(1.0),
+    );
+    _mm256_add_ps(t, _mm256_or_ps(step, _mm256_and_ps(v, sign_bit)))
 }
 
 #[inline(always)]

@@ -24,12 +24,14 @@ const PREFETCH_ACTS: usize = 8;
 const PREFETCH_AHEAD: usize = super::STREAM_AHEAD;
 
 /// Weight rows `rows` (`weights`: `blocks` blocks a row) with the `m` activation rows
-/// `acts`, into `out[i * stride + r]`; `qsums` holds each activation block's Σ q where the
-/// weights have a minimum, `sums` its d · Σ q where they store one.
+/// `acts`, into `out[i * stride + r]`; per activation block, `scales` holds its d as f32,
+/// `offsets` B::OFFSET · Σ q where the weights have an offset, `sums` d · Σ q where they
+/// store a minimum.
 pub struct LegacyGroup<'a, B> {
     pub weights: &'a [B],
     pub acts: &'a [BlockQ8_0],
-    pub qsums: &'a [i32],
+    pub scales: &'a [f32],
+    pub offsets: &'a [i32],
     pub sums: &'a [f32],
     pub blocks: usize,
     pub m: usize,
@@ -39,8 +41,8 @@ pub struct LegacyGroup<'a, B> {
 }
 
 /// Safety: the CPU must have AVX2, FMA and F16C; `weights` holds `rows.len()` rows and
-/// `acts` `m` rows of `blocks` blocks (and `qsums` as many values if `B::HAS_MIN`, `sums`
-/// if `B::STORED_MIN`); `out` has room for `m * stride` values, and no other thread writes
+/// `acts` `m` rows of `blocks` blocks (and `scales` as many values, `offsets` too if
+/// `B::OFFSET` is not 0, `sums` if `B::STORED_MIN`); `out` has room for `m * stride` values, and no other thread writes
 /// these rows' outputs meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn legacy_group_avx2<B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
@@ -64,14 +66,16 @@ unsafe fn group<D: GroupDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
     let n = g.rows.len();
     let nb = g.blocks;
     debug_assert!(g.weights.len() >= n * nb && g.acts.len() >= g.m * nb);
-    debug_assert!(!B::HAS_MIN || g.qsums.len() >= g.m * nb);
+    debug_assert!(g.scales.len() >= g.m * nb);
+    debug_assert!(B::OFFSET == 0 || g.offsets.len() >= g.m * nb);
     debug_assert!(!B::STORED_MIN || g.sums.len() >= g.m * nb);
     let w = |j: usize| g.weights.as_ptr().add(j * nb);
     let x = |i: usize| g.acts.as_ptr().add(i * nb);
-    // Only read where B has a minimum (`sums` is empty otherwise): wrapping, never out of
-    // bounds for nothing.
+    let d = |i: usize| g.scales.as_ptr().add(i * nb);
+    // Only read where B has an offset or a minimum (empty otherwise): wrapping, never out
+    // of bounds for nothing.
     let s = |i: usize| g.sums.as_ptr().wrapping_add(i * nb);
-    let q = |i: usize| g.qsums.as_ptr().wrapping_add(i * nb);
+    let q = |i: usize| g.offsets.as_ptr().wrapping_add(i * nb);
     let prefetch = g.m <= PREFETCH_ACTS;
     // Decoding 4-bit types: weight rows eight at a time where there are eight, pairs for
     // the rest.
@@ -91,6 +95,7 @@ unsafe fn group<D: GroupDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
                 let at = Micro {
                     w: [w(j), w(j + (r > 1) as usize)],
                     x: [x(row(0)), x(row(1)), x(row(2)), x(row(3))],
+                    d: [d(row(0)), d(row(1)), d(row(2)), d(row(3))],
                     s: [s(row(0)), s(row(1)), s(row(2)), s(row(3))],
                     q: [q(row(0)), q(row(1)), q(row(2)), q(row(3))],
                     blocks: nb,
@@ -126,40 +131,32 @@ unsafe fn eight_rows<D: GroupDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>, j: usi
     let nb = g.blocks;
     let mut acc = [_mm256_setzero_ps(); EIGHT_ROWS_ACTS];
     let mut w = [UnpackedBlock::ZERO; 8];
-    let mut d_bits = [0u16; 8];
-    let mut m_bits = [0u16; 8];
-    let half_bits = |bits: &[u16; 8]| _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast()));
     for b in 0..nb {
+        let block = |k: usize| &*g.weights.as_ptr().add((j + k) * nb + b);
         for k in 0..8 {
-            let block = &*g.weights.as_ptr().add((j + k) * nb + b);
-            w[k] = UnpackedBlock::of(block, true);
-            d_bits[k] = block.d().to_bits();
-            if B::STORED_MIN {
-                m_bits[k] = block.m_bits().to_bits();
-            }
+            w[k] = UnpackedBlock::of(block(k), true);
         }
-        let wd = half_bits(&d_bits);
+        let wd = half_lanes(|k| block(k).d().to_bits());
         let wm = if B::STORED_MIN {
-            half_bits(&m_bits)
+            half_lanes(|k| block(k).m_bits().to_bits())
         } else {
             _mm256_setzero_ps()
         };
         for i in 0..g.m {
             let at = i * nb + b;
-            let y = &*g.acts.as_ptr().add(at);
-            let yv = load(y.qs.as_ptr());
+            let yv = load(g.acts.get_unchecked(at).qs.as_ptr());
             let mut dots = [_mm256_setzero_si256(); 8];
             for k in 0..8 {
                 dots[k] = w[k].dot::<D, B>(yv);
             }
             let mut total = lane_totals(dots);
             if B::OFFSET != 0 {
-                total = _mm256_add_epi32(total, _mm256_set1_epi32(B::OFFSET * g.qsums[at]));
+                total = _mm256_add_epi32(total, _mm256_set1_epi32(*g.offsets.get_unchecked(at)));
             }
-            let scale = _mm256_mul_ps(wd, _mm256_set1_ps(f32_of(y.d)));
+            let scale = _mm256_mul_ps(wd, _mm256_set1_ps(*g.scales.get_unchecked(at)));
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, acc[i]);
             if B::STORED_MIN {
-                acc[i] = _mm256_fmadd_ps(wm, _mm256_set1_ps(g.sums[at]), acc[i]);
+                acc[i] = _mm256_fmadd_ps(wm, _mm256_set1_ps(*g.sums.get_unchecked(at)), acc[i]);
             }
         }
     }
@@ -170,6 +167,17 @@ unsafe fn eight_rows<D: GroupDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>, j: usi
             *g.out.at(i * g.stride + g.rows.start + j + k) = sum;
         }
     }
+}
+
+/// Eight f16 factors (`bits(k)`, one per weight row) as f32 lanes. The words are joined in
+/// general-purpose registers: inserting them into a vector one by one took eight shuffles
+/// and seven more to join them, on the ports the lane totals' shuffles need.
+#[inline(always)]
+unsafe fn half_lanes(bits: impl Fn(usize) -> u16) -> __m256 {
+    let word = |k: usize| u64::from(bits(k)) << (16 * (k % 4));
+    let low = word(0) | word(1) | word(2) | word(3);
+    let high = word(4) | word(5) | word(6) | word(7);
+    _mm256_cvtph_ps(_mm_set_epi64x(high as i64, low as i64))
 }
 
 /// A weight block's values as bytes, and for the signed type (Q8_0) their magnitudes: the
@@ -214,11 +222,12 @@ impl UnpackedBlock {
     }
 }
 
-/// Up to two weight rows and four activation rows, with their block sums (unused slots
-/// repeat the first).
+/// Up to two weight rows and four activation rows, with their blocks' scales, offset terms
+/// and sums (unused slots repeat the first).
 struct Micro<B> {
     w: [*const B; PAIR],
     x: [*const BlockQ8_0; QUAD],
+    d: [*const f32; QUAD],
     s: [*const f32; QUAD],
     q: [*const i32; QUAD],
     blocks: usize,
@@ -295,13 +304,12 @@ unsafe fn micro<
             }
         }
         for i in 0..A {
-            let y = &*at.x[i].add(b);
-            let yv = load(y.qs.as_ptr());
-            let yd = f32_of(y.d);
+            let yv = load((*at.x[i].add(b)).qs.as_ptr());
+            let yd = *at.d[i].add(b);
             for j in 0..R {
                 let mut total = hsum_i32(w[j].dot::<D, B>(yv));
                 if B::OFFSET != 0 {
-                    total += B::OFFSET * *at.q[i].add(b);
+                    total += *at.q[i].add(b);
                 }
                 acc[j][i] = (total as f32).mul_add(wd[j] * yd, acc[j][i]);
                 if B::STORED_MIN {

@@ -29,7 +29,7 @@ mod k_groups;
 mod legacy_interleaved;
 mod legacy_tiles;
 mod wide;
-pub use activations::{quantize_q8k, transpose};
+pub use activations::{quantize_q8_0, quantize_q8k, transpose};
 pub use float_tiles::{float_group, FloatGroup};
 pub use group_dot::{has_avx512_vnni, has_avx_vnni};
 use k_blocks::{bytes_of, SixteenBlock, Unpacked};
