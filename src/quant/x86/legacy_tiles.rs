@@ -77,8 +77,8 @@ unsafe fn group<D: GroupDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
     let s = |i: usize| g.sums.as_ptr().wrapping_add(i * nb);
     let q = |i: usize| g.offsets.as_ptr().wrapping_add(i * nb);
     let prefetch = g.m <= PREFETCH_ACTS;
-    // Decoding 4-bit types: weight rows eight at a time where there are eight, pairs for
-    // the rest.
+    // Decoding 4- and 5-bit types: weight rows eight at a time where there are eight,
+    // pairs for the rest.
     let mut eights = 0;
     if g.m <= EIGHT_ROWS_ACTS && std::mem::size_of::<B>() <= EIGHT_ROWS_BLOCK_BYTES {
         eights = n / 8 * 8;
@@ -113,11 +113,15 @@ unsafe fn group<D: GroupDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
 
 /// Activation rows up to which weight rows go eight at a time (`eight_rows`).
 const EIGHT_ROWS_ACTS: usize = 4;
-/// The block sizes that go eight rows at a time: the 4-bit types (Q4_0 18 bytes, Q4_1 20),
-/// whose decode is bound by the work per block. Measured on a Xeon with AVX-VNNI, 8-layer
-/// Phi-3-mini-shaped files, one stream: Q4_0 21 -> 26 tokens/s, Q4_1 24 -> 26; but Q5_0
-/// 20.0 -> 19.2 and Q8_0 21.0 -> 20.3, whose unpacking and reading weigh more.
-const EIGHT_ROWS_BLOCK_BYTES: usize = 20;
+/// The block sizes that go eight rows at a time: the 4- and 5-bit types (Q4_0 18 bytes,
+/// Q4_1 20, Q5_0 22, Q5_1 24), whose decode is bound by the work per block. Measured on a
+/// Xeon with AVX-VNNI, 8-layer Phi-3-mini-shaped files, one stream: Q4_0 21 -> 26 tokens/s,
+/// Q4_1 24 -> 26. The 5-bit types went pairs there (Q5_0 20.0 -> 19.2) until the eight
+/// rows' scales came ready-made; since, on a Zen 4 (AVX-512 VNNI), one thread, a pass of a
+/// 24576×3072 matrix: Q5_0 10.9-11.6 -> 13.1-13.3 GB/s, Q5_1 11.3-11.7 -> 11.9-12.3. Q8_0
+/// stays in pairs: eight of its rows side by side read memory worse (23.4 -> 18.4 GB/s,
+/// though 26 -> 33 from L2).
+const EIGHT_ROWS_BLOCK_BYTES: usize = 24;
 
 /// Weight rows `j..j + 8` with every activation row (at most `EIGHT_ROWS_ACTS`): a block's
 /// eight integer totals come out of one reduction into the lanes of one vector, and are
