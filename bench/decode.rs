@@ -6,7 +6,9 @@
 //!
 //! Each stream runs on its own thread, as the Python API's and the server's streams do, and
 //! gets its own prompt; the figure is the aggregate decode rate: the tokens after each
-//! stream's first, over the time from when all had their first (a barrier) to the last end.
+//! stream's first, over the time from when all had their first (a barrier) to the last end;
+//! beside it, the streams' mean prompt rate (`prompt_tps`: CONTEXT tokens over the time
+//! their prompt took).
 
 use std::path::PathBuf;
 use std::sync::Barrier;
@@ -57,26 +59,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let workers: Vec<_> = (0..streams)
             .map(|s| {
                 let (engine, params, all_started) = (&engine, &params, &all_started);
-                scope.spawn(move || -> candle_phi::Result<(Instant, Instant, usize)> {
-                    // With 16 tokens, bench.py's decode prompt (stream 0).
-                    let prompt: Vec<u32> = (0..context)
-                        .map(|i| 300 + (i + context * s as u32) * 997 % 31000)
-                        .collect();
-                    // Prompt and first token first; time the tokens after it, as bench.py does.
-                    let warmed = (|| -> candle_phi::Result<_> {
-                        let mut generation = engine.generate_ids(prompt, params)?;
-                        while generation.stats().sampled_tokens == 0 {
-                            generation.step()?;
-                        }
-                        Ok(generation)
-                    })();
-                    // Every thread reaches the barrier, failed or not, so none waits forever.
-                    all_started.wait();
-                    let mut generation = warmed?;
-                    let start = Instant::now();
-                    while generation.step()? != Step::Finished {}
-                    Ok((start, Instant::now(), generation.stats().sampled_tokens - 1))
-                })
+                scope.spawn(
+                    move || -> candle_phi::Result<(Instant, Instant, usize, f64)> {
+                        // With 16 tokens, bench.py's decode prompt (stream 0).
+                        let prompt: Vec<u32> = (0..context)
+                            .map(|i| 300 + (i + context * s as u32) * 997 % 31000)
+                            .collect();
+                        // Prompt and first token first; time the tokens after it, as bench.py does.
+                        let warmed = (|| -> candle_phi::Result<_> {
+                            let mut generation = engine.generate_ids(prompt, params)?;
+                            while generation.stats().sampled_tokens == 0 {
+                                generation.step()?;
+                            }
+                            Ok(generation)
+                        })();
+                        // Every thread reaches the barrier, failed or not, so none waits forever.
+                        all_started.wait();
+                        let mut generation = warmed?;
+                        let start = Instant::now();
+                        while generation.step()? != Step::Finished {}
+                        let stats = generation.stats();
+                        let prompt_tps = f64::from(context) / stats.prompt_time.as_secs_f64();
+                        Ok((start, Instant::now(), stats.sampled_tokens - 1, prompt_tps))
+                    },
+                )
             })
             .collect();
         workers
@@ -97,6 +103,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .expect("one stream at least");
     let decoded: usize = spans.iter().map(|s| s.2).sum();
     let tps = decoded as f64 / (end - start).as_secs_f64();
+    // Each stream's prompt rate, averaged (streams' prompts share passes).
+    let prompt_tps = spans.iter().map(|s| s.3).sum::<f64>() / spans.len() as f64;
     let (passes, steps) = engine.batcher().pass_counts();
     // What ran where: the CPU's name and the K-quant kernels chosen for it.
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -108,7 +116,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     println!(
-        "{{\"decode_tps\": {tps}, \"tokens\": {decoded}, \"streams\": {streams}, \
+        "{{\"decode_tps\": {tps}, \"prompt_tps\": {prompt_tps:.2}, \"tokens\": {decoded}, \
+         \"streams\": {streams}, \
          \"context\": {context}, \"kv_cache_type\": {:?}, \"mean_batch\": {:.2}, \
          \"kernels\": {:?}, \"cpu\": {cpu:?}}}",
         kv_cache_type.name(),
