@@ -6,9 +6,9 @@
 //! Phi-3-mini's 3072 columns) stay in L2 while every tile of 8 activation rows passes;
 //! prompt tiles go 512 columns at a time (1024 with AVX-512), so the tile's activations stay
 //! in L1 meanwhile.
-//! Decoding (a few rows) streams each weight strip over all its columns (one stream, one
-//! weight row at a time; strips of three for a few streams), prefetched 16 KiB ahead into
-//! L2 (`STREAM_AHEAD`). A matrix takes one width for every pass
+//! Decoding (a few rows) streams each weight strip over all its columns (two weight rows
+//! at a time for one stream, strips of three for a few), prefetched 16 KiB ahead into L2
+//! (`STREAM_AHEAD`). A matrix takes one width for every pass
 //! (`FloatGroup::wide`), so a row's sums are the same bits alone or in a batch.
 
 use std::arch::x86_64::*;
@@ -30,13 +30,15 @@ use crate::lanes::{Avx2, Avx512, Lanes};
 const ACTS: usize = 8;
 /// Weight rows per microkernel strip.
 const STRIP: usize = 3;
-/// Activation rows up to which the weight rows go one at a time: one stream from memory,
-/// as llama.cpp's decoding reads them, instead of a strip's three side by side. Per pass
-/// of an F16 matrix, 2 threads, on a 2-vCPU Zen 4 (AVX-512), one activation row, strips of
-/// three -> one row: 3072×8192 1.48-1.52 -> 1.00-1.05 ms, 16384×3072 2.72-2.93 -> 2.05-2.71;
-/// two rows gained nothing (1.59-1.66 ms both ways), three lost (1.81 -> 2.06). The
-/// 8-layer F16 file, one stream: 15.1 -> 20.7-21.6 tokens/s (one thread: 9.8 -> 11.2-11.6).
-const ONE_ROW_ACTS: usize = 1;
+/// Activation rows up to which the weight rows go two at a time, not in strips of three:
+/// one decoding stream reads two streams from memory, as llama.cpp's one row at a time
+/// nearly does, with two chains of fused multiply-adds (one row alone waits on one chain:
+/// with AVX2's eight lanes, 3.6 ms below). Per pass of an F16 matrix, 2 threads, on a
+/// 2-vCPU Zen 4, strips of three -> one row -> two rows: AVX-512, 16384×3072 2.72-2.93 ->
+/// 2.05-2.71 -> 1.59-1.69 ms, 3072×8192 1.48-1.52 -> 1.00-1.55 -> 1.22-1.31; AVX2,
+/// 16384×3072 1.69-2.58 -> 3.58-3.61 -> 2.01-2.15, 3072×8192 1.38-1.73 -> 1.80-1.83 ->
+/// 1.31-1.34. Two activation rows gained nothing.
+const PAIR_ACTS: usize = 1;
 /// The hardware prefetchers stop at page boundaries; see `STREAM_AHEAD`.
 const PREFETCH_AHEAD: usize = super::STREAM_AHEAD;
 
@@ -179,7 +181,7 @@ unsafe fn group<F: Format, L: Tiles>(g: &FloatGroup<'_>) {
         acc.fill(L::zero());
         for k0 in (0..cols).step_by(chunk) {
             let k = k0..(k0 + chunk).min(cols);
-            let strip = if g.m <= ONE_ROW_ACTS { 1 } else { STRIP };
+            let strip = if g.m <= PAIR_ACTS { 2 } else { STRIP };
             for j in (0..n).step_by(strip) {
                 for i in acts.clone().step_by(L::QUAD) {
                     let (r, a) = ((n - j).min(strip), (acts.end - i).min(L::QUAD));
