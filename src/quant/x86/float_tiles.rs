@@ -4,8 +4,7 @@
 //! the three weight vectors and one activation vector, so each converted weight vector
 //! serves four (eight) rows. A group's weight rows (up to 48: 288 KiB of f16 at
 //! Phi-3-mini's 3072 columns) stay in L2 while every tile of 8 activation rows passes;
-//! prompt tiles go 512 columns at a time (1024 with AVX-512), so the tile's activations stay
-//! in L1 meanwhile.
+//! prompt tiles go up to 8,192 columns at a time (`PASS_COLUMNS`).
 //! Decoding (a few rows) streams each weight strip over all its columns (two weight rows
 //! at a time for one stream, strips of three for a few), prefetched 16 KiB ahead into L2
 //! (`STREAM_AHEAD`). A matrix takes one width for every pass
@@ -30,6 +29,14 @@ use crate::lanes::{Avx2, Avx512, Lanes};
 const ACTS: usize = 8;
 /// Weight rows per microkernel strip.
 const STRIP: usize = 3;
+/// Columns per pass of a prompt tile: whole rows of Phi-3's matrices (3,072 and 8,192
+/// columns), so each microkernel loads and stores its sums once. Passes short enough for the
+/// tile's 8 rows of activations to stay in L1 (512 columns, 1,024 with AVX-512) had been
+/// chosen on the Xeon VM, where 512 against 256 columns had already gained (an 8-layer F16
+/// prompt of 512 tokens, 6.8-7.2 -> 6.6-6.7 s); on a 2-vCPU Zen 4, per 64-row pass of a
+/// 9216×3072 F16 matrix, AVX-512 1,024 -> 8,192 columns 22.1-23.0 -> 19.1-19.2 ms (3072×8192:
+/// 16.9-17.2 -> 15.7-15.9), AVX2 512 -> 8,192 25.7-26.1 -> 19.3 (19.5-19.9 -> 16.2).
+const PASS_COLUMNS: usize = 8192;
 /// Activation rows up to which the weight rows go two at a time, not in strips of three:
 /// one decoding stream reads two streams from memory, as llama.cpp's one row at a time
 /// nearly does, with two chains of fused multiply-adds (one row alone waits on one chain:
@@ -98,18 +105,11 @@ trait Tiles: Lanes {
     /// Activation rows per microkernel: what the registers hold beside three weight vectors
     /// and one activation vector (16 ymm, 32 zmm).
     const QUAD: usize;
-    /// Columns per pass of a prompt tile: the tile's 8 rows of activations stay in L1
-    /// meanwhile (16 KiB at 512, for L1s of 32 KiB; 32 KiB at 1024 where AVX-512 CPUs have
-    /// 48, but Zen 4's 32). Longer passes halve the microkernels' loads and stores of their
-    /// sums (with 16 rows, 512 against 256 columns took an 8-layer F16 prompt of 512
-    /// tokens from 6.8-7.2 s to 6.6-6.7 on the Xeon VM).
-    const CHUNK: usize;
     unsafe fn weights<F: Format>(row: *const u8, k: usize) -> Self::V;
 }
 
 impl Tiles for Avx2 {
     const QUAD: usize = 4;
-    const CHUNK: usize = 512;
     #[inline(always)]
     unsafe fn weights<F: Format>(row: *const u8, k: usize) -> __m256 {
         F::load8(row, k)
@@ -118,7 +118,6 @@ impl Tiles for Avx2 {
 
 impl Tiles for Avx512 {
     const QUAD: usize = 8;
-    const CHUNK: usize = 1024;
     #[inline(always)]
     unsafe fn weights<F: Format>(row: *const u8, k: usize) -> __m512 {
         F::load16(row, k)
@@ -174,7 +173,7 @@ unsafe fn group<F: Format, L: Tiles>(g: &FloatGroup<'_>) {
     let w = |j: usize| g.weights.as_ptr().add(j * cols * F::BYTES);
     let x = |i: usize| g.x.as_ptr().add(i * cols);
     let decoding = g.m <= ACTS;
-    let chunk = if decoding { cols } else { L::CHUNK };
+    let chunk = if decoding { cols } else { PASS_COLUMNS };
     let mut acc = vec![L::zero(); n * ACTS];
     for first_act in (0..g.m).step_by(ACTS) {
         let acts = first_act..(first_act + ACTS).min(g.m);
