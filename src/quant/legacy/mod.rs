@@ -211,8 +211,9 @@ impl LegacyMatrix {
             };
             // SAFETY: `Kernels::available` offers each set only where the CPU has it (and
             // `Kernels::selected` only what it offers); the rows hold `blocks` blocks each,
-            // the activations `m` rows of them (and their sums where B has a minimum); each
-            // task writes only its own rows' outputs.
+            // the activations `m` rows of them, with a scale each (and an offset term or a
+            // sum where B has an offset or a minimum); each task writes only its own rows'
+            // outputs.
             match self.kernels {
                 Kernels::AvxVnni => return unsafe { x86::legacy_group_avx_vnni(&group) },
                 Kernels::Avx512Vnni => return unsafe { x86::legacy_group_avx512_vnni(&group) },

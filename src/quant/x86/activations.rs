@@ -65,7 +65,7 @@ pub unsafe fn quantize_q8k(xs: &[f32], out: &mut [BlockQ8K]) {
 /// `legacy::quantize_q8_0` with AVX2, with identical blocks (for any input, NaN and
 /// infinities too): the same scale, and rounding half away from zero done exactly.
 ///
-/// Safety: the CPU must have AVX2 and FMA (`has_avx2`); `xs.len() == out.len() * 32`.
+/// Safety: the CPU must have AVX2, FMA and F16C (`has_avx2`); `xs.len() == out.len() * 32`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn quantize_q8_0(xs: &[f32], out: &mut [BlockQ8_0]) {
     let sign_bit = _mm256_set1_ps(-0.0);
@@ -74,7 +74,8 @@ pub unsafe fn quantize_q8_0(xs: &[f32], out: &mut [BlockQ8_0]) {
         let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(x.as_ptr().add(8 * k)));
         let mut amax = _mm256_setzero_ps();
         for v in v {
-            // NaN second: `max` returns it then, so a NaN is passed over as `f32::max` does.
+            // |v| first: `max` returns its second operand (amax) where either is NaN, so a
+            // NaN is passed over as `f32::max` does.
             amax = _mm256_max_ps(_mm256_andnot_ps(sign_bit, v), amax);
         }
         let d = hmax(amax) / 127.0;

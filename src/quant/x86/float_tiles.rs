@@ -1,6 +1,7 @@
 //! F32, F16 and BF16 weight rows times f32 activation rows, with FMA (F16C converts f16, a
-//! shift bf16), in AVX2's 8 lanes or AVX-512's 16. A microkernel of 3 weight rows × 4
-//! activation rows (AVX2; 8 with AVX-512's 32 registers) keeps its sums in registers beside
+//! shift bf16), in AVX2's 8 lanes or AVX-512's 16. A microkernel of 3 weight rows (2 for one
+//! decoding stream) × 4 activation rows (AVX2; 8 with AVX-512's 32 registers) keeps its
+//! sums in registers beside
 //! the three weight vectors and one activation vector, so each converted weight vector
 //! serves four (eight) rows. A group's weight rows (up to 48: 288 KiB of f16 at
 //! Phi-3-mini's 3072 columns) stay in L2 while every tile of 8 activation rows passes;

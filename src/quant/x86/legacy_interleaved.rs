@@ -18,8 +18,9 @@ use super::super::{Kernels, OutPtr};
 use super::group_dot::{chain_ends, chain_span, exact_steps, Evex, GroupDot, Vex};
 use super::{f32_of, load, Avx2};
 
-/// Groups of eight activation rows per pass over a weight row: their accumulators and the
-/// weight block's eight broadcasts fill the sixteen registers.
+/// Groups of eight activation rows per pass over one weight row (or two, `run`): their
+/// chains, totals and accumulators, with a broadcast weight quad per weight row, fit the
+/// sixteen registers (32 with two weight rows).
 const GROUPS: usize = 4;
 
 /// Weight rows `rows` (`weights`: `blocks` blocks a row) with every group of eight
@@ -73,7 +74,8 @@ unsafe fn run<D: GroupDot, B: LegacyBlock>(g: &InterleavedGroup<'_, B>) {
     let n_groups = g.groups.len() / nb;
     let n_rows = g.rows.len();
     debug_assert!(g.weights.len() >= n_rows * nb && g.groups.len() == n_groups * nb);
-    // Two weight rows at a time where the encoding has 32 registers (EVEX): each load of
+    // Two weight rows at a time where the encoding has 32 registers (EVEX, whose
+    // `GroupDot::GROUPS` counts eight groups for that reason): each load of
     // the activations then serves both, where loads bounded the pass. Per pass of an
     // 8192×3072 matrix, 64 rows, on a 2-vCPU Zen 4: Q4_0 11.3 -> 7.9 ms, Q8_0 11.7 -> 7.7,
     // Q4_1 11.1 -> 7.5. With AVX2's 16 registers, two rows (with two groups or four) gained

@@ -42,8 +42,8 @@ pub struct LegacyGroup<'a, B> {
 
 /// Safety: the CPU must have AVX2, FMA and F16C; `weights` holds `rows.len()` rows and
 /// `acts` `m` rows of `blocks` blocks (and `scales` as many values, `offsets` too if
-/// `B::OFFSET` is not 0, `sums` if `B::STORED_MIN`); `out` has room for `m * stride` values, and no other thread writes
-/// these rows' outputs meanwhile.
+/// `B::OFFSET` is not 0, `sums` if `B::STORED_MIN`); `out` has room for `m * stride`
+/// values, and no other thread writes these rows' outputs meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn legacy_group_avx2<B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
     group::<Avx2, B>(g)
@@ -77,6 +77,11 @@ unsafe fn group<D: GroupDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
     let s = |i: usize| g.sums.as_ptr().wrapping_add(i * nb);
     let q = |i: usize| g.offsets.as_ptr().wrapping_add(i * nb);
     let prefetch = g.m <= PREFETCH_ACTS;
+    // No rows left (the interleaved groups took them all, as in prompts of a multiple of
+    // eight rows): nothing to read.
+    if g.m == 0 {
+        return;
+    }
     // Decoding 4- and 5-bit types: weight rows eight at a time where there are eight,
     // pairs for the rest.
     let mut eights = 0;
