@@ -18,6 +18,14 @@ use candle_phi::{
     Engine, GenerationParams, KvCacheType, LoadOptions, ModelSource, SamplingParams, Step,
 };
 
+/// One stream's run: its decode span, the tokens decoded in it, its prompt's rate.
+struct Span {
+    start: Instant,
+    end: Instant,
+    decoded: usize,
+    prompt_tps: f64,
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let [_, model, tokenizer, rest @ ..] = args.as_slice() else {
@@ -59,30 +67,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let workers: Vec<_> = (0..streams)
             .map(|s| {
                 let (engine, params, all_started) = (&engine, &params, &all_started);
-                scope.spawn(
-                    move || -> candle_phi::Result<(Instant, Instant, usize, f64)> {
-                        // With 16 tokens, bench.py's decode prompt (stream 0).
-                        let prompt: Vec<u32> = (0..context)
-                            .map(|i| 300 + (i + context * s as u32) * 997 % 31000)
-                            .collect();
-                        // Prompt and first token first; time the tokens after it, as bench.py does.
-                        let warmed = (|| -> candle_phi::Result<_> {
-                            let mut generation = engine.generate_ids(prompt, params)?;
-                            while generation.stats().sampled_tokens == 0 {
-                                generation.step()?;
-                            }
-                            Ok(generation)
-                        })();
-                        // Every thread reaches the barrier, failed or not, so none waits forever.
-                        all_started.wait();
-                        let mut generation = warmed?;
-                        let start = Instant::now();
-                        while generation.step()? != Step::Finished {}
-                        let stats = generation.stats();
-                        let prompt_tps = f64::from(context) / stats.prompt_time.as_secs_f64();
-                        Ok((start, Instant::now(), stats.sampled_tokens - 1, prompt_tps))
-                    },
-                )
+                scope.spawn(move || -> candle_phi::Result<Span> {
+                    // With 16 tokens, bench.py's decode prompt (stream 0).
+                    let prompt: Vec<u32> = (0..context)
+                        .map(|i| 300 + (i + context * s as u32) * 997 % 31000)
+                        .collect();
+                    // Prompt and first token first; time the tokens after it, as bench.py does.
+                    let warmed = (|| -> candle_phi::Result<_> {
+                        let mut generation = engine.generate_ids(prompt, params)?;
+                        while generation.stats().sampled_tokens == 0 {
+                            generation.step()?;
+                        }
+                        Ok(generation)
+                    })();
+                    // Every thread reaches the barrier, failed or not, so none waits forever.
+                    all_started.wait();
+                    let mut generation = warmed?;
+                    let start = Instant::now();
+                    while generation.step()? != Step::Finished {}
+                    let stats = generation.stats();
+                    Ok(Span {
+                        start,
+                        end: Instant::now(),
+                        decoded: stats.sampled_tokens - 1,
+                        prompt_tps: f64::from(context) / stats.prompt_time.as_secs_f64(),
+                    })
+                })
             })
             .collect();
         workers
@@ -93,18 +103,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // All streams start decoding together (the barrier) and feed the same number of tokens.
     let start = spans
         .iter()
-        .map(|s| s.0)
+        .map(|s| s.start)
         .min()
         .expect("one stream at least");
     let end = spans
         .iter()
-        .map(|s| s.1)
+        .map(|s| s.end)
         .max()
         .expect("one stream at least");
-    let decoded: usize = spans.iter().map(|s| s.2).sum();
+    let decoded: usize = spans.iter().map(|s| s.decoded).sum();
     let tps = decoded as f64 / (end - start).as_secs_f64();
     // Each stream's prompt rate, averaged (streams' prompts share passes).
-    let prompt_tps = spans.iter().map(|s| s.3).sum::<f64>() / spans.len() as f64;
+    let prompt_tps = spans.iter().map(|s| s.prompt_tps).sum::<f64>() / spans.len() as f64;
     let (passes, steps) = engine.batcher().pass_counts();
     // What ran where: the CPU's name and the K-quant kernels chosen for it.
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

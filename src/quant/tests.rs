@@ -238,20 +238,28 @@ fn kernels_the_cpu_lacks_are_never_used() {
     }
 }
 
+/// `blocks` blocks of `block` values for the quantizers: smooth values, then a block of exact
+/// halves after scaling (127 · k/254), one of zeros, one with ties of magnitude; the rest
+/// smooth.
+#[cfg(target_arch = "x86_64")]
+fn quantizer_inputs(block: usize, blocks: usize, seed: u64) -> Vec<f32> {
+    let mut xs = noise(seed, blocks * block);
+    for (i, v) in xs[block..2 * block].iter_mut().enumerate() {
+        *v = (i as f32 - (block / 2) as f32) / 254.0;
+    }
+    xs[2 * block..3 * block].fill(0.0);
+    xs[3 * block + 5] = -2.0;
+    xs[3 * block + 9] = 2.0;
+    xs
+}
+
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn simd_quantization_is_candles() {
     if !super::x86::has_avx2() {
         return;
     }
-    // Smooth values, exact halves after scaling (127 · k/254), zeros, and ties of magnitude.
-    let mut xs = noise(11, 4 * QK_K);
-    for (i, v) in xs[QK_K..2 * QK_K].iter_mut().enumerate() {
-        *v = (i as f32 - 128.0) / 254.0;
-    }
-    xs[2 * QK_K..3 * QK_K].fill(0.0);
-    xs[3 * QK_K + 5] = -2.0;
-    xs[3 * QK_K + 9] = 2.0;
+    let xs = quantizer_inputs(QK_K, 4, 11);
     let mut scalar = vec![super::blocks::BlockQ8K::ZERO; 4];
     let mut simd = vec![super::blocks::BlockQ8K::ZERO; 4];
     super::blocks::quantize_q8k(&xs, &mut scalar);
@@ -608,15 +616,9 @@ fn simd_q8_0_quantization_is_the_scalar_one() {
         return;
     }
     use super::legacy::{quantize_q8_0, BlockQ8_0, QK};
-    // Smooth values, exact halves after scaling, zeros, ties of magnitude, and values no
-    // model should make: NaN, infinities, subnormals, the largest finite ones.
-    let mut xs = noise(12, 12 * QK);
-    for (i, v) in xs[QK..2 * QK].iter_mut().enumerate() {
-        *v = (i as f32 - 16.0) / 254.0;
-    }
-    xs[2 * QK..3 * QK].fill(0.0);
-    xs[3 * QK + 5] = -2.0;
-    xs[3 * QK + 9] = 2.0;
+    // The quantizers' common cases, and values no model should make: NaN, infinities,
+    // subnormals, the largest finite ones.
+    let mut xs = quantizer_inputs(QK, 12, 12);
     xs[4 * QK + 3] = f32::NAN;
     xs[5 * QK + 7] = f32::INFINITY;
     xs[6 * QK + 1] = f32::NEG_INFINITY;

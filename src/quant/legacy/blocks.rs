@@ -130,8 +130,6 @@ pub trait LegacyBlock: WeightBlock + Sync {
     const MAX_VALUE: i32;
     /// Whether the block stores a minimum.
     const STORED_MIN: bool = false;
-    /// Whether `m` is there: the products then need each activation block's sum.
-    const HAS_MIN: bool = Self::OFFSET != 0 || Self::STORED_MIN;
     /// By how many times each activation block's Σ q the interleaved kernels' integer
     /// products exceed the true ones: Q8_0's weights are shifted by +128 to be unsigned,
     /// Q4_0's and Q5_0's are read without their offset.

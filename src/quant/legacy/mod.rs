@@ -109,17 +109,13 @@ impl LegacyMatrix {
         acts.par_chunks_mut(blocks)
             .zip(x.par_chunks(self.cols))
             .for_each(|(a, x)| self.quantize(x, a));
-        let qsums: Vec<i32> = match B::HAS_MIN {
-            true => acts.iter().map(BlockQ8_0::q_sum).collect(),
-            false => Vec::new(),
-        };
         let sums: Vec<f32> = match B::STORED_MIN {
-            true => acts.iter().zip(&qsums).map(|(a, &q)| a.d_sum(q)).collect(),
+            true => acts.iter().map(|a| a.d_sum(a.q_sum())).collect(),
             false => Vec::new(),
         };
         let offsets: Vec<i32> = match B::OFFSET {
             0 => Vec::new(),
-            offset => qsums.iter().map(|&q| offset * q).collect(),
+            offset => acts.iter().map(|a| offset * a.q_sum()).collect(),
         };
         let scales: Vec<f32> = acts.iter().map(|a| a.d.to_f32()).collect();
         // Whole groups of eight rows, interleaved, where this CPU has a kernel for them.

@@ -1,15 +1,14 @@
 //! F32, F16 and BF16 weight rows times f32 activation rows, with FMA (F16C converts f16, a
 //! shift bf16), in AVX2's 8 lanes or AVX-512's 16. A microkernel of 3 weight rows (2 for one
 //! decoding stream) × 4 activation rows (AVX2; 8 with AVX-512's 32 registers) keeps its
-//! sums in registers beside
-//! the three weight vectors and one activation vector, so each converted weight vector
-//! serves four (eight) rows. A group's weight rows (up to 48: 288 KiB of f16 at
+//! sums in registers beside the weight vectors and one activation vector, so each converted
+//! weight vector serves four (eight) rows. A group's weight rows (up to 48: 288 KiB of f16 at
 //! Phi-3-mini's 3072 columns) stay in L2 while every tile of 8 activation rows passes;
 //! prompt tiles go up to 8,192 columns at a time (`PASS_COLUMNS`).
 //! Decoding (a few rows) streams each weight strip over all its columns (two weight rows
 //! at a time for one stream, strips of three for a few), prefetched 16 KiB ahead into L2
-//! (`STREAM_AHEAD`). A matrix takes one width for every pass
-//! (`FloatGroup::wide`), so a row's sums are the same bits alone or in a batch.
+//! (`STREAM_AHEAD`). A matrix takes one width for every pass (`FloatGroup::wide`), so a
+//! row's sums are the same bits alone or in a batch.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -38,15 +37,15 @@ const STRIP: usize = 3;
 /// 9216×3072 F16 matrix, AVX-512 1,024 -> 8,192 columns 22.1-23.0 -> 19.1-19.2 ms (3072×8192:
 /// 16.9-17.2 -> 15.7-15.9), AVX2 512 -> 8,192 25.7-26.1 -> 19.3 (19.5-19.9 -> 16.2).
 const PASS_COLUMNS: usize = 8192;
-/// Activation rows up to which the weight rows go two at a time, not in strips of three:
-/// one decoding stream reads two streams from memory, as llama.cpp's one row at a time
-/// nearly does, with two chains of fused multiply-adds (one row alone waits on one chain:
-/// with AVX2's eight lanes, 3.6 ms below). Per pass of an F16 matrix, 2 threads, on a
+/// Weight rows per strip for one activation row (one decoding stream), not three: it reads
+/// two streams from memory, as llama.cpp's one row at a time nearly does, with two chains
+/// of fused multiply-adds (one row alone waits on one chain: with AVX2's eight lanes,
+/// 3.6 ms below). Per pass of an F16 matrix, 2 threads, on a
 /// 2-vCPU Zen 4, strips of three -> one row -> two rows: AVX-512, 16384×3072 2.72-2.93 ->
 /// 2.05-2.71 -> 1.59-1.69 ms, 3072×8192 1.48-1.52 -> 1.00-1.55 -> 1.22-1.31; AVX2,
 /// 16384×3072 1.69-2.58 -> 3.58-3.61 -> 2.01-2.15, 3072×8192 1.38-1.73 -> 1.80-1.83 ->
-/// 1.31-1.34. Two activation rows gained nothing.
-const PAIR_ACTS: usize = 1;
+/// 1.31-1.34. Two activation rows in strips of two gained nothing.
+const ONE_STREAM_STRIP: usize = 2;
 /// The hardware prefetchers stop at page boundaries; see `STREAM_AHEAD`.
 const PREFETCH_AHEAD: usize = super::STREAM_AHEAD;
 
@@ -175,13 +174,13 @@ unsafe fn group<F: Format, L: Tiles>(g: &FloatGroup<'_>) {
     let x = |i: usize| g.x.as_ptr().add(i * cols);
     let decoding = g.m <= ACTS;
     let chunk = if decoding { cols } else { PASS_COLUMNS };
+    let strip = if g.m == 1 { ONE_STREAM_STRIP } else { STRIP };
     let mut acc = vec![L::zero(); n * ACTS];
     for first_act in (0..g.m).step_by(ACTS) {
         let acts = first_act..(first_act + ACTS).min(g.m);
         acc.fill(L::zero());
         for k0 in (0..cols).step_by(chunk) {
             let k = k0..(k0 + chunk).min(cols);
-            let strip = if g.m <= PAIR_ACTS { 2 } else { STRIP };
             for j in (0..n).step_by(strip) {
                 for i in acts.clone().step_by(L::QUAD) {
                     let (r, a) = ((n - j).min(strip), (acts.end - i).min(L::QUAD));

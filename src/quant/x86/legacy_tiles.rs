@@ -69,19 +69,19 @@ unsafe fn group<D: GroupDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
     debug_assert!(g.scales.len() >= g.m * nb);
     debug_assert!(B::OFFSET == 0 || g.offsets.len() >= g.m * nb);
     debug_assert!(!B::STORED_MIN || g.sums.len() >= g.m * nb);
+    // No rows left (the interleaved groups took them all, as in prompts of a multiple of
+    // eight rows): nothing to read.
+    if g.m == 0 {
+        return;
+    }
     let w = |j: usize| g.weights.as_ptr().add(j * nb);
     let x = |i: usize| g.acts.as_ptr().add(i * nb);
     let d = |i: usize| g.scales.as_ptr().add(i * nb);
     // Only read where B has an offset or a minimum (empty otherwise): wrapping, never out
     // of bounds for nothing.
     let s = |i: usize| g.sums.as_ptr().wrapping_add(i * nb);
-    let q = |i: usize| g.offsets.as_ptr().wrapping_add(i * nb);
+    let o = |i: usize| g.offsets.as_ptr().wrapping_add(i * nb);
     let prefetch = g.m <= PREFETCH_ACTS;
-    // No rows left (the interleaved groups took them all, as in prompts of a multiple of
-    // eight rows): nothing to read.
-    if g.m == 0 {
-        return;
-    }
     // Decoding 4- and 5-bit types: weight rows eight at a time where there are eight,
     // pairs for the rest.
     let mut eights = 0;
@@ -107,7 +107,7 @@ unsafe fn group<D: GroupDot, B: LegacyBlock>(g: &LegacyGroup<'_, B>) {
                     x: [x(row(0)), x(row(1)), x(row(2)), x(row(3))],
                     d: [d(row(0)), d(row(1)), d(row(2)), d(row(3))],
                     s: [s(row(0)), s(row(1)), s(row(2)), s(row(3))],
-                    q: [q(row(0)), q(row(1)), q(row(2)), q(row(3))],
+                    o: [o(row(0)), o(row(1)), o(row(2)), o(row(3))],
                     blocks: nb,
                 };
                 let sums = micro_any::<D, B>(&at, r, a, prefetch);
@@ -250,7 +250,7 @@ struct Micro<B> {
     x: [*const BlockQ8_0; QUAD],
     d: [*const f32; QUAD],
     s: [*const f32; QUAD],
-    q: [*const i32; QUAD],
+    o: [*const i32; QUAD],
     blocks: usize,
 }
 
@@ -330,7 +330,7 @@ unsafe fn micro<
             for j in 0..R {
                 let mut total = hsum_i32(w[j].dot::<D, B>(yv));
                 if B::OFFSET != 0 {
-                    total += *at.q[i].add(b);
+                    total += *at.o[i].add(b);
                 }
                 acc[j][i] = (total as f32).mul_add(wd[j] * yd, acc[j][i]);
                 if B::STORED_MIN {
