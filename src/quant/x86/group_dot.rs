@@ -59,17 +59,18 @@ pub trait GroupDot: MulAdd {
     unsafe fn dot(a: __m256i, b: __m256i) -> __m256i {
         Self::dot_acc(_mm256_setzero_si256(), a, b)
     }
-    /// `total += lo·scale_lo + hi·scale_hi` per i32 lane, exact. `fit_i16`: every lane of
-    /// the chains fits an i16.
+    /// `total += lo·scale_lo + hi·scale_hi` per i32 lane, exact, with the two sub-blocks'
+    /// scales as the i16 halves of each of `pair`'s lanes (`scale_pair`). `fit_i16`: every
+    /// lane of the chains fits an i16.
     #[inline(always)]
     unsafe fn add_scaled<const G: usize>(
         total: &mut [__m256i; G],
         lo: &[__m256i; G],
         hi: &[__m256i; G],
-        scales: (i16, i16),
+        pair: __m256i,
         fit_i16: bool,
     ) {
-        add_scaled_i32::<Self, G>(total, lo, hi, scales, fit_i16)
+        add_scaled_i32::<Self, G>(total, lo, hi, pair, fit_i16)
     }
 }
 
@@ -150,10 +151,12 @@ impl GroupDot for Avx2 {
         total: &mut [__m256i; G],
         lo: &[__m256i; G],
         hi: &[__m256i; G],
-        (scale_lo, scale_hi): (i16, i16),
+        pair: __m256i,
         _fit_i16: bool,
     ) {
-        let (scale_lo, scale_hi) = (_mm256_set1_epi16(scale_lo), _mm256_set1_epi16(scale_hi));
+        // Each scale in every i16 lane.
+        let scale_lo = _mm256_shuffle_epi8(pair, _mm256_set1_epi32(0x0100_0100));
+        let scale_hi = _mm256_shuffle_epi8(pair, _mm256_set1_epi32(0x0302_0302));
         for g in 0..G {
             let l = _mm256_madd_epi16(lo[g], scale_lo);
             let h = _mm256_madd_epi16(hi[g], scale_hi);
@@ -170,22 +173,31 @@ unsafe fn add_scaled_i32<V: MulAdd + ?Sized, const G: usize>(
     total: &mut [__m256i; G],
     lo: &[__m256i; G],
     hi: &[__m256i; G],
-    (scale_lo, scale_hi): (i16, i16),
+    pair: __m256i,
     fit_i16: bool,
 ) {
     if fit_i16 {
-        let pair = _mm256_set1_epi32(i32::from(scale_lo as u16) | (i32::from(scale_hi) << 16));
         for g in 0..G {
             let both = _mm256_blend_epi16::<0xAA>(lo[g], _mm256_slli_epi32::<16>(hi[g]));
             total[g] = V::mul_add(total[g], both, pair);
         }
     } else {
-        let scale_lo = _mm256_set1_epi32(i32::from(scale_lo));
-        let scale_hi = _mm256_set1_epi32(i32::from(scale_hi));
+        // Each scale sign-extended to the whole lane.
+        let scale_lo = _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(pair));
+        let scale_hi = _mm256_srai_epi32::<16>(pair);
         for g in 0..G {
             let l = _mm256_mullo_epi32(lo[g], scale_lo);
             let h = _mm256_mullo_epi32(hi[g], scale_hi);
             total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
         }
     }
+}
+
+/// Sub-block scales `i16s` (two per i32 lane, as `_mm256_cvtepu8_epi16` or
+/// `_mm256_cvtepi8_epi16` widen a block's bytes) as `add_scaled`'s pair for lane `p`: that
+/// lane in every lane, one shuffle, where building it from scalars took a dozen
+/// instructions per sub-block pair.
+#[inline(always)]
+pub(super) unsafe fn scale_pair(i16s: __m256i, p: usize) -> __m256i {
+    _mm256_permutevar8x32_epi32(i16s, _mm256_set1_epi32(p as i32))
 }

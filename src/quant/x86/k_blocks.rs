@@ -204,14 +204,6 @@ pub(super) trait SixteenBlock {
     unsafe fn runs(&self, h: usize) -> [__m256i; 4];
 }
 
-/// The 16 bytes of `v`.
-#[inline(always)]
-pub(super) unsafe fn bytes_of(v: __m128i) -> [i8; 16] {
-    let mut bytes = [0i8; 16];
-    _mm_storeu_si128(bytes.as_mut_ptr() as *mut __m128i, v);
-    bytes
-}
-
 impl SixteenBlock for BlockQ6K {
     const OFFSET_BITS: i32 = 5;
     const MAX_VALUE: i32 = 63;

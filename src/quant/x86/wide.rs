@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 use super::super::blocks::BlockQ8Kx16;
 use super::super::blocks::{scales_and_mins, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use super::super::kquant::TILE_ROWS;
-use super::{bytes_of, f32_of, prefetch, prefetch_next_tile, SixteenBlock, Unpacked};
+use super::{f32_of, prefetch, prefetch_next_tile, SixteenBlock, Unpacked};
 
 /// Groups of sixteen rows in a tile, which one unpacking of a weight block serves.
 const GROUPS: usize = 4;
@@ -145,36 +145,46 @@ unsafe fn run_pair_sums<const G: usize>(
     sums
 }
 
-/// `total + lo·scale_lo + hi·scale_hi` per lane, exact. With `fit_i16` (every lane of both
-/// fits an i16) they go as the halves of each lane into one `vpdpwssd`.
+/// `total + lo·scale_lo + hi·scale_hi` per lane, exact, the two scales the i16 halves of
+/// each of `pair`'s lanes. With `fit_i16` (every lane of both fits an i16) they go as the
+/// halves of each lane into one `vpdpwssd`.
 #[inline(always)]
 unsafe fn add_scaled(
     total: __m512i,
     lo: __m512i,
     hi: __m512i,
-    (scale_lo, scale_hi): (i16, i16),
+    pair: __m512i,
     fit_i16: bool,
 ) -> __m512i {
     if fit_i16 {
-        let pair = i32::from(scale_lo as u16) | (i32::from(scale_hi) << 16);
         let both = _mm512_mask_blend_epi16(0xAAAA_AAAA, lo, _mm512_slli_epi32::<16>(hi));
-        _mm512_dpwssd_epi32(total, both, _mm512_set1_epi32(pair))
+        _mm512_dpwssd_epi32(total, both, pair)
     } else {
-        let lo = _mm512_mullo_epi32(lo, _mm512_set1_epi32(i32::from(scale_lo)));
-        let hi = _mm512_mullo_epi32(hi, _mm512_set1_epi32(i32::from(scale_hi)));
+        // Each scale sign-extended to the whole lane.
+        let scale_lo = _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(pair));
+        let scale_hi = _mm512_srai_epi32::<16>(pair);
+        let lo = _mm512_mullo_epi32(lo, scale_lo);
+        let hi = _mm512_mullo_epi32(hi, scale_hi);
         _mm512_add_epi32(total, _mm512_add_epi32(lo, hi))
     }
 }
 
-/// Each lane's Σ weight(s)·sum(s) over its row's sub-block sums (`sums[q]`: sub-blocks 2q
-/// and 2q+1 as i16 pairs), exact: the minimums' term, or the stored offsets'.
+/// `add_scaled`'s pair for i32 lane `p` of `i16s` (sub-block weights widened two to a lane,
+/// as `x86::group_dot::scale_pair` takes them), in every lane.
 #[inline(always)]
-unsafe fn weighted_sums(sums: &[[i16; 32]], weight: impl Fn(usize) -> i16) -> __m512i {
+unsafe fn wide_pair(i16s: __m256i, p: usize) -> __m512i {
+    _mm512_permutexvar_epi32(_mm512_set1_epi32(p as i32), _mm512_castsi256_si512(i16s))
+}
+
+/// Each lane's Σ weight(s)·sum(s) over its row's sub-block sums (`sums[q]`: sub-blocks 2q
+/// and 2q+1 as i16 pairs), exact: the minimums' term, or the stored offsets'. `pair(q)`:
+/// the weights of sub-blocks 2q and 2q+1 as the i16 halves of every lane.
+#[inline(always)]
+unsafe fn weighted_sums(sums: &[[i16; 32]], pair: impl Fn(usize) -> __m512i) -> __m512i {
     let mut total = _mm512_setzero_si512();
     for (q, pairs) in sums.iter().enumerate() {
-        let pair = i32::from(weight(2 * q) as u16) | (i32::from(weight(2 * q + 1)) << 16);
         let sums = _mm512_loadu_si512(pairs.as_ptr() as *const _);
-        total = _mm512_add_epi32(total, _mm512_madd_epi16(sums, _mm512_set1_epi32(pair)));
+        total = _mm512_add_epi32(total, _mm512_madd_epi16(sums, pair(q)));
     }
     total
 }
@@ -219,7 +229,8 @@ unsafe fn k_quant_sixteens<const G: usize, const FOUR_BITS: bool>(
             for g in 0..G {
                 let [lo, hi] = [half_sums[0][g], half_sums[1][g]];
                 total[g] = if FOUR_BITS {
-                    add_scaled(total[g], lo, hi, (scale, scale), true)
+                    let both = i32::from(scale as u16) | (i32::from(scale) << 16);
+                    add_scaled(total[g], lo, hi, _mm512_set1_epi32(both), true)
                 } else {
                     // Both halves take the same scale: one multiply.
                     let scaled = _mm512_mullo_epi32(
@@ -233,7 +244,10 @@ unsafe fn k_quant_sixteens<const G: usize, const FOUR_BITS: bool>(
     }
     for g in 0..G {
         let y = ys[g];
-        let offsets = weighted_sums(&y.sums, |s| i16::from(mins[s]));
+        let offsets = weighted_sums(&y.sums, |q| {
+            let pair = i32::from(mins[2 * q]) | (i32::from(mins[2 * q + 1]) << 16);
+            _mm512_set1_epi32(pair)
+        });
         let yd = _mm512_loadu_ps(y.d.as_ptr());
         acc[g] = scale_block(acc[g], total[g], offsets, yd, factors, false);
     }
@@ -287,14 +301,15 @@ unsafe fn sixteen_sixteens<B: SixteenBlock, const G: usize>(
     let mut values = Unpacked::of_runs(block);
     let values = opaque(&mut values);
     let (scales, mins) = block.scale_vectors();
-    let scales = bytes_of(scales);
+    // The scales of sub-blocks 2t and 2t+1 in i32 lane t (as the 256-bit kernels take them).
+    let scales = _mm256_cvtepi8_epi16(scales);
     let mut total = [_mm512_setzero_si512(); G];
     for pair in 0..4 {
         let sums = run_pair_sums(values, 2 * pair, ys);
         for (r, half_sums) in sums.iter().enumerate() {
             // Run t's halves are sub-blocks 2t and 2t+1.
             let t = 2 * pair + r;
-            let pair = (i16::from(scales[2 * t]), i16::from(scales[2 * t + 1]));
+            let pair = wide_pair(scales, t);
             for g in 0..G {
                 let [lo, hi] = [half_sums[0][g], half_sums[1][g]];
                 total[g] = add_scaled(total[g], lo, hi, pair, B::SUMS_FIT_I16);
@@ -303,11 +318,15 @@ unsafe fn sixteen_sixteens<B: SixteenBlock, const G: usize>(
     }
     let factors = block.factors();
     // The offset's weights: the minimums (Q2_K), or the scales times the stored offset.
-    let weights = if B::MINIMUMS { bytes_of(mins) } else { scales };
+    let weights = if B::MINIMUMS {
+        _mm256_cvtepi8_epi16(mins)
+    } else {
+        scales
+    };
     let offset_bits = _mm_cvtsi32_si128(B::OFFSET_BITS);
     for g in 0..G {
         let y = ys[g];
-        let mut offsets = weighted_sums(&y.bsums, |s| i16::from(weights[s]));
+        let mut offsets = weighted_sums(&y.bsums, |q| wide_pair(weights, q));
         if !B::MINIMUMS {
             // The stored offset times Σ scale·bsum, taken off the values before scaling.
             offsets = _mm512_sll_epi32(offsets, offset_bits);
