@@ -327,12 +327,13 @@ impl Broadcasts for Unpacked {
 /// nibbles are the first sub-block's values, the high ones (left in place, so 16 times each
 /// value) the second's, the chain's total shifted down once at its end. For one or two
 /// groups with VNNI's 32-bit chains, where a broadcast serves few products: out of the
-/// unpacked buffer each broadcast is a lane-crossing shuffle, which shares the two ports
-/// `vpdpbusd` runs on, while this is a load and two masks (one of any four ports) per pair.
-/// Per pass of a 4096×3072 matrix, one thread, AVX-512 VNNI on a Zen 4: four rows 0.661-0.670
-/// -> 0.643-0.650 ms, six (a padded group of eight) 1.20 -> 1.08, sixteen 2.03-2.05 ->
-/// 1.81-1.82. (Splitting the high nibbles with a shift as well gained nothing: shifts share
-/// those two ports too.)
+/// unpacked buffer each broadcast is a lane-crossing shuffle, which on Zen 4 shares the two
+/// ports `vpdpbusd` runs on (a `vpdpbusd` and a `vpermq` take a cycle together, two
+/// `vpdpbusd` half of one), while this is a load and two masks per pair. Per pass of a
+/// 4096×3072 matrix, one thread, AVX-512 VNNI on a Zen 4: four rows 0.661-0.670 -> 0.643-0.650
+/// ms, six (a padded group of eight) 1.20 -> 1.08, sixteen 2.03-2.05 -> 1.81-1.82. (With
+/// the high nibbles also shifted down per broadcast, it measured no faster than the
+/// shuffles.)
 struct PackedNibbles<'a>(&'a [u8; 128]);
 
 impl Broadcasts for PackedNibbles<'_> {
