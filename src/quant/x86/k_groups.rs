@@ -325,15 +325,15 @@ impl Broadcasts for Unpacked {
 
 /// Q4_K's packed bytes (`qs`), broadcast from the weights as they are, then masked: the low
 /// nibbles are the first sub-block's values, the high ones (left in place, so 16 times each
-/// value) the second's, the chain's total shifted down once at its end. For one or two
-/// groups with VNNI's 32-bit chains, where a broadcast serves few products: out of the
-/// unpacked buffer each broadcast is a lane-crossing shuffle, which on Zen 4 shares the two
-/// ports `vpdpbusd` runs on (a `vpdpbusd` and a `vpermq` take a cycle together, two
-/// `vpdpbusd` half of one), while this is a load and two masks per pair. Per pass of a
-/// 4096×3072 matrix, one thread, AVX-512 VNNI on a Zen 4: four rows 0.661-0.670 -> 0.643-0.650
-/// ms, six (a padded group of eight) 1.20 -> 1.08, sixteen 2.03-2.05 -> 1.81-1.82. (With
-/// the high nibbles also shifted down per broadcast, it measured no faster than the
-/// shuffles.)
+/// value) the second's, the chain's total shifted down once at its end. For VNNI's 32-bit
+/// chains (with AVX-VNNI's 16 registers, one or two groups only, so that the two masks fit
+/// beside them). Out of the unpacked buffer each broadcast is a lane-crossing shuffle,
+/// which on Zen 4 shares the two ports `vpdpbusd` runs on (a `vpdpbusd` and a `vpermq` take
+/// a cycle together, two `vpdpbusd` half of one), while this is a load and two masks per
+/// pair. Per pass of a 4096×3072 matrix, one thread, AVX-512 VNNI on a Zen 4: 4 rows
+/// 0.661-0.670 -> 0.643-0.650 ms, 6 (a padded group of eight) 1.20 -> 1.08, 16 2.03-2.05 ->
+/// 1.81-1.82, 24 2.61-2.65 -> 2.45-2.47, 31 3.19-3.29 -> 2.89-2.90. (With the high nibbles
+/// also shifted down per broadcast, it measured no faster than the shuffles.)
 struct PackedNibbles<'a>(&'a [u8; 128]);
 
 impl Broadcasts for PackedNibbles<'_> {
@@ -351,8 +351,8 @@ impl Broadcasts for PackedNibbles<'_> {
     }
 }
 
-/// Q4_K and Q5_K differ only in how a chunk unpacks (`chunk`); Q4_K's one or two groups
-/// with VNNI take its packed bytes (`PackedNibbles`).
+/// Q4_K and Q5_K differ only in how a chunk unpacks (`chunk`); Q4_K with VNNI takes its
+/// packed bytes (`PackedNibbles`).
 macro_rules! k_quant_vnni_block {
     ($($block:ty: $four_bits:expr),*) => {$(
         impl GroupBlock for $block {
@@ -363,7 +363,7 @@ macro_rules! k_quant_vnni_block {
                 acc: &mut [__m256; G],
             ) {
                 let factors = (f32_of(self.d), f32_of(self.dmin));
-                if $four_bits && G <= 2 && V::CHAIN_MAX == i32::MAX {
+                if $four_bits && V::CHAIN_MAX == i32::MAX && (G <= 2 || V::GROUPS >= 8) {
                     k_quant_interleaved::<V, RUN, G, $four_bits>(
                         &PackedNibbles(&self.qs),
                         &self.scales,
