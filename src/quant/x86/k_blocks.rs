@@ -71,10 +71,10 @@ static PAIR_BROADCAST: [[u8; 32]; 4] = {
     masks
 };
 
-/// Q4_K/Q5_K: the 6-bit scales (both halves) and the minimums, doubled to weigh the
-/// activation's 16-value sums.
+/// Q4_K's and Q5_K's eight 6-bit scales then their eight minimums, as sixteen i16 lanes:
+/// sub-blocks 2c and 2c+1 are i32 lane c (scales) and 4 + c (minimums).
 #[inline(always)]
-unsafe fn prepare_k(packed: &[u8; 12], d: f32, dmin: f32) -> Prepared {
+pub(super) unsafe fn widened_scales_and_mins(packed: &[u8; 12]) -> __m256i {
     let [scales_lo, scales_hi, mins_lo, mins_hi] = scale_words(packed);
     let bytes = _mm_set_epi32(
         mins_hi as i32,
@@ -82,7 +82,14 @@ unsafe fn prepare_k(packed: &[u8; 12], d: f32, dmin: f32) -> Prepared {
         scales_hi as i32,
         scales_lo as i32,
     );
-    let unpacked = _mm256_cvtepu8_epi16(bytes);
+    _mm256_cvtepu8_epi16(bytes)
+}
+
+/// Q4_K/Q5_K: the 6-bit scales (both halves) and the minimums, doubled to weigh the
+/// activation's 16-value sums.
+#[inline(always)]
+unsafe fn prepare_k(packed: &[u8; 12], d: f32, dmin: f32) -> Prepared {
+    let unpacked = widened_scales_and_mins(packed);
     let mins = _mm256_extracti128_si256(unpacked, 1);
     Prepared {
         scales: _mm256_permute2x128_si256(unpacked, unpacked, 0x00),

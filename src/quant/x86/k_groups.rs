@@ -26,13 +26,13 @@ use std::arch::x86_64::*;
 use super::super::blocks::BlockQ8K;
 use super::super::blocks::BlockQ8Kx;
 use super::super::blocks::BlockQ8Kx16;
-use super::super::blocks::{scale_words, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
+use super::super::blocks::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use super::super::kquant::{Groups, TILE_ACTS, TILE_ROWS};
 use super::group_dot::{chain_ends, chain_span, scale_pair, Evex, GroupDot, Vex};
 use super::wide::{tile_sixteens, WideBlock};
 use super::{
-    f32_of, load, prefetch, prefetch_next_tile, scale_block, tile, Avx2, Avx2Block, SixteenBlock,
-    Unpacked,
+    f32_of, load, prefetch, prefetch_next_tile, scale_block, tile, widened_scales_and_mins, Avx2,
+    Avx2Block, SixteenBlock, Unpacked,
 };
 
 /// A K-quant block that can be multiplied with interleaved groups of activation blocks.
@@ -209,25 +209,19 @@ unsafe fn group_products<V: GroupDot, B: GroupBlock, const RUN: usize>(
 #[inline(always)]
 unsafe fn k_quant_interleaved<
     V: GroupDot,
+    W: Broadcasts,
     const RUN: usize,
     const G: usize,
     const FOUR_BITS: bool,
 >(
-    values: &impl Broadcasts,
+    values: &W,
     packed: &[u8; 12],
     (d, dmin): (f32, f32),
     ys: [&BlockQ8Kx<RUN>; G],
     acc: &mut [__m256; G],
 ) {
     // The scales of sub-blocks 2c and 2c+1 in i32 lane c, the minimums' in lane 4 + c.
-    let [scales_lo, scales_hi, mins_lo, mins_hi] = scale_words(packed);
-    let bytes = _mm_set_epi32(
-        mins_hi as i32,
-        mins_lo as i32,
-        scales_hi as i32,
-        scales_lo as i32,
-    );
-    let pairs = _mm256_cvtepu8_epi16(bytes);
+    let pairs = widened_scales_and_mins(packed);
     let span = chain_span::<V>(if FOUR_BITS { 15 } else { 31 });
     let mut total = [_mm256_setzero_si256(); G];
     for c in 0..4 {
@@ -242,7 +236,7 @@ unsafe fn k_quant_interleaved<
                 hi[g] = V::step(hi[g], wh, load(qs[(64 * c + 32) / RUN + k].as_ptr()));
             }
             if chain_ends(k, 32 / RUN, span) {
-                if values.high_times_16() {
+                if W::HIGH_TIMES_16 {
                     // Exact: each product of the chain is a multiple of 16.
                     for h in &mut hi {
                         *h = _mm256_srai_epi32::<4>(*h);
@@ -305,9 +299,7 @@ trait Broadcasts {
     /// Values `RUN·k..RUN·(k + 1)` of sub-blocks 2c and 2c+1, each repeated across a vector.
     unsafe fn pair<const RUN: usize>(&self, c: usize, k: usize) -> (__m256i, __m256i);
     /// Whether the second sub-block's values come 16 times too large (`PackedNibbles`).
-    fn high_times_16(&self) -> bool {
-        false
-    }
+    const HIGH_TIMES_16: bool = false;
 }
 
 /// The block unpacked once into a buffer (`chunk`), each RUN values then one broadcast: no
@@ -345,10 +337,7 @@ impl Broadcasts for PackedNibbles<'_> {
             _mm256_and_si256(bytes, _mm256_set1_epi8(0xF0u8 as i8)),
         )
     }
-    #[inline(always)]
-    fn high_times_16(&self) -> bool {
-        true
-    }
+    const HIGH_TIMES_16: bool = true;
 }
 
 /// Q4_K and Q5_K differ only in how a chunk unpacks (`chunk`); Q4_K with VNNI takes its
@@ -364,7 +353,7 @@ macro_rules! k_quant_vnni_block {
             ) {
                 let factors = (f32_of(self.d), f32_of(self.dmin));
                 if $four_bits && V::CHAIN_MAX == i32::MAX && (G <= 2 || V::GROUPS >= 8) {
-                    k_quant_interleaved::<V, RUN, G, $four_bits>(
+                    k_quant_interleaved::<V, _, RUN, G, $four_bits>(
                         &PackedNibbles(&self.qs),
                         &self.scales,
                         factors,
@@ -372,7 +361,7 @@ macro_rules! k_quant_vnni_block {
                         acc,
                     )
                 } else {
-                    k_quant_interleaved::<V, RUN, G, $four_bits>(
+                    k_quant_interleaved::<V, _, RUN, G, $four_bits>(
                         &Unpacked::of_chunks(|c| self.chunk(c)),
                         &self.scales,
                         factors,
