@@ -30,7 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let [_, model, tokenizer, rest @ ..] = args.as_slice() else {
         return Err(
-            "usage: decode MODEL.gguf tokenizer.json [TOKENS] [STREAMS] [CONTEXT] [KV_CACHE_TYPE]"
+            "usage: decode MODEL.gguf tokenizer.json [TOKENS] [STREAMS] [CONTEXT] [KV_CACHE_TYPE] [repacked|mapped]"
                 .into(),
         );
     };
@@ -41,6 +41,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(name) => KvCacheType::from_name(name).ok_or("KV_CACHE_TYPE: f16, q8_0 or f32")?,
         None => KvCacheType::default(),
     };
+    let repack_weights = match rest.get(4).map(String::as_str) {
+        None | Some("repacked") => true,
+        Some("mapped") => false,
+        Some(_) => return Err("the weights: repacked (the default) or mapped".into()),
+    };
     if streams == 0 || context == 0 {
         return Err("STREAMS and CONTEXT must be at least 1".into());
     }
@@ -49,6 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(&ModelSource::Local(PathBuf::from(tokenizer))),
         &LoadOptions {
             kv_cache_type,
+            repack_weights,
             ..LoadOptions::default()
         },
     )?;

@@ -66,7 +66,7 @@ pub fn set_threads(requested: Option<usize>) -> Result<usize> {
 }
 
 /// How a model is loaded and run, beyond where it comes from.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     /// Show a download's progress.
     pub progress: bool,
@@ -74,6 +74,21 @@ pub struct LoadOptions {
     pub threads: Option<usize>,
     /// How sequences store their keys and values.
     pub kv_cache_type: KvCacheType,
+    /// Q4_K matrices repacked eight rows to a block at load (`quant::repacked`), in place of
+    /// the file's pages; off, every matrix is read from the mapped file, which processes
+    /// share and which loads at once.
+    pub repack_weights: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            progress: false,
+            threads: None,
+            kv_cache_type: KvCacheType::default(),
+            repack_weights: true,
+        }
+    }
 }
 
 pub struct Engine {
@@ -119,7 +134,12 @@ impl Engine {
             }
         }
         let model_path = model.resolve(progress)?;
-        let loaded = model::load_interruptible(&model_path, interrupt, options.kv_cache_type)?;
+        let loaded = model::load_interruptible(
+            &model_path,
+            interrupt,
+            options.kv_cache_type,
+            options.repack_weights,
+        )?;
         let vocab_size = loaded.weights.config.vocab_size;
         let tokenizer = match tokenizer
             .cloned()

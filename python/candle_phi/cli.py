@@ -103,6 +103,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         help="how keys and values are kept: f16 (default, 2 bytes a value), q8_0 (8-bit "
         "blocks, 1.125 bytes, slightly less exact) or f32 (4 bytes)",
     )
+    model.add_argument(
+        "--no-repack-weights",
+        dest="repack_weights",
+        action="store_false",
+        help="read every matrix from the mapped file instead of repacking the Q4_K ones "
+        "eight rows to a block at load (faster products, same memory; off: instant load, "
+        "pages shared between processes)",
+    )
     return model
 
 
@@ -115,6 +123,7 @@ def load_generator(args: argparse.Namespace, **options: Any) -> Phi3Generator:
         args.model,
         tokenizer=args.tokenizer,
         kv_cache_type=args.kv_cache_type,
+        repack_weights=args.repack_weights,
         **hub,
         **options,
     )

@@ -84,6 +84,7 @@ converters! {
     progress: Option<bool> = "progress", "a bool, or None to show it when stderr is a terminal";
     n_threads: Option<i64> = "n_threads", "an int >= 1 or None";
     ignore_eos: bool = "ignore_eos", "a bool";
+    repack_weights: bool = "repack_weights", "a bool";
 }
 
 /// One `from_py_with` converter per str parameter: a str that is not valid text (a lone

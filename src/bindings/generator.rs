@@ -62,7 +62,7 @@ impl PyPhi3Generator {
         repo_id='microsoft/Phi-3-mini-4k-instruct-gguf', \
         filename='Phi-3-mini-4k-instruct-q4.gguf', revision='main', tokenizer_repo_id=None, \
         tokenizer_revision='main', progress=None, n_threads=None, \
-        prefix_cache_bytes=4294967296, kv_cache_type='f16')")]
+        prefix_cache_bytes=4294967296, kv_cache_type='f16', repack_weights=True)")]
     #[pyo3(signature = (
         model = None,
         *,
@@ -76,6 +76,7 @@ impl PyPhi3Generator {
         n_threads = None,
         prefix_cache_bytes = DEFAULT_BUDGET_BYTES as i64,
         kv_cache_type = KvCacheType::default(),
+        repack_weights = true,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -91,6 +92,7 @@ impl PyPhi3Generator {
         #[pyo3(from_py_with = args::n_threads)] n_threads: Option<i64>,
         #[pyo3(from_py_with = args::prefix_cache_bytes)] prefix_cache_bytes: i64,
         #[pyo3(from_py_with = args::kv_cache_type)] kv_cache_type: KvCacheType,
+        #[pyo3(from_py_with = args::repack_weights)] repack_weights: bool,
     ) -> PyResult<Self> {
         let prefix_cache_bytes = args::non_negative(
             py,
@@ -121,6 +123,7 @@ impl PyPhi3Generator {
             progress,
             threads: n_threads,
             kv_cache_type,
+            repack_weights,
         };
         let engine = interrupt::run(py, Operation::Loading, &stop, || {
             Engine::load_interruptible(&model, tokenizer.as_ref(), &options, &stop)
@@ -137,7 +140,8 @@ impl PyPhi3Generator {
     #[pyo3(
         text_signature = "(repo_id, filename='Phi-3-mini-4k-instruct-q4.gguf', *, \
         tokenizer=None, revision='main', tokenizer_repo_id=None, tokenizer_revision='main', \
-        progress=None, n_threads=None, prefix_cache_bytes=4294967296, kv_cache_type='f16')"
+        progress=None, n_threads=None, prefix_cache_bytes=4294967296, kv_cache_type='f16', \
+        repack_weights=True)"
     )]
     #[pyo3(signature = (repo_id, filename = DEFAULT_MODEL_FILE.to_string(), **kwargs))]
     fn from_pretrained<'py>(

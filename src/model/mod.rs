@@ -72,15 +72,16 @@ pub struct ModelMetadata {
 
 /// Checks every required tensor's presence, shape and type, then reads the weights.
 pub fn load(path: &Path) -> Result<LoadedModel> {
-    load_interruptible(path, &AtomicBool::new(false), KvCacheType::default())
+    load_interruptible(path, &AtomicBool::new(false), KvCacheType::default(), true)
 }
 
 /// `load`, ending early with `Error::Interrupted` once `interrupt` is set; its sequences
-/// store keys and values as `kv_cache_type`.
+/// store keys and values as `kv_cache_type`; `repack_weights` as `Phi3Weights::load_with`.
 pub fn load_interruptible(
     path: &Path,
     interrupt: &AtomicBool,
     kv_cache_type: KvCacheType,
+    repack_weights: bool,
 ) -> Result<LoadedModel> {
     let mut file = GgufFile::open(path, interrupt)?;
     let config = Phi3Config::from_gguf(&file)?;
@@ -111,12 +112,13 @@ pub fn load_interruptible(
         }
     }
     let metadata = read_metadata(&file);
-    let weights = Phi3Weights::load(
+    let weights = Phi3Weights::load_with(
         config,
         &mut Interruptible {
             source: &mut file,
             interrupt,
         },
+        repack_weights,
     )?
     .with_kv_cache_type(kv_cache_type);
     Ok(LoadedModel {

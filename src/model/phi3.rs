@@ -54,15 +54,27 @@ pub const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
 pub const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
 
 impl Phi3Weights {
+    /// The weights `source` holds, Q4_K matrices repacked (`load_with`).
     pub fn load(config: Phi3Config, source: &mut impl TensorSource) -> crate::Result<Self> {
+        Self::load_with(config, source, true)
+    }
+
+    /// `repack_weights`: Q4_K matrices are repacked eight rows to a block, in place of the
+    /// file's pages (`quant::QMatrix::repack`); else every matrix reads the file.
+    pub fn load_with(
+        config: Phi3Config,
+        source: &mut impl TensorSource,
+        repack_weights: bool,
+    ) -> crate::Result<Self> {
         let kernels = Kernels::selected()?;
+        let linear = |tensor: &RawTensor| Linear::new(tensor, kernels, repack_weights);
         let token_embd = source.tensor("token_embd.weight")?;
         let embeddings = Embedding::new(&token_embd).map_err(build_error("token_embd.weight"))?;
         let output = if config.tied_embeddings {
-            Linear::new(&token_embd, kernels).map_err(build_error("token_embd.weight"))?
+            linear(&token_embd).map_err(build_error("token_embd.weight"))?
         } else {
             drop(token_embd);
-            matmul(source, "output.weight", kernels)?
+            matmul(source, "output.weight", linear)?
         };
         let output_norm = norm(source, "output_norm.weight", config.rms_eps)?;
         let mut layers = Vec::with_capacity(config.num_layers);
@@ -70,11 +82,11 @@ impl Phi3Weights {
             let p = format!("blk.{i}");
             layers.push(Layer {
                 attn_norm: norm(source, &format!("{p}.attn_norm.weight"), config.rms_eps)?,
-                attn_qkv: matmul(source, &format!("{p}.attn_qkv.weight"), kernels)?,
-                attn_output: matmul(source, &format!("{p}.attn_output.weight"), kernels)?,
+                attn_qkv: matmul(source, &format!("{p}.attn_qkv.weight"), linear)?,
+                attn_output: matmul(source, &format!("{p}.attn_output.weight"), linear)?,
                 ffn_norm: norm(source, &format!("{p}.ffn_norm.weight"), config.rms_eps)?,
-                ffn_up: matmul(source, &format!("{p}.ffn_up.weight"), kernels)?,
-                ffn_down: matmul(source, &format!("{p}.ffn_down.weight"), kernels)?,
+                ffn_up: matmul(source, &format!("{p}.ffn_up.weight"), linear)?,
+                ffn_down: matmul(source, &format!("{p}.ffn_down.weight"), linear)?,
             });
         }
         let rope_factors = if source.contains(ROPE_FACTORS_LONG) {
@@ -102,25 +114,32 @@ impl Phi3Weights {
     /// benchmarks report): "avx2", or "avx2; candle for Q8_K" (every type a file holds in
     /// practice runs on ours; Candle's take what else it can load, or forced).
     pub fn kernels_report(&self) -> String {
-        let matrices = self
-            .layers
-            .iter()
-            .flat_map(|l| [&l.attn_qkv, &l.attn_output, &l.ffn_up, &l.ffn_down]);
         let mut candle: Vec<String> = Vec::new();
-        for dtype in std::iter::once(&self.output)
-            .chain(matrices)
-            .filter_map(Linear::left_to_candle)
-        {
+        for dtype in self.matrices().filter_map(Linear::left_to_candle) {
             // ggml's names: Q8_K, not Candle's Q8K.
             let name = format!("{dtype:?}").replace("8K", "8_K");
             if !candle.contains(&name) {
                 candle.push(name);
             }
         }
-        match (self.kernels, candle.is_empty()) {
+        let mut report = match (self.kernels, candle.is_empty()) {
             (name, true) | (name @ "candle", false) => name.to_string(),
             (name, false) => format!("{name}; candle for {}", candle.join(", ")),
+        };
+        let repacked: usize = self.matrices().map(Linear::repacked_bytes).sum();
+        if repacked > 0 {
+            let mib = repacked as f64 / (1 << 20) as f64;
+            report.push_str(&format!("; Q4_K repacked by 8 rows ({mib:.0} MiB)"));
         }
+        report
+    }
+
+    /// Every weight matrix: each layer's, then the output's.
+    fn matrices(&self) -> impl Iterator<Item = &Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.attn_qkv, &l.attn_output, &l.ffn_up, &l.ffn_down])
+            .chain(std::iter::once(&self.output))
     }
 
     pub fn with_kv_cache_type(self, kv_cache_type: KvCacheType) -> Self {
@@ -139,8 +158,12 @@ fn build_error(name: &str) -> impl Fn(candle_core::Error) -> crate::Error + '_ {
     }
 }
 
-fn matmul(source: &mut impl TensorSource, name: &str, kernels: Kernels) -> crate::Result<Linear> {
-    Linear::new(&source.tensor(name)?, kernels).map_err(build_error(name))
+fn matmul(
+    source: &mut impl TensorSource,
+    name: &str,
+    linear: impl Fn(&RawTensor) -> candle_core::Result<Linear>,
+) -> crate::Result<Linear> {
+    linear(&source.tensor(name)?).map_err(build_error(name))
 }
 
 fn vector(source: &mut impl TensorSource, name: &str) -> crate::Result<Vec<f32>> {

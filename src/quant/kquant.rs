@@ -10,6 +10,7 @@ use super::blocks::WeightBlock;
 use super::blocks::{as_blocks, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use super::blocks::{quantize_q8k, BlockQ8K, QK_K};
 use super::blocks::{BlockQ8Kx16, BlockQ8Kx4, BlockQ8Kx8};
+use super::repacked::{BlockQ4Kx8, BlockQ5Kx8, BlockQ6Kx8, Repacked, RepackedBlock};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{readable, scalar, Kernels, OutPtr, RawTensor, WeightBytes};
@@ -116,6 +117,17 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     kernels: Kernels,
+    /// Its rows eight to a block (`repacked`), where asked: then every product reads them,
+    /// and none the file's.
+    repacked: Option<RepackedRows>,
+}
+
+/// A matrix's rows repacked, by type.
+#[derive(Debug)]
+enum RepackedRows {
+    Q4K(Repacked<BlockQ4Kx8>),
+    Q5K(Repacked<BlockQ5Kx8>),
+    Q6K(Repacked<BlockQ6Kx8>),
 }
 
 impl QMatrix {
@@ -129,7 +141,52 @@ impl QMatrix {
             rows,
             cols,
             kernels,
+            repacked: None,
         })
+    }
+
+    /// With its rows repacked eight to a block (`repacked`), if it is a Q4_K, Q5_K or Q6_K
+    /// matrix of whole groups of eight rows, on x86 kernels, and the memory can be had
+    /// (unchanged otherwise); the file's pages of it are then dropped from this process's
+    /// memory (the copy takes their place: memory stays at the file's size), as no product
+    /// reads them again.
+    pub fn repack(mut self) -> Self {
+        let x86 = matches!(
+            self.kernels,
+            Kernels::Avx2 | Kernels::AvxVnni | Kernels::Avx512Vnni
+        );
+        if !(x86 && cfg!(target_arch = "x86_64")) {
+            return self;
+        }
+        let bytes = self.bytes.as_bytes();
+        let blocks_per_row = self.cols / QK_K;
+        fn rows<T: RepackedBlock>(bytes: &[u8], blocks_per_row: usize) -> Option<Repacked<T>>
+        where
+            T::Source: WeightBlock,
+        {
+            let blocks = as_blocks(bytes).expect("whole, aligned blocks (checked in new)");
+            Repacked::new(blocks, blocks_per_row)
+        }
+        self.repacked = match self.block_type {
+            BlockType::Q4K => rows(bytes, blocks_per_row).map(RepackedRows::Q4K),
+            BlockType::Q5K => rows(bytes, blocks_per_row).map(RepackedRows::Q5K),
+            BlockType::Q6K => rows(bytes, blocks_per_row).map(RepackedRows::Q6K),
+            _ => None,
+        };
+        if self.repacked.is_some() {
+            self.bytes.release();
+        }
+        self
+    }
+
+    /// The bytes its repacked rows hold beside the file's.
+    pub fn repacked_bytes(&self) -> usize {
+        match &self.repacked {
+            Some(RepackedRows::Q4K(rows)) => rows.bytes(),
+            Some(RepackedRows::Q5K(rows)) => rows.bytes(),
+            Some(RepackedRows::Q6K(rows)) => rows.bytes(),
+            None => 0,
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -156,6 +213,13 @@ impl QMatrix {
                 _ => quantize_q8k(x, a),
             });
         let acts: Vec<&[BlockQ8K]> = acts.chunks_exact(blocks_per_row).collect();
+        #[cfg(target_arch = "x86_64")]
+        match &self.repacked {
+            Some(RepackedRows::Q4K(rows)) => return self.repacked_matmul(rows, &acts),
+            Some(RepackedRows::Q5K(rows)) => return self.repacked_matmul(rows, &acts),
+            Some(RepackedRows::Q6K(rows)) => return self.repacked_matmul(rows, &acts),
+            None => {}
+        }
         let interleaved = self.interleave(&acts, blocks_per_row);
         let sixteens: Vec<&[BlockQ8Kx16]> =
             interleaved.sixteens.chunks_exact(blocks_per_row).collect();
@@ -205,6 +269,66 @@ impl QMatrix {
                 }
             }
         });
+        out
+    }
+
+    /// `acts` · Wᵀ on the repacked rows. Tasks take runs of groups of eight rows (each
+    /// group's blocks one stretch of memory); within a task, a tile of activation rows at a
+    /// time meets all its groups, so that the tile stays in L2 while the weights stream past.
+    #[cfg(target_arch = "x86_64")]
+    fn repacked_matmul<T: x86::RepackedKernel>(
+        &self,
+        repacked: &Repacked<T>,
+        acts: &[&[BlockQ8K]],
+    ) -> Vec<f32> {
+        const ROWS: usize = super::repacked::ROWS;
+        let m = acts.len();
+        let sums: Vec<Vec<T::Sums>> = acts
+            .par_iter()
+            .map(|row| row.iter().map(T::sums).collect())
+            .collect();
+        let sums: Vec<&[T::Sums]> = sums.iter().map(Vec::as_slice).collect();
+        let mut out = vec![0f32; m * self.rows];
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let kernels = self.kernels;
+        let groups = repacked.groups();
+        let per_task = groups.div_ceil(rayon::current_num_threads() * 4).max(1);
+        (0..groups.div_ceil(per_task))
+            .into_par_iter()
+            .for_each(|task| {
+                let task_groups = task * per_task..((task + 1) * per_task).min(groups);
+                let mut tile_out = [[0f32; ROWS]; TILE_ACTS];
+                for first_act in (0..m).step_by(TILE_ACTS) {
+                    let tile = first_act..(first_act + TILE_ACTS).min(m);
+                    let (acts, sums) = (&acts[tile.clone()], &sums[tile.clone()]);
+                    let tile_out = &mut tile_out[..tile.len()];
+                    for g in task_groups.clone() {
+                        let blocks = repacked.group(g);
+                        // SAFETY: only built where the CPU has these kernels (`repack`); every
+                        // activation row has the group's number of blocks; `tile_out` is as
+                        // long as the tile.
+                        unsafe {
+                            match kernels {
+                                Kernels::Avx512Vnni => {
+                                    x86::repacked_avx512_vnni(blocks, acts, sums, tile_out)
+                                }
+                                Kernels::AvxVnni => {
+                                    x86::repacked_avx_vnni(blocks, acts, sums, tile_out)
+                                }
+                                _ => x86::repacked_avx2(blocks, acts, sums, tile_out),
+                            }
+                        }
+                        for (i, rows) in tile.clone().zip(tile_out.iter()) {
+                            // SAFETY: rows 8g..8g+8 of output row i, within `out`; each group
+                            // is one task's, so no two tasks write one element.
+                            unsafe {
+                                let at = out_ptr.at(i * self.rows + g * ROWS);
+                                std::ptr::copy_nonoverlapping(rows.as_ptr(), at, ROWS)
+                            };
+                        }
+                    }
+                }
+            });
         out
     }
 

@@ -10,6 +10,7 @@ mod blocks;
 mod float;
 mod kquant;
 mod legacy;
+mod repacked;
 mod scalar;
 mod storage;
 #[cfg(target_arch = "x86_64")]
@@ -234,9 +235,14 @@ pub enum Linear {
 }
 
 impl Linear {
-    pub fn new(tensor: &RawTensor, kernels: Kernels) -> Result<Self> {
+    /// `repack`: a Q4_K matrix is repacked (`QMatrix::repack`).
+    pub fn new(tensor: &RawTensor, kernels: Kernels, repack: bool) -> Result<Self> {
         if let Some(matrix) = QMatrix::new(tensor, kernels) {
-            return Ok(Linear::KQuant(matrix));
+            return Ok(Linear::KQuant(if repack {
+                matrix.repack()
+            } else {
+                matrix
+            }));
         }
         if let Some(matrix) = FloatMatrix::new(tensor, kernels) {
             return Ok(Linear::Float(matrix));
@@ -249,6 +255,14 @@ impl Linear {
             QMatMul::from_qtensor(tensor.to_qtensor()?)?,
             dtype,
         ))
+    }
+
+    /// Bytes of its weights repacked (`QMatrix::repack`), beside the file's.
+    pub fn repacked_bytes(&self) -> usize {
+        match self {
+            Linear::KQuant(matrix) => matrix.repacked_bytes(),
+            _ => 0,
+        }
     }
 
     /// The tensor type, where Candle's kernels multiply it.

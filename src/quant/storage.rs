@@ -48,6 +48,24 @@ impl WeightBytes {
         }
     }
 
+    /// Drops the mapped pages of these bytes from this process's memory, where a copy
+    /// (`repacked`) takes their place: the file cache keeps them, and a later read would
+    /// fault them back in. Nothing for owned bytes, or where the system cannot.
+    pub fn release(&self) {
+        #[cfg(unix)]
+        if let WeightBytes::Mapped { map, range } = self {
+            // SAFETY: a read-only mapping of the file: its dropped pages read back as the
+            // file's bytes, which are what they held.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    range.start,
+                    range.len(),
+                )
+            };
+        }
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         match self {
             WeightBytes::Mapped { map, range } => &map[range.clone()],

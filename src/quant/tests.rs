@@ -7,7 +7,7 @@ use super::blocks::QK_K;
 use super::{Kernels, QMatrix, RawTensor, WeightBytes};
 
 /// Deterministic pseudo-random numbers in [-1, 1).
-fn noise(seed: u64, n: usize) -> Vec<f32> {
+pub(super) fn noise(seed: u64, n: usize) -> Vec<f32> {
     let mut state = seed;
     (0..n)
         .map(|_| {
@@ -20,7 +20,7 @@ fn noise(seed: u64, n: usize) -> Vec<f32> {
 }
 
 /// Blocks of random bits (every scale and value pattern), with small finite f16 factors.
-fn random_blocks(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> RawTensor {
+pub(super) fn random_blocks(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> RawTensor {
     let block_bytes = dtype.type_size();
     let n_blocks = rows * cols / QK_K;
     let bits = noise(seed, n_blocks * block_bytes);
@@ -97,7 +97,7 @@ const K_QUANTS: [GgmlDType; 5] = [
 ];
 
 /// Every kernel of ours this CPU runs.
-fn kernels_to_test() -> Vec<Kernels> {
+pub(super) fn kernels_to_test() -> Vec<Kernels> {
     let mut kernels = Kernels::available();
     kernels.retain(|k| *k != Kernels::Candle);
     kernels

@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{has_avx2, Avx2, MulAdd};
+use super::{has_avx2, load, Avx2, MulAdd};
 
 pub fn has_avx_vnni() -> bool {
     has_avx2() && is_x86_feature_detected!("avxvnni")
@@ -154,15 +154,30 @@ impl GroupDot for Avx2 {
         pair: __m256i,
         _fit_i16: bool,
     ) {
-        // Each scale in every i16 lane.
-        let scale_lo = _mm256_shuffle_epi8(pair, _mm256_set1_epi32(0x0100_0100));
-        let scale_hi = _mm256_shuffle_epi8(pair, _mm256_set1_epi32(0x0302_0302));
+        // Each lane's scales in both its i16 halves (lanes may differ: `x86::repacked`).
+        let scale_lo = _mm256_shuffle_epi8(pair, load(SCALE_LO.as_ptr()));
+        let scale_hi = _mm256_shuffle_epi8(pair, load(SCALE_HI.as_ptr()));
         for g in 0..G {
             let l = _mm256_madd_epi16(lo[g], scale_lo);
             let h = _mm256_madd_epi16(hi[g], scale_hi);
             total[g] = _mm256_add_epi32(total[g], _mm256_add_epi32(l, h));
         }
     }
+}
+
+/// `pshufb` indices: each i32 lane's low (`SCALE_LO`) or high i16 in both its halves.
+const SCALE_LO: [u8; 32] = lane_halves(0);
+const SCALE_HI: [u8; 32] = lane_halves(2);
+
+const fn lane_halves(half: u8) -> [u8; 32] {
+    let mut indices = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        // Within each 128-bit half: byte i of lane i / 4 comes from that lane's `half`.
+        indices[i] = (i as u8 % 16) / 4 * 4 + half + (i as u8 % 2);
+        i += 1;
+    }
+    indices
 }
 
 /// `total += lo·scale_lo + hi·scale_hi` per lane, exact. With `fit_i16` (every lane of `lo`

@@ -28,6 +28,7 @@ mod k_blocks;
 mod k_groups;
 mod legacy_interleaved;
 mod legacy_tiles;
+mod repacked;
 mod wide;
 pub use activations::{quantize_q8_0, quantize_q8k, transpose};
 pub use float_tiles::{float_group, FloatGroup};
@@ -38,6 +39,7 @@ pub use legacy_interleaved::{interleaved, InterleavedGroup, InterleavedKernel};
 pub use legacy_tiles::{
     legacy_group_avx2, legacy_group_avx512_vnni, legacy_group_avx_vnni, LegacyGroup,
 };
+pub use repacked::{repacked_avx2, repacked_avx512_vnni, repacked_avx_vnni, RepackedKernel};
 
 pub fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2")

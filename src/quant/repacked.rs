@@ -1,0 +1,286 @@
+//! K-quant rows repacked eight to a block (`BlockQ4Kx8`, `BlockQ5Kx8`, `BlockQ6Kx8`), as
+//! llama.cpp's `Q4_K_8x8` and ik_llama.cpp's `_R8` types are. In the file's layout each
+//! weight block is one row's, so a kernel broadcasts the weights a few values at a time, one
+//! vector per activation row; here the same four positions of eight rows fill one 256-bit
+//! vector, the activations are the broadcast (a load), and every weight vector serves every
+//! activation row (`x86::repacked`). Built at load (`LoadOptions::repack_weights`, on by
+//! default), after which the file's pages of those matrices are released: memory stays at
+//! the file's size.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::blocks::{scales_and_mins, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, QK_K};
+
+/// Weight rows in a repacked block.
+pub const ROWS: usize = 8;
+
+/// A block column of eight rows of a K-quant type, repacked from the file's blocks.
+pub trait RepackedBlock: Copy + Send + Sync {
+    /// The file's block type.
+    type Source: Sync;
+    /// What each activation block contributes to the offsets' term, paired as the block's
+    /// kernel meets it (`sums`).
+    type Sums: Copy + Send + Sync;
+    /// The same block column of eight rows: the same values, scales and factors.
+    fn of(rows: [&Self::Source; ROWS]) -> Self;
+    fn sums(y: &BlockQ8K) -> Self::Sums;
+}
+
+/// Q4_K: sub-blocks 2p and 2p+1 share chunk p of the packed values (low and high nibbles),
+/// as in the file; `qs[p][c]` holds bytes 4c..4c+4 of each row's chunk p, row r in bytes
+/// 4r..4r+4. `scales[p]` and `mins[p]`: sub-blocks 2p and 2p+1 of each row, row r in bytes
+/// 2r and 2r+1, so that widened to i16 they are the i32 lane r's pair. 1,184 bytes for
+/// 8 × 144 in the file: 2.8% more to read.
+#[repr(C, align(32))]
+#[derive(Clone, Copy)]
+pub struct BlockQ4Kx8 {
+    pub qs: [[[u8; 32]; 8]; 4],
+    pub scales: [[u8; 16]; 4],
+    pub mins: [[u8; 16]; 4],
+    pub d: [f16; ROWS],
+    pub dmin: [f16; ROWS],
+}
+
+/// Q5_K: Q4_K's layout, and each value's fifth bit: `qh[c]` holds bytes 4c..4c+4 of each
+/// row's `qh`, row r in bytes 4r..4r+4 (bit 2p of a byte: chunk p's low value, bit 2p+1 its
+/// high one, as in the file). 1,440 bytes for 8 × 176: 2.3% more.
+#[repr(C, align(32))]
+#[derive(Clone, Copy)]
+pub struct BlockQ5Kx8 {
+    pub qs: [[[u8; 32]; 8]; 4],
+    pub qh: [[u8; 32]; 8],
+    pub scales: [[u8; 16]; 4],
+    pub mins: [[u8; 16]; 4],
+    pub d: [f16; ROWS],
+    pub dmin: [f16; ROWS],
+}
+
+/// Q6_K, re-encoded as Q4_K's chunks: values 64p + 4c + j (low nibble of `ql[p][c]`'s byte
+/// 4r + j) and 64p + 32 + 4c + j (high nibble), their top two bits in `qh[p / 2][c]`'s
+/// same byte (bits 4(p % 2) and 4(p % 2) + 2). `scales[p][k]`: sub-blocks 4p + k and
+/// 4p + 2 + k of row r in bytes 2r and 2r+1 (the values a chain of four runs meets: low
+/// nibbles and high). 1,680 bytes, as 8 × 210.
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+pub struct BlockQ6Kx8 {
+    pub ql: [[[u8; 32]; 8]; 4],
+    pub qh: [[[u8; 32]; 8]; 2],
+    pub scales: [[[i8; 16]; 2]; 4],
+    pub d: [f16; ROWS],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ4Kx8>() == 1184);
+const _: () = assert!(std::mem::size_of::<BlockQ5Kx8>() == 1440);
+const _: () = assert!(std::mem::size_of::<BlockQ6Kx8>() == 1680);
+
+/// Q4_K's and Q5_K's scales, minimums and packed nibbles, repacked into `scales`, `mins`
+/// and `qs` as `BlockQ4Kx8` lays them out.
+fn k_quant_parts(
+    rows: [(&[u8; 12], &[u8; QK_K / 2]); ROWS],
+    scales: &mut [[u8; 16]; 4],
+    mins: &mut [[u8; 16]; 4],
+    qs: &mut [[[u8; 32]; 8]; 4],
+) {
+    for (r, (packed, row_qs)) in rows.iter().enumerate() {
+        let (row_scales, row_mins) = scales_and_mins(packed);
+        for p in 0..4 {
+            scales[p][2 * r..2 * r + 2].copy_from_slice(&row_scales[2 * p..2 * p + 2]);
+            mins[p][2 * r..2 * r + 2].copy_from_slice(&row_mins[2 * p..2 * p + 2]);
+            for c in 0..8 {
+                qs[p][c][4 * r..4 * r + 4].copy_from_slice(&row_qs[32 * p + 4 * c..][..4]);
+            }
+        }
+    }
+}
+
+/// Q4_K's and Q5_K's activation sums: sub-blocks 2p and 2p+1's (32 values each, so at most
+/// 4,096 in magnitude) as the low and high i16 of lane p, as the repacked minimums' pairs
+/// meet them in one `madd`.
+fn paired_sub_block_sums(y: &BlockQ8K) -> [i32; 4] {
+    let sum = |s: usize| y.bsums[2 * s] + y.bsums[2 * s + 1];
+    std::array::from_fn(|p| i16_pair(sum(2 * p), sum(2 * p + 1)))
+}
+
+fn i16_pair(lo: i16, hi: i16) -> i32 {
+    (u32::from(lo as u16) | (u32::from(hi as u16) << 16)) as i32
+}
+
+impl RepackedBlock for BlockQ4Kx8 {
+    type Source = BlockQ4K;
+    type Sums = [i32; 4];
+
+    fn of(rows: [&BlockQ4K; ROWS]) -> Self {
+        let mut block = BlockQ4Kx8 {
+            qs: [[[0; 32]; 8]; 4],
+            scales: [[0; 16]; 4],
+            mins: [[0; 16]; 4],
+            d: rows.map(|row| row.d),
+            dmin: rows.map(|row| row.dmin),
+        };
+        let parts = rows.map(|row| (&row.scales, &row.qs));
+        k_quant_parts(parts, &mut block.scales, &mut block.mins, &mut block.qs);
+        block
+    }
+
+    fn sums(y: &BlockQ8K) -> [i32; 4] {
+        paired_sub_block_sums(y)
+    }
+}
+
+impl RepackedBlock for BlockQ5Kx8 {
+    type Source = BlockQ5K;
+    type Sums = [i32; 4];
+
+    fn of(rows: [&BlockQ5K; ROWS]) -> Self {
+        let mut block = BlockQ5Kx8 {
+            qs: [[[0; 32]; 8]; 4],
+            qh: [[0; 32]; 8],
+            scales: [[0; 16]; 4],
+            mins: [[0; 16]; 4],
+            d: rows.map(|row| row.d),
+            dmin: rows.map(|row| row.dmin),
+        };
+        let parts = rows.map(|row| (&row.scales, &row.qs));
+        k_quant_parts(parts, &mut block.scales, &mut block.mins, &mut block.qs);
+        for (r, row) in rows.iter().enumerate() {
+            for c in 0..8 {
+                block.qh[c][4 * r..4 * r + 4].copy_from_slice(&row.qh[4 * c..4 * c + 4]);
+            }
+        }
+        block
+    }
+
+    fn sums(y: &BlockQ8K) -> [i32; 4] {
+        paired_sub_block_sums(y)
+    }
+}
+
+/// Q6_K's value i (0..64, before its offset of 32) as the file packs it: halves of 128
+/// values; in each, four runs of 32 take `ql`'s low nibbles, the next 32 bytes' low nibbles,
+/// then the high nibbles, with two bits each from `qh` on top.
+fn q6k_value(x: &BlockQ6K, i: usize) -> u8 {
+    let (half, run, l) = (i / 128, i % 128 / 32, i % 32);
+    let ql = x.ql[half * 64 + (run % 2) * 32 + l];
+    let low = if run < 2 { ql & 0x0F } else { ql >> 4 };
+    let high = (x.qh[half * 32 + l] >> (2 * run)) & 3;
+    low | (high << 4)
+}
+
+impl RepackedBlock for BlockQ6Kx8 {
+    type Source = BlockQ6K;
+    type Sums = [i32; 8];
+
+    fn of(rows: [&BlockQ6K; ROWS]) -> Self {
+        let mut block = BlockQ6Kx8 {
+            ql: [[[0; 32]; 8]; 4],
+            qh: [[[0; 32]; 8]; 2],
+            scales: [[[0; 16]; 2]; 4],
+            d: rows.map(|row| row.d),
+        };
+        for (r, row) in rows.iter().enumerate() {
+            let values: [u8; QK_K] = std::array::from_fn(|i| q6k_value(row, i));
+            for p in 0..4 {
+                for k in 0..2 {
+                    block.scales[p][k][2 * r] = row.scales[4 * p + k];
+                    block.scales[p][k][2 * r + 1] = row.scales[4 * p + 2 + k];
+                }
+                for c in 0..8 {
+                    for j in 0..4 {
+                        let lo = values[64 * p + 4 * c + j];
+                        let hi = values[64 * p + 32 + 4 * c + j];
+                        block.ql[p][c][4 * r + j] = (lo & 0x0F) | (hi << 4);
+                        let top = ((lo >> 4) | ((hi >> 4) << 2)) << (4 * (p % 2));
+                        block.qh[p / 2][c][4 * r + j] |= top;
+                    }
+                }
+            }
+        }
+        block
+    }
+
+    /// Lane 2p + k: the 16-value sums of sub-blocks 4p + k and 4p + 2 + k.
+    fn sums(y: &BlockQ8K) -> [i32; 8] {
+        std::array::from_fn(|lane| {
+            let (p, k) = (lane / 2, lane % 2);
+            i16_pair(y.bsums[4 * p + k], y.bsums[4 * p + 2 + k])
+        })
+    }
+}
+
+/// A matrix's rows, eight to a block: group g (rows 8g..8g+8) is `blocks_per_row` blocks
+/// from `blocks_per_row * g`.
+pub struct Repacked<T> {
+    blocks: Vec<T>,
+    blocks_per_row: usize,
+}
+
+impl<T> std::fmt::Debug for Repacked<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Repacked({} blocks of 8 rows)", self.blocks.len())
+    }
+}
+
+impl<T: RepackedBlock> Repacked<T> {
+    /// `rows` (a multiple of `ROWS`) of `blocks_per_row` blocks each, repacked; `None` if
+    /// the rows are not a multiple of eight or the memory cannot be had.
+    pub fn new(rows: &[T::Source], blocks_per_row: usize) -> Option<Self> {
+        let groups = rows.len().checked_div(blocks_per_row * ROWS)?;
+        if groups * ROWS * blocks_per_row != rows.len() {
+            return None;
+        }
+        let mut blocks = Vec::new();
+        blocks.try_reserve_exact(rows.len() / ROWS).ok()?;
+        ask_for_huge_pages(&mut blocks);
+        // Written in place, each block once: no zeroing first.
+        blocks.par_extend((0..rows.len() / ROWS).into_par_iter().map(|i| {
+            let (g, b) = (i / blocks_per_row, i % blocks_per_row);
+            let first = g * ROWS * blocks_per_row + b;
+            T::of(std::array::from_fn(|r| &rows[first + r * blocks_per_row]))
+        }));
+        Some(Self {
+            blocks,
+            blocks_per_row,
+        })
+    }
+
+    pub fn groups(&self) -> usize {
+        self.blocks.len() / self.blocks_per_row.max(1)
+    }
+
+    /// Rows 8g..8g+8, block column after block column.
+    pub fn group(&self, g: usize) -> &[T] {
+        &self.blocks[g * self.blocks_per_row..(g + 1) * self.blocks_per_row]
+    }
+
+    /// Bytes held beside the mapped file.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.blocks.as_slice())
+    }
+}
+
+/// Asks that `blocks`' capacity be backed by transparent huge pages, where the system hands
+/// them out on request: fewer page faults while it is written, and fewer TLB misses while
+/// decoding streams through it. A hint; nothing changes where it is refused.
+fn ask_for_huge_pages<T>(blocks: &mut Vec<T>) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = blocks.as_mut_ptr() as usize;
+        let end = start + blocks.capacity() * std::mem::size_of::<T>();
+        let (first, last) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if first < last {
+            // SAFETY: whole huge pages inside the allocation, which nothing reads yet.
+            unsafe {
+                libc::madvise(
+                    first as *mut libc::c_void,
+                    last - first,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,511 @@
+//! Products on K-quant rows repacked eight to a block (`repacked.rs`): a weight vector holds
+//! four positions of eight rows, one i32 lane per row, and meets each activation row's same
+//! four values broadcast (with EVEX, folded into `vpdpbusd` as `{1to8}`). So the values are
+//! unpacked once per vector for all activation rows, and a sub-block's scale applies to eight
+//! rows in one multiply, where the file's layout broadcasts the weights, one vector per
+//! activation row (`k_groups.rs`). Each lane takes its row's exact integer totals and then
+//! the same float steps as every other kernel (`scale_block`): the same bits as the file's
+//! layout gives.
+//!
+//! Per pass of a 4096×3072 Q4_K matrix, one thread, Zen 4 (from L3), file's layout ->
+//! repacked: AVX-512 VNNI 1 row 0.38 -> 0.16 ms, 4 rows 0.67 -> 0.32, 8 rows 1.16 -> 0.65,
+//! 64 rows 5.7 -> 5.1, 128 rows 11.7 -> 10.5; AVX2 1 row 0.36 -> 0.18, 4 rows 0.82 -> 0.57,
+//! 128 rows 17.3 -> 15.2.
+
+use std::arch::x86_64::*;
+
+use super::super::blocks::BlockQ8K;
+use super::super::kquant::TILE_ACTS;
+use super::super::repacked::{BlockQ4Kx8, BlockQ5Kx8, BlockQ6Kx8, RepackedBlock, ROWS};
+use super::group_dot::{chain_ends, chain_span, Evex, GroupDot, Vex};
+use super::{load, prefetch_lines, scale_block, Avx2};
+
+/// Activation rows one pass over a group's weights serves: each takes three registers (two
+/// chains and its total), so four leave room for the weights with VEX's 16; EVEX's 32 take
+/// eight. AVX-512 VNNI, 8 / 16 / 64 rows of a 4096×3072 Q4_K matrix: 0.72 / 1.54 / 5.75 ms
+/// by four, 0.65 / 1.27 / 5.09 by eight.
+const STREAMS: usize = 4;
+const EVEX_STREAMS: usize = 8;
+
+/// How far ahead of the block in use the weights are asked for, into L2: a task's groups
+/// follow one another in memory, one stream, which the hardware prefetchers follow only
+/// within a page. Zen 4, one decoding stream of the 8-layer Q4_K_M file, against the file's
+/// layout (39-41 tokens/s in the same runs): none 30, 4 blocks ahead into L1 31, 16 KiB
+/// ahead into L2 42-50, 32 KiB 43-56, 64 KiB 42-49, both 4 blocks and 32 KiB 34-39.
+const PREFETCH_AHEAD: usize = 32 << 10;
+
+/// Asks for the lines of a block `PREFETCH_AHEAD` bytes past `x` (a hint: an address past
+/// the allocation does not fault, and nothing is read through the pointer).
+#[inline(always)]
+unsafe fn prefetch_ahead<T>(x: &T) {
+    let at = (x as *const T as *const i8).wrapping_add(PREFETCH_AHEAD);
+    prefetch_lines::<T, _MM_HINT_T1>(at);
+}
+
+/// `out[i]` = the eight rows of `blocks` times `ys[i]` (whose sums are `sums[i]`,
+/// `RepackedBlock::sums`), with AVX2.
+///
+/// Safety: the CPU has AVX2, FMA and F16C (`has_avx2`); every `ys[i]` and `sums[i]` holds
+/// at least `blocks.len()` blocks; `out` is as long as `ys`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn repacked_avx2<T: RepackedKernel>(
+    blocks: &[T],
+    ys: &[&[BlockQ8K]],
+    sums: &[&[T::Sums]],
+    out: &mut [[f32; ROWS]],
+) {
+    streams::<Avx2, T>(blocks, ys, sums, out)
+}
+
+/// As `repacked_avx2`, with AVX-VNNI.
+///
+/// Safety: as for `repacked_avx2`, on a CPU with `has_avx_vnni`.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+pub unsafe fn repacked_avx_vnni<T: RepackedKernel>(
+    blocks: &[T],
+    ys: &[&[BlockQ8K]],
+    sums: &[&[T::Sums]],
+    out: &mut [[f32; ROWS]],
+) {
+    streams::<Vex, T>(blocks, ys, sums, out)
+}
+
+/// As `repacked_avx2`, with AVX-512 VNNI's encoding.
+///
+/// Safety: as for `repacked_avx2`, on a CPU with `has_avx512_vnni`.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub unsafe fn repacked_avx512_vnni<T: RepackedKernel>(
+    blocks: &[T],
+    ys: &[&[BlockQ8K]],
+    sums: &[&[T::Sums]],
+    out: &mut [[f32; ROWS]],
+) {
+    streams::<Evex, T>(blocks, ys, sums, out)
+}
+
+#[inline(always)]
+unsafe fn streams<V: GroupDot, T: RepackedKernel>(
+    blocks: &[T],
+    ys: &[&[BlockQ8K]],
+    sums: &[&[T::Sums]],
+    out: &mut [[f32; ROWS]],
+) {
+    debug_assert!(ys.len() == sums.len() && ys.len() == out.len() && ys.len() <= TILE_ACTS);
+    debug_assert!(ys.iter().all(|y| y.len() >= blocks.len()));
+    debug_assert!(sums.iter().all(|s| s.len() >= blocks.len()));
+    let per_pass = if V::GROUPS >= 8 {
+        EVEX_STREAMS
+    } else {
+        STREAMS
+    };
+    if ys.len() > per_pass && per_pass < EVEX_STREAMS {
+        return unpacked_once::<V, T>(blocks, ys, sums, per_pass, out);
+    }
+    let mut first = 0;
+    while first < ys.len() {
+        let n = (ys.len() - first).min(per_pass);
+        let (ys, sums, out) = (&ys[first..], &sums[first..], &mut out[first..]);
+        match n {
+            8 => pass::<V, T, 8>(blocks, ys, sums, out),
+            7 => pass::<V, T, 7>(blocks, ys, sums, out),
+            6 => pass::<V, T, 6>(blocks, ys, sums, out),
+            5 => pass::<V, T, 5>(blocks, ys, sums, out),
+            4 => pass::<V, T, 4>(blocks, ys, sums, out),
+            3 => pass::<V, T, 3>(blocks, ys, sums, out),
+            2 => pass::<V, T, 2>(blocks, ys, sums, out),
+            _ => pass::<V, T, 1>(blocks, ys, sums, out),
+        }
+        first += n;
+    }
+}
+
+/// The first R activation rows over all of `blocks`, each block's values unpacked in
+/// registers.
+#[inline(always)]
+unsafe fn pass<V: GroupDot, T: RepackedKernel, const R: usize>(
+    blocks: &[T],
+    ys: &[&[BlockQ8K]],
+    sums: &[&[T::Sums]],
+    out: &mut [[f32; ROWS]],
+) {
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (b, x) in blocks.iter().enumerate() {
+        prefetch_ahead(x);
+        let y: [&BlockQ8K; R] = std::array::from_fn(|i| ys.get_unchecked(i).get_unchecked(b));
+        let s: [&T::Sums; R] = std::array::from_fn(|i| sums.get_unchecked(i).get_unchecked(b));
+        x.finish(totals::<V, _, R>(&x.runs::<V>(), y), y, s, &mut acc);
+    }
+    for i in 0..R {
+        _mm256_storeu_ps(out[i].as_mut_ptr(), acc[i]);
+    }
+}
+
+/// More activation rows than a pass of 16 registers takes (AVX2, AVX-VNNI): each block's
+/// values unpacked once, into L1 (`Buffered`), for all the passes over it, where unpacking
+/// per pass took longer than the loads. AVX2, a 4096×3072 matrix, 64 rows: Q4_K 8.2 -> 7.5
+/// ms, Q5_K 10.8 -> 8.5, Q6_K 13.7 -> 9.2. (With AVX-512's eight rows a pass, no faster.)
+#[inline(always)]
+unsafe fn unpacked_once<V: GroupDot, T: RepackedKernel>(
+    blocks: &[T],
+    ys: &[&[BlockQ8K]],
+    sums: &[&[T::Sums]],
+    per_pass: usize,
+    out: &mut [[f32; ROWS]],
+) {
+    let mut acc = [_mm256_setzero_ps(); TILE_ACTS];
+    for (b, x) in blocks.iter().enumerate() {
+        prefetch_ahead(x);
+        let runs = Buffered::of(&x.runs::<V>());
+        let mut first = 0;
+        while first < ys.len() {
+            let n = (ys.len() - first).min(per_pass);
+            macro_rules! pass {
+                ($r:literal) => {{
+                    let y: [&BlockQ8K; $r] =
+                        std::array::from_fn(|i| ys.get_unchecked(first + i).get_unchecked(b));
+                    let s: [&T::Sums; $r] =
+                        std::array::from_fn(|i| sums.get_unchecked(first + i).get_unchecked(b));
+                    let acc = &mut *(acc.as_mut_ptr().add(first) as *mut [__m256; $r]);
+                    x.finish(totals::<V, _, $r>(&runs, y), y, s, acc)
+                }};
+            }
+            match n {
+                4 => pass!(4),
+                3 => pass!(3),
+                2 => pass!(2),
+                _ => pass!(1),
+            }
+            first += n;
+        }
+    }
+    for (out, acc) in out.iter_mut().zip(acc) {
+        _mm256_storeu_ps(out.as_mut_ptr(), acc);
+    }
+}
+
+/// A repacked block type the kernels here multiply.
+pub trait RepackedKernel: RepackedBlock {
+    type Runs<'a>: Runs
+    where
+        Self: 'a;
+    /// Its values, as `V`'s steps take them.
+    unsafe fn runs<V: GroupDot>(&self) -> Self::Runs<'_>;
+    /// `acc[i]` (lane r: row r) += `total[i]` (lane r: row r's exact Σ scale·q·y over the
+    /// block) scaled, less the offsets' term.
+    unsafe fn finish<const R: usize>(
+        &self,
+        total: [__m256i; R],
+        ys: [&BlockQ8K; R],
+        sums: [&Self::Sums; R],
+        acc: &mut [__m256; R],
+    );
+}
+
+/// How a repacked block's values unpack: `runs(p, c)` is values 64p + 4c..64p + 4c + 4
+/// (low) and 64p + 32 + 4c.. (high) of each row, a byte each, the high ones 16 times too
+/// large where `HIGH_TIMES_16`; chunk p's run c meets the scales `scale_pair(p, c / (8 /
+/// SPLITS))`: low and high chains of 8 / SPLITS runs each.
+pub trait Runs {
+    const MAX_VALUE: i32;
+    const SPLITS: usize;
+    fn high_times_16(&self) -> bool {
+        false
+    }
+    unsafe fn runs(&self, p: usize, c: usize) -> (__m256i, __m256i);
+    unsafe fn scale_pair(&self, p: usize, k: usize) -> __m256i;
+}
+
+/// A block's runs and scales unpacked into a buffer (2.3 KiB, in L1), each then a load.
+#[repr(C, align(32))]
+struct Buffered<W> {
+    runs: [[__m256i; 2]; 32],
+    scale_pairs: [[__m256i; 2]; 4],
+    high_times_16: bool,
+    source: std::marker::PhantomData<W>,
+}
+
+impl<W: Runs> Buffered<W> {
+    #[inline(always)]
+    unsafe fn of(runs: &W) -> Self {
+        let mut buffered = Buffered {
+            runs: [[_mm256_setzero_si256(); 2]; 32],
+            scale_pairs: [[_mm256_setzero_si256(); 2]; 4],
+            high_times_16: runs.high_times_16(),
+            source: std::marker::PhantomData,
+        };
+        for p in 0..4 {
+            for c in 0..8 {
+                let (lo, hi) = runs.runs(p, c);
+                buffered.runs[8 * p + c] = [lo, hi];
+            }
+            for k in 0..W::SPLITS {
+                buffered.scale_pairs[p][k] = runs.scale_pair(p, k);
+            }
+        }
+        buffered
+    }
+}
+
+impl<W: Runs> Runs for Buffered<W> {
+    const MAX_VALUE: i32 = W::MAX_VALUE;
+    const SPLITS: usize = W::SPLITS;
+    #[inline(always)]
+    fn high_times_16(&self) -> bool {
+        self.high_times_16
+    }
+    #[inline(always)]
+    unsafe fn runs(&self, p: usize, c: usize) -> (__m256i, __m256i) {
+        let [lo, hi] = &self.runs[8 * p + c];
+        (_mm256_load_si256(lo), _mm256_load_si256(hi))
+    }
+    #[inline(always)]
+    unsafe fn scale_pair(&self, p: usize, k: usize) -> __m256i {
+        _mm256_load_si256(&self.scale_pairs[p][k])
+    }
+}
+
+/// Every row's exact Σ scale·q·y over the block, lane r: row r, for each activation row.
+#[inline(always)]
+unsafe fn totals<V: GroupDot, W: Runs, const R: usize>(x: &W, ys: [&BlockQ8K; R]) -> [__m256i; R] {
+    let span = chain_span::<V>(W::MAX_VALUE);
+    let runs = 8 / W::SPLITS;
+    let mut total = [_mm256_setzero_si256(); R];
+    for p in 0..4 {
+        for k in 0..W::SPLITS {
+            let mut lo = [_mm256_setzero_si256(); R];
+            let mut hi = [_mm256_setzero_si256(); R];
+            let pair = x.scale_pair(p, k);
+            for step in 0..runs {
+                let c = k * runs + step;
+                let (wl, wh) = x.runs(p, c);
+                for i in 0..R {
+                    let q = ys[i].qs.as_ptr().add(64 * p + 4 * c);
+                    lo[i] = V::step(lo[i], wl, broadcast(q));
+                    hi[i] = V::step(hi[i], wh, broadcast(q.add(32)));
+                }
+                if chain_ends(step, runs, span) {
+                    if x.high_times_16() {
+                        // Exact: every product of the chain is a multiple of 16.
+                        for h in &mut hi {
+                            *h = _mm256_srai_epi32::<4>(*h);
+                        }
+                    }
+                    V::add_scaled::<R>(&mut total, &lo, &hi, pair, false);
+                    lo = [_mm256_setzero_si256(); R];
+                    hi = [_mm256_setzero_si256(); R];
+                }
+            }
+        }
+    }
+    total
+}
+
+/// Each lane's Σ weights·sums over N pairs of i16 weights (`weights[q]`, lane r: row r's)
+/// and activation sums (`sums[i][q]` in every lane): the offsets' term, exact.
+#[inline(always)]
+unsafe fn weighted_sums<const R: usize, const N: usize>(
+    weights: [__m256i; N],
+    sums: [&[i32; N]; R],
+) -> [__m256i; R] {
+    let mut total = [_mm256_setzero_si256(); R];
+    for (q, w) in weights.into_iter().enumerate() {
+        for (total, sums) in total.iter_mut().zip(sums) {
+            let pair = _mm256_set1_epi32(sums[q]);
+            *total = _mm256_add_epi32(*total, _mm256_madd_epi16(w, pair));
+        }
+    }
+    total
+}
+
+/// The low four bits of `w`'s bytes (`low`) and the high four, shifted down (`high`); with
+/// VNNI's i32 chains the high ones stay in place (16 times their value: `HIGH_TIMES_16`).
+#[inline(always)]
+unsafe fn nibbles(w: __m256i, in_place: bool) -> (__m256i, __m256i) {
+    let low = _mm256_set1_epi8(0x0F);
+    let high = if in_place {
+        _mm256_and_si256(w, _mm256_set1_epi8(0xF0u8 as i8))
+    } else {
+        _mm256_and_si256(_mm256_srli_epi16::<4>(w), low)
+    };
+    (_mm256_and_si256(w, low), high)
+}
+
+/// Bits `from..from + n` of each byte of `v`, moved to bits 4..4 + n (`mask` selects them
+/// there). 16-bit shifts by at most 4 move no bits that land there across bytes.
+#[inline(always)]
+unsafe fn bits_at_4(v: __m256i, from: u32, mask: i8) -> __m256i {
+    let moved = if from >= 4 {
+        _mm256_srl_epi16(v, _mm_cvtsi32_si128(from as i32 - 4))
+    } else {
+        _mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - from as i32))
+    };
+    _mm256_and_si256(moved, _mm256_set1_epi8(mask))
+}
+
+#[inline(always)]
+unsafe fn load128<T>(ptr: *const T) -> __m128i {
+    _mm_loadu_si128(ptr as *const __m128i)
+}
+
+/// A Q4_K block's runs: the packed nibbles as they are (`nibbles`), the high ones in place
+/// where `in_place`.
+pub struct Q4Runs<'a> {
+    block: &'a BlockQ4Kx8,
+    in_place: bool,
+}
+
+impl Runs for Q4Runs<'_> {
+    const MAX_VALUE: i32 = 15;
+    const SPLITS: usize = 1;
+    #[inline(always)]
+    fn high_times_16(&self) -> bool {
+        self.in_place
+    }
+    #[inline(always)]
+    unsafe fn runs(&self, p: usize, c: usize) -> (__m256i, __m256i) {
+        nibbles(load(self.block.qs[p][c].as_ptr()), self.in_place)
+    }
+    #[inline(always)]
+    unsafe fn scale_pair(&self, p: usize, _: usize) -> __m256i {
+        _mm256_cvtepu8_epi16(load128(self.block.scales[p].as_ptr()))
+    }
+}
+
+/// A Q5_K block's runs: Q4_K's nibbles with bits 2p and 2p+1 of `qh` as their fifth bits.
+pub struct Q5Runs<'a>(&'a BlockQ5Kx8);
+
+impl Runs for Q5Runs<'_> {
+    const MAX_VALUE: i32 = 31;
+    const SPLITS: usize = 1;
+    #[inline(always)]
+    unsafe fn runs(&self, p: usize, c: usize) -> (__m256i, __m256i) {
+        let (lo, hi) = nibbles(load(self.0.qs[p][c].as_ptr()), false);
+        let qh = load(self.0.qh[c].as_ptr());
+        let bit = 2 * p as u32;
+        (
+            _mm256_or_si256(lo, bits_at_4(qh, bit, 0x10)),
+            _mm256_or_si256(hi, bits_at_4(qh, bit + 1, 0x10)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn scale_pair(&self, p: usize, _: usize) -> __m256i {
+        _mm256_cvtepu8_epi16(load128(self.0.scales[p].as_ptr()))
+    }
+}
+
+/// A Q6_K block's runs: the nibbles with two bits of `qh` each on top, unsigned (0..64);
+/// sub-blocks of 16, so two chains per chunk.
+pub struct Q6Runs<'a>(&'a BlockQ6Kx8);
+
+impl Runs for Q6Runs<'_> {
+    const MAX_VALUE: i32 = 63;
+    const SPLITS: usize = 2;
+    #[inline(always)]
+    unsafe fn runs(&self, p: usize, c: usize) -> (__m256i, __m256i) {
+        let (lo, hi) = nibbles(load(self.0.ql[p][c].as_ptr()), false);
+        let qh = load(self.0.qh[p / 2][c].as_ptr());
+        let bit = 4 * (p % 2) as u32;
+        (
+            _mm256_or_si256(lo, bits_at_4(qh, bit, 0x30)),
+            _mm256_or_si256(hi, bits_at_4(qh, bit + 2, 0x30)),
+        )
+    }
+    #[inline(always)]
+    unsafe fn scale_pair(&self, p: usize, k: usize) -> __m256i {
+        _mm256_cvtepi8_epi16(load128(self.0.scales[p][k].as_ptr()))
+    }
+}
+
+/// Q4_K and Q5_K: `d`·Σ scale·q·y − `dmin`·Σ min·sum, per row.
+#[inline(always)]
+unsafe fn with_minimums<const R: usize>(
+    total: [__m256i; R],
+    mins: &[[u8; 16]; 4],
+    (d, dmin): (&[half::f16; ROWS], &[half::f16; ROWS]),
+    ys: [&BlockQ8K; R],
+    sums: [&[i32; 4]; R],
+    acc: &mut [__m256; R],
+) {
+    let mins = mins.map(|pair| _mm256_cvtepu8_epi16(load128(pair.as_ptr())));
+    let offsets = weighted_sums(mins, sums);
+    let d = _mm256_cvtph_ps(load128(d.as_ptr()));
+    let dmin = _mm256_cvtph_ps(load128(dmin.as_ptr()));
+    for i in 0..R {
+        let yd = _mm256_set1_ps(ys[i].d);
+        acc[i] = scale_block(acc[i], total[i], offsets[i], yd, d, dmin, false);
+    }
+}
+
+impl RepackedKernel for BlockQ4Kx8 {
+    type Runs<'a> = Q4Runs<'a>;
+    #[inline(always)]
+    unsafe fn runs<V: GroupDot>(&self) -> Q4Runs<'_> {
+        // VNNI's i32 chains take the high nibbles in place (exact: each product a multiple
+        // of 16, each chain below 2^20), shifted down once at the chain's end.
+        Q4Runs {
+            block: self,
+            in_place: V::CHAIN_MAX == i32::MAX,
+        }
+    }
+    #[inline(always)]
+    unsafe fn finish<const R: usize>(
+        &self,
+        total: [__m256i; R],
+        ys: [&BlockQ8K; R],
+        sums: [&[i32; 4]; R],
+        acc: &mut [__m256; R],
+    ) {
+        with_minimums(total, &self.mins, (&self.d, &self.dmin), ys, sums, acc)
+    }
+}
+
+impl RepackedKernel for BlockQ5Kx8 {
+    type Runs<'a> = Q5Runs<'a>;
+    #[inline(always)]
+    unsafe fn runs<V: GroupDot>(&self) -> Q5Runs<'_> {
+        Q5Runs(self)
+    }
+    #[inline(always)]
+    unsafe fn finish<const R: usize>(
+        &self,
+        total: [__m256i; R],
+        ys: [&BlockQ8K; R],
+        sums: [&[i32; 4]; R],
+        acc: &mut [__m256; R],
+    ) {
+        with_minimums(total, &self.mins, (&self.d, &self.dmin), ys, sums, acc)
+    }
+}
+
+impl RepackedKernel for BlockQ6Kx8 {
+    type Runs<'a> = Q6Runs<'a>;
+    #[inline(always)]
+    unsafe fn runs<V: GroupDot>(&self) -> Q6Runs<'_> {
+        Q6Runs(self)
+    }
+    #[inline(always)]
+    unsafe fn finish<const R: usize>(
+        &self,
+        total: [__m256i; R],
+        ys: [&BlockQ8K; R],
+        sums: [&[i32; 8]; R],
+        acc: &mut [__m256; R],
+    ) {
+        // The stored offset of 32 times Σ scale·sum, off the values before the one scaling.
+        let runs = Q6Runs(self);
+        let scales = std::array::from_fn(|q| runs.scale_pair(q / 2, q % 2));
+        let offsets = weighted_sums(scales, sums);
+        let d = _mm256_cvtph_ps(load128(self.d.as_ptr()));
+        for i in 0..R {
+            let offsets = _mm256_slli_epi32::<5>(offsets[i]);
+            let yd = _mm256_set1_ps(ys[i].d);
+            acc[i] = scale_block(acc[i], total[i], offsets, yd, d, d, true);
+        }
+    }
+}
+
+/// Four activation bytes at `q` in every lane.
+#[inline(always)]
+unsafe fn broadcast(q: *const i8) -> __m256i {
+    _mm256_set1_epi32(std::ptr::read_unaligned(q as *const i32))
+}
