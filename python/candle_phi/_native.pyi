@@ -193,7 +193,9 @@ class Phi3Generator:
         """The matrix kernels this CPU runs for the model: "avx-vnni", "avx512-vnni",
         "avx2", "scalar" or "candle" (the environment variable ``CANDLE_PHI_KERNELS`` picks
         another this CPU runs), followed by any tensor types left to Candle's kernels, as in
-        "avx2; candle for Q8_K" (every type files hold in practice runs on ours)."""
+        "avx2; candle for Q8_K" (every type files hold in practice runs on ours), and how
+        much of the K-quant weights were repacked at load, as in "avx2; K-quants repacked by
+        8 rows (1276 MiB)" (``repack_weights``)."""
 
     @property
     def n_threads(self) -> int:

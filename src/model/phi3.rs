@@ -129,7 +129,7 @@ impl Phi3Weights {
         let repacked: usize = self.matrices().map(Linear::repacked_bytes).sum();
         if repacked > 0 {
             let mib = repacked as f64 / (1 << 20) as f64;
-            report.push_str(&format!("; Q4_K repacked by 8 rows ({mib:.0} MiB)"));
+            report.push_str(&format!("; K-quants repacked by 8 rows ({mib:.0} MiB)"));
         }
         report
     }
