@@ -7,10 +7,19 @@
 //! the same float steps as every other kernel (`scale_block`): the same bits as the file's
 //! layout gives.
 //!
-//! Per pass of a 4096×3072 Q4_K matrix, one thread, Zen 4 (from L3), file's layout ->
-//! repacked: AVX-512 VNNI 1 row 0.38 -> 0.16 ms, 4 rows 0.67 -> 0.32, 8 rows 1.16 -> 0.65,
-//! 64 rows 5.7 -> 5.1, 128 rows 11.7 -> 10.5; AVX2 1 row 0.36 -> 0.18, 4 rows 0.82 -> 0.57,
-//! 128 rows 17.3 -> 15.2.
+//! Per pass of a 4096×3072 matrix, one thread, Zen 4, the matrix in L3, alternating, best of
+//! 15 (ms), file's layout -> repacked, for 1 / 4 / 8 / 64 activation rows:
+//!
+//! | type | AVX-512 VNNI | AVX2 |
+//! | --- | --- | --- |
+//! | Q4_K | 0.35 / 0.92 / 1.06 / 5.71 -> 0.16 / 0.40 / 0.62 / 5.03 | 0.37 / 0.79 / 1.34 / 8.23 -> 0.18 / 0.48 / 1.03 / 7.43 |
+//! | Q5_K | 0.44 / 0.80 / 1.29 / 5.77 -> 0.31 / 0.41 / 0.82 / 6.63 | 0.50 / 0.93 / 1.46 / 7.51 -> 0.36 / 0.67 / 1.26 / 8.02 |
+//! | Q6_K | 0.39 / 0.93 / 1.45 / 6.35 -> 0.44 / 0.71 / 1.04 / 7.36 | 0.43 / 1.11 / 1.49 / 8.43 -> 0.44 / 0.92 / 1.41 / 9.27 |
+//!
+//! From memory, as decoding reads a model, the repacked rows are one sequential stream and
+//! gain more (`PREFETCH_AHEAD`). Prompts' Q5_K and Q6_K tiles lose 7-16%: their values take
+//! four to five operations per vector to unpack where the file's tiles unpack a block once for
+//! 64 rows; the model's prompts still gain, by Q4_K's share.
 
 use std::arch::x86_64::*;
 
@@ -46,7 +55,7 @@ unsafe fn prefetch_ahead<T>(x: &T) {
 /// `RepackedBlock::sums`), with AVX2.
 ///
 /// Safety: the CPU has AVX2, FMA and F16C (`has_avx2`); every `ys[i]` and `sums[i]` holds
-/// at least `blocks.len()` blocks; `out` is as long as `ys`.
+/// at least `blocks.len()` blocks; `out` is as long as `ys`, at most `TILE_ACTS` rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn repacked_avx2<T: RepackedKernel>(
     blocks: &[T],
