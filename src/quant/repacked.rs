@@ -58,7 +58,7 @@ pub struct BlockQ5Kx8 {
 
 /// Q6_K, re-encoded as Q4_K's chunks: values 64p + 4c + j (low nibble of `ql[p][c]`'s byte
 /// 4r + j) and 64p + 32 + 4c + j (high nibble), their top two bits in `qh[p / 2][c]`'s
-/// same byte (bits 4(p % 2) and 4(p % 2) + 2). `scales[p][k]`: sub-blocks 4p + k and
+/// same byte (bits 4(p % 2) and 4(p % 2) + 2: the file's `qh` bytes as they are). `scales[p][k]`: sub-blocks 4p + k and
 /// 4p + 2 + k of row r in bytes 2r and 2r+1 (the values a chain of four runs meets: low
 /// nibbles and high). 1,680 bytes, as 8 × 210.
 #[repr(C, align(16))]
@@ -156,21 +156,20 @@ impl RepackedBlock for BlockQ5Kx8 {
     }
 }
 
-/// Q6_K's value i (0..64, before its offset of 32) as the file packs it: halves of 128
-/// values; in each, four runs of 32 take `ql`'s low nibbles, the next 32 bytes' low nibbles,
-/// then the high nibbles, with two bits each from `qh` on top.
-fn q6k_value(x: &BlockQ6K, i: usize) -> u8 {
-    let (half, run, l) = (i / 128, i % 128 / 32, i % 32);
-    let ql = x.ql[half * 64 + (run % 2) * 32 + l];
-    let low = if run < 2 { ql & 0x0F } else { ql >> 4 };
-    let high = (x.qh[half * 32 + l] >> (2 * run)) & 3;
-    low | (high << 4)
+/// Four bytes at `at` as a little-endian word.
+fn word(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
 impl RepackedBlock for BlockQ6Kx8 {
     type Source = BlockQ6K;
     type Sums = [i32; 8];
 
+    /// In the file, half h (values 128h..128h + 128) keeps its four runs of 32 in `ql`'s
+    /// bytes 64h..64h + 32 (low nibbles: run 0, high: run 2) and 64h + 32.. (runs 1 and 3),
+    /// and their top bits in `qh`'s bytes 32h.. (bits 2·run). Chunk p = 2h + e is runs 2e
+    /// and 2e + 1: their low four bits are one nibble each of those two bytes, and their top
+    /// bits the `qh` byte's nibble e, kept in place. So each four values move as a word.
     fn of(rows: [&BlockQ6K; ROWS]) -> Self {
         let mut block = BlockQ6Kx8 {
             ql: [[[0; 32]; 8]; 4],
@@ -178,21 +177,29 @@ impl RepackedBlock for BlockQ6Kx8 {
             scales: [[[0; 16]; 2]; 4],
             d: rows.map(|row| row.d),
         };
+        const LOW: u32 = 0x0f0f_0f0f;
         for (r, row) in rows.iter().enumerate() {
-            let values: [u8; QK_K] = std::array::from_fn(|i| q6k_value(row, i));
             for p in 0..4 {
+                let (h, e) = (p / 2, p % 2);
                 for k in 0..2 {
                     block.scales[p][k][2 * r] = row.scales[4 * p + k];
                     block.scales[p][k][2 * r + 1] = row.scales[4 * p + 2 + k];
                 }
                 for c in 0..8 {
-                    for j in 0..4 {
-                        let lo = values[64 * p + 4 * c + j];
-                        let hi = values[64 * p + 32 + 4 * c + j];
-                        block.ql[p][c][4 * r + j] = (lo & 0x0F) | (hi << 4);
-                        let top = ((lo >> 4) | ((hi >> 4) << 2)) << (4 * (p % 2));
-                        block.qh[p / 2][c][4 * r + j] |= top;
-                    }
+                    let first = word(&row.ql, 64 * h + 4 * c);
+                    let second = word(&row.ql, 64 * h + 32 + 4 * c);
+                    let packed = if e == 0 {
+                        (first & LOW) | ((second & LOW) << 4)
+                    } else {
+                        ((first >> 4) & LOW) | (second & !LOW)
+                    };
+                    block.ql[p][c][4 * r..4 * r + 4].copy_from_slice(&packed.to_le_bytes());
+                }
+            }
+            for h in 0..2 {
+                for c in 0..8 {
+                    let bits = &row.qh[32 * h + 4 * c..][..4];
+                    block.qh[h][c][4 * r..4 * r + 4].copy_from_slice(bits);
                 }
             }
         }
