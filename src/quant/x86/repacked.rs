@@ -1,11 +1,11 @@
-//! Products on K-quant rows repacked eight to a block (`repacked.rs`): a weight vector holds
-//! four positions of eight rows, one i32 lane per row, and meets each activation row's same
-//! four values broadcast (with EVEX, folded into `vpdpbusd` as `{1to8}`). So the values are
-//! unpacked once per vector for all activation rows, and a sub-block's scale applies to eight
-//! rows in one multiply, where the file's layout broadcasts the weights, one vector per
-//! activation row (`k_groups.rs`). Each lane takes its row's exact integer totals and then
-//! the same float steps as every other kernel (`scale_block`): the same bits as the file's
-//! layout gives.
+//! Products on K-quant rows repacked eight to a block (`repacked.rs`; each type's unpacking
+//! in `repacked/blocks.rs`): a weight vector holds four positions of eight rows, one i32
+//! lane per row, and meets each activation row's same four values broadcast (with EVEX,
+//! folded into `vpdpbusd` as `{1to8}`). So the values are unpacked once per vector for all
+//! activation rows, and a sub-block's scale applies to eight rows in one multiply, where
+//! the file's layout broadcasts the weights, one vector per activation row (`k_groups.rs`).
+//! Each lane takes its row's exact integer totals and then the same float steps as every
+//! other kernel (`scale_block`): the same bits as the file's layout gives.
 //!
 //! Per pass of a 4096×3072 matrix, one thread, Zen 4, the matrix in L3, alternating, best of
 //! 15 (ms), file's layout -> repacked, for 1 / 4 / 8 / 64 activation rows:
@@ -23,11 +23,13 @@
 
 use std::arch::x86_64::*;
 
+mod blocks;
+
 use super::super::blocks::BlockQ8K;
 use super::super::kquant::TILE_ACTS;
-use super::super::repacked::{BlockQ4Kx8, BlockQ5Kx8, BlockQ6Kx8, RepackedBlock, ROWS};
+use super::super::repacked::{RepackedBlock, ROWS};
 use super::group_dot::{chain_ends, chain_span, Evex, GroupDot, Vex};
-use super::{load, prefetch_lines, scale_block, Avx2};
+use super::{prefetch_lines, Avx2};
 
 /// Activation rows one pass over a group's weights serves: each takes three registers (two
 /// chains and its total), so four leave room for the weights with VEX's 16; EVEX's 32 take
@@ -307,210 +309,6 @@ unsafe fn totals<V: GroupDot, W: Runs, const R: usize>(x: &W, ys: [&BlockQ8K; R]
         }
     }
     total
-}
-
-/// Each lane's Σ weights·sums over N pairs of i16 weights (`weights[q]`, lane r: row r's)
-/// and activation sums (`sums[i][q]` in every lane): the offsets' term, exact.
-#[inline(always)]
-unsafe fn weighted_sums<const R: usize, const N: usize>(
-    weights: [__m256i; N],
-    sums: [&[i32; N]; R],
-) -> [__m256i; R] {
-    let mut total = [_mm256_setzero_si256(); R];
-    for (q, w) in weights.into_iter().enumerate() {
-        for (total, sums) in total.iter_mut().zip(sums) {
-            let pair = _mm256_set1_epi32(sums[q]);
-            *total = _mm256_add_epi32(*total, _mm256_madd_epi16(w, pair));
-        }
-    }
-    total
-}
-
-/// The low four bits of `w`'s bytes (`low`) and the high four, shifted down (`high`); with
-/// VNNI's i32 chains the high ones stay in place (16 times their value: `HIGH_TIMES_16`).
-#[inline(always)]
-unsafe fn nibbles(w: __m256i, in_place: bool) -> (__m256i, __m256i) {
-    let low = _mm256_set1_epi8(0x0F);
-    let high = if in_place {
-        _mm256_and_si256(w, _mm256_set1_epi8(0xF0u8 as i8))
-    } else {
-        _mm256_and_si256(_mm256_srli_epi16::<4>(w), low)
-    };
-    (_mm256_and_si256(w, low), high)
-}
-
-/// Bits `from..from + n` of each byte of `v`, moved to bits 4..4 + n (`mask` selects them
-/// there). 16-bit shifts by at most 4 move no bits that land there across bytes.
-#[inline(always)]
-unsafe fn bits_at_4(v: __m256i, from: u32, mask: i8) -> __m256i {
-    let moved = if from >= 4 {
-        _mm256_srl_epi16(v, _mm_cvtsi32_si128(from as i32 - 4))
-    } else {
-        _mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - from as i32))
-    };
-    _mm256_and_si256(moved, _mm256_set1_epi8(mask))
-}
-
-#[inline(always)]
-unsafe fn load128<T>(ptr: *const T) -> __m128i {
-    _mm_loadu_si128(ptr as *const __m128i)
-}
-
-/// A Q4_K block's runs: the packed nibbles as they are (`nibbles`), the high ones in place
-/// where `in_place`.
-pub struct Q4Runs<'a> {
-    block: &'a BlockQ4Kx8,
-    in_place: bool,
-}
-
-impl Runs for Q4Runs<'_> {
-    const MAX_VALUE: i32 = 15;
-    const SPLITS: usize = 1;
-    #[inline(always)]
-    fn high_times_16(&self) -> bool {
-        self.in_place
-    }
-    #[inline(always)]
-    unsafe fn runs(&self, p: usize, c: usize) -> (__m256i, __m256i) {
-        nibbles(load(self.block.qs[p][c].as_ptr()), self.in_place)
-    }
-    #[inline(always)]
-    unsafe fn scale_pair(&self, p: usize, _: usize) -> __m256i {
-        _mm256_cvtepu8_epi16(load128(self.block.scales[p].as_ptr()))
-    }
-}
-
-/// A Q5_K block's runs: Q4_K's nibbles with bits 2p and 2p+1 of `qh` as their fifth bits.
-pub struct Q5Runs<'a>(&'a BlockQ5Kx8);
-
-impl Runs for Q5Runs<'_> {
-    const MAX_VALUE: i32 = 31;
-    const SPLITS: usize = 1;
-    #[inline(always)]
-    unsafe fn runs(&self, p: usize, c: usize) -> (__m256i, __m256i) {
-        let (lo, hi) = nibbles(load(self.0.qs[p][c].as_ptr()), false);
-        let qh = load(self.0.qh[c].as_ptr());
-        let bit = 2 * p as u32;
-        (
-            _mm256_or_si256(lo, bits_at_4(qh, bit, 0x10)),
-            _mm256_or_si256(hi, bits_at_4(qh, bit + 1, 0x10)),
-        )
-    }
-    #[inline(always)]
-    unsafe fn scale_pair(&self, p: usize, _: usize) -> __m256i {
-        _mm256_cvtepu8_epi16(load128(self.0.scales[p].as_ptr()))
-    }
-}
-
-/// A Q6_K block's runs: the nibbles with two bits of `qh` each on top, unsigned (0..64);
-/// sub-blocks of 16, so two chains per chunk.
-pub struct Q6Runs<'a>(&'a BlockQ6Kx8);
-
-impl Runs for Q6Runs<'_> {
-    const MAX_VALUE: i32 = 63;
-    const SPLITS: usize = 2;
-    #[inline(always)]
-    unsafe fn runs(&self, p: usize, c: usize) -> (__m256i, __m256i) {
-        let (lo, hi) = nibbles(load(self.0.ql[p][c].as_ptr()), false);
-        let qh = load(self.0.qh[p / 2][c].as_ptr());
-        let bit = 4 * (p % 2) as u32;
-        (
-            _mm256_or_si256(lo, bits_at_4(qh, bit, 0x30)),
-            _mm256_or_si256(hi, bits_at_4(qh, bit + 2, 0x30)),
-        )
-    }
-    #[inline(always)]
-    unsafe fn scale_pair(&self, p: usize, k: usize) -> __m256i {
-        _mm256_cvtepi8_epi16(load128(self.0.scales[p][k].as_ptr()))
-    }
-}
-
-/// Q4_K and Q5_K: `d`·Σ scale·q·y − `dmin`·Σ min·sum, per row.
-#[inline(always)]
-unsafe fn with_minimums<const R: usize>(
-    total: [__m256i; R],
-    mins: &[[u8; 16]; 4],
-    (d, dmin): (&[half::f16; ROWS], &[half::f16; ROWS]),
-    ys: [&BlockQ8K; R],
-    sums: [&[i32; 4]; R],
-    acc: &mut [__m256; R],
-) {
-    let mins = mins.map(|pair| _mm256_cvtepu8_epi16(load128(pair.as_ptr())));
-    let offsets = weighted_sums(mins, sums);
-    let d = _mm256_cvtph_ps(load128(d.as_ptr()));
-    let dmin = _mm256_cvtph_ps(load128(dmin.as_ptr()));
-    for i in 0..R {
-        let yd = _mm256_set1_ps(ys[i].d);
-        acc[i] = scale_block(acc[i], total[i], offsets[i], yd, d, dmin, false);
-    }
-}
-
-impl RepackedKernel for BlockQ4Kx8 {
-    type Runs<'a> = Q4Runs<'a>;
-    #[inline(always)]
-    unsafe fn runs<V: GroupDot>(&self) -> Q4Runs<'_> {
-        // VNNI's i32 chains take the high nibbles in place (exact: each product a multiple
-        // of 16, each chain below 2^20), shifted down once at the chain's end.
-        Q4Runs {
-            block: self,
-            in_place: V::CHAIN_MAX == i32::MAX,
-        }
-    }
-    #[inline(always)]
-    unsafe fn finish<const R: usize>(
-        &self,
-        total: [__m256i; R],
-        ys: [&BlockQ8K; R],
-        sums: [&[i32; 4]; R],
-        acc: &mut [__m256; R],
-    ) {
-        with_minimums(total, &self.mins, (&self.d, &self.dmin), ys, sums, acc)
-    }
-}
-
-impl RepackedKernel for BlockQ5Kx8 {
-    type Runs<'a> = Q5Runs<'a>;
-    #[inline(always)]
-    unsafe fn runs<V: GroupDot>(&self) -> Q5Runs<'_> {
-        Q5Runs(self)
-    }
-    #[inline(always)]
-    unsafe fn finish<const R: usize>(
-        &self,
-        total: [__m256i; R],
-        ys: [&BlockQ8K; R],
-        sums: [&[i32; 4]; R],
-        acc: &mut [__m256; R],
-    ) {
-        with_minimums(total, &self.mins, (&self.d, &self.dmin), ys, sums, acc)
-    }
-}
-
-impl RepackedKernel for BlockQ6Kx8 {
-    type Runs<'a> = Q6Runs<'a>;
-    #[inline(always)]
-    unsafe fn runs<V: GroupDot>(&self) -> Q6Runs<'_> {
-        Q6Runs(self)
-    }
-    #[inline(always)]
-    unsafe fn finish<const R: usize>(
-        &self,
-        total: [__m256i; R],
-        ys: [&BlockQ8K; R],
-        sums: [&[i32; 8]; R],
-        acc: &mut [__m256; R],
-    ) {
-        // The stored offset of 32 times Σ scale·sum, off the values before the one scaling.
-        let runs = Q6Runs(self);
-        let scales = std::array::from_fn(|q| runs.scale_pair(q / 2, q % 2));
-        let offsets = weighted_sums(scales, sums);
-        let d = _mm256_cvtph_ps(load128(self.d.as_ptr()));
-        for i in 0..R {
-            let offsets = _mm256_slli_epi32::<5>(offsets[i]);
-            let yd = _mm256_set1_ps(ys[i].d);
-            acc[i] = scale_block(acc[i], total[i], offsets, yd, d, d, true);
-        }
-    }
 }
 
 /// Four activation bytes at `q` in every lane.
