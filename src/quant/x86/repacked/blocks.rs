@@ -136,7 +136,11 @@ unsafe fn with_minimums<const R: usize>(
     sums: [&[i32; 4]; R],
     acc: &mut [__m256; R],
 ) {
-    let mins = mins.map(|pair| _mm256_cvtepu8_epi16(load128(pair.as_ptr())));
+    let mut widened = [_mm256_setzero_si256(); 4];
+    for (wide, pair) in widened.iter_mut().zip(mins) {
+        *wide = _mm256_cvtepu8_epi16(load128(pair.as_ptr()));
+    }
+    let mins = widened;
     let offsets = weighted_sums(mins, sums);
     let d = _mm256_cvtph_ps(load128(d.as_ptr()));
     let dmin = _mm256_cvtph_ps(load128(dmin.as_ptr()));
@@ -146,45 +150,36 @@ unsafe fn with_minimums<const R: usize>(
     }
 }
 
-impl RepackedKernel for BlockQ4Kx8 {
-    type Runs<'a> = Q4Runs<'a>;
-    #[inline(always)]
-    unsafe fn runs<V: GroupDot>(&self) -> Q4Runs<'_> {
-        // VNNI's i32 chains take the high nibbles in place (exact: each product a multiple
-        // of 16, each chain below 2^20), shifted down once at the chain's end.
-        Q4Runs {
-            block: self,
-            in_place: V::CHAIN_MAX == i32::MAX,
+/// Q4_K and Q5_K: their runs as `$make` builds them from `$block` for the steps `$v`, and
+/// the minimums' term (`with_minimums`).
+macro_rules! minimums_kernel {
+    ($($block:ty => $runs:ident, |$x:ident, $v:ident| $make:expr;)*) => {$(
+        impl RepackedKernel for $block {
+            type Runs<'a> = $runs<'a>;
+            #[inline(always)]
+            unsafe fn runs<$v: GroupDot>(&self) -> $runs<'_> {
+                let $x = self;
+                $make
+            }
+            #[inline(always)]
+            unsafe fn finish<const R: usize>(
+                &self,
+                total: [__m256i; R],
+                ys: [&BlockQ8K; R],
+                sums: [&[i32; 4]; R],
+                acc: &mut [__m256; R],
+            ) {
+                with_minimums(total, &self.mins, (&self.d, &self.dmin), ys, sums, acc)
+            }
         }
-    }
-    #[inline(always)]
-    unsafe fn finish<const R: usize>(
-        &self,
-        total: [__m256i; R],
-        ys: [&BlockQ8K; R],
-        sums: [&[i32; 4]; R],
-        acc: &mut [__m256; R],
-    ) {
-        with_minimums(total, &self.mins, (&self.d, &self.dmin), ys, sums, acc)
-    }
+    )*};
 }
 
-impl RepackedKernel for BlockQ5Kx8 {
-    type Runs<'a> = Q5Runs<'a>;
-    #[inline(always)]
-    unsafe fn runs<V: GroupDot>(&self) -> Q5Runs<'_> {
-        Q5Runs(self)
-    }
-    #[inline(always)]
-    unsafe fn finish<const R: usize>(
-        &self,
-        total: [__m256i; R],
-        ys: [&BlockQ8K; R],
-        sums: [&[i32; 4]; R],
-        acc: &mut [__m256; R],
-    ) {
-        with_minimums(total, &self.mins, (&self.d, &self.dmin), ys, sums, acc)
-    }
+minimums_kernel! {
+    // VNNI's i32 chains take the high nibbles in place (exact: each product a multiple of
+    // 16, each chain below 2^20), shifted down once at the chain's end.
+    BlockQ4Kx8 => Q4Runs, |x, V| Q4Runs { block: x, in_place: V::CHAIN_MAX == i32::MAX };
+    BlockQ5Kx8 => Q5Runs, |x, V| Q5Runs(x);
 }
 
 impl RepackedKernel for BlockQ6Kx8 {
@@ -203,7 +198,11 @@ impl RepackedKernel for BlockQ6Kx8 {
     ) {
         // The stored offset of 32 times Σ scale·sum, off the values before the one scaling.
         let runs = Q6Runs(self);
-        let scales = std::array::from_fn(|q| runs.scale_pair(q / 2, q % 2));
+        // A loop, not `array::from_fn`, whose closure would not inherit the target features.
+        let mut scales = [_mm256_setzero_si256(); 8];
+        for (q, scale) in scales.iter_mut().enumerate() {
+            *scale = runs.scale_pair(q / 2, q % 2);
+        }
         let offsets = weighted_sums(scales, sums);
         let d = _mm256_cvtph_ps(load128(self.d.as_ptr()));
         for i in 0..R {
