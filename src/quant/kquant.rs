@@ -1,6 +1,7 @@
-//! K-quant matrices (Q2_K to Q6_K): the file's 256-value blocks times activations
-//! quantized to Q8_K, in tiles of weight rows and activation rows, with the kernels this
-//! CPU runs (x86/ for AVX2 and VNNI, scalar.rs elsewhere).
+//! K-quant matrices (Q2_K to Q6_K): the file's 256-value blocks (or their rows repacked
+//! eight to a block, `repacked.rs`) times activations quantized to Q8_K, in tiles of weight
+//! rows and activation rows, with the kernels this CPU runs (x86/ for AVX2 and VNNI,
+//! scalar.rs elsewhere).
 
 use std::ops::{Range, RangeInclusive};
 

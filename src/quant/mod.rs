@@ -1,6 +1,7 @@
 //! Matrix products on the GGUF's own blocks, read in place from the memory-mapped file: no
-//! second copy of the weights, no repacking at first use. K-quants (Q2_K to Q6_K) here,
-//! the 32-value types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) in `legacy/`, F32/F16/BF16 in `float.rs`.
+//! second copy of the weights. K-quants (Q2_K to Q6_K) here, Q4_K, Q5_K and Q6_K repacked
+//! eight rows to a block at load in place of their pages of the file (`repacked.rs`), the
+//! 32-value types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) in `legacy/`, F32/F16/BF16 in `float.rs`.
 //!
 //! Candle's kernels remain the path for what else Candle loads (Q8_K matrices, shapes ours
 //! do not take) and for CPUs (or builds) without ours; `CANDLE_PHI_KERNELS=candle` selects

@@ -6,7 +6,8 @@
 //! 32-value types: pairs of weight rows (eight, decoding the 4-bit types) in `legacy_tiles.rs`,
 //! eight activation rows at a time in `legacy_interleaved.rs`. Float weights: `float_tiles.rs`.
 //!
-//! The weights are read in the file's own block layout (no repacked copy). A prompt's tile
+//! The weights are read in the file's own block layout here, or repacked eight rows to a block
+//! (`repacked.rs`, which takes Q4_K, Q5_K and Q6_K where they are repacked). A prompt's tile
 //! of weight rows meets its tile of activation rows one 256-value block column at a time, so
 //! that column's activations stay in L1 for all the tile's weight rows; decoding streams go
 //! row after row, prefetched.
