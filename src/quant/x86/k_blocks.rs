@@ -157,17 +157,39 @@ macro_rules! k_quant_avx2_block {
 
 k_quant_avx2_block!(BlockQ4K, BlockQ5K);
 
+/// The low four bits of each byte of `bytes`, and the high four: shifted down, or with
+/// `in_place` left where they are (16 times their value, for VNNI's i32 chains, which shift
+/// their total down once at the chain's end).
+#[inline(always)]
+pub(super) unsafe fn nibbles(bytes: __m256i, in_place: bool) -> (__m256i, __m256i) {
+    let low4 = _mm256_set1_epi8(0x0F);
+    let high = if in_place {
+        _mm256_and_si256(bytes, _mm256_set1_epi8(0xF0u8 as i8))
+    } else {
+        _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), low4)
+    };
+    (_mm256_and_si256(bytes, low4), high)
+}
+
+/// Bits `from..` of each byte of `v` moved to bit 4 on, where `mask` selects them (Q5_K's
+/// fifth bits, Q6_K's fifth and sixth). 16-bit shifts by at most 4 carry no bit across bytes
+/// into bits 4..8.
+#[inline(always)]
+pub(super) unsafe fn bits_at_4(v: __m256i, from: u32, mask: i8) -> __m256i {
+    let moved = if from >= 4 {
+        _mm256_srl_epi16(v, _mm_cvtsi32_si128(from as i32 - 4))
+    } else {
+        _mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - from as i32))
+    };
+    _mm256_and_si256(moved, _mm256_set1_epi8(mask))
+}
+
 impl BlockQ4K {
     /// Chunk c's 64 values as u8: byte j holds value 64c + j in its low nibble and
     /// 64c + 32 + j in its high one.
     #[inline(always)]
     pub(super) unsafe fn chunk(&self, c: usize) -> (__m256i, __m256i) {
-        let low4 = _mm256_set1_epi8(0x0F);
-        let q = load(self.qs.as_ptr().add(32 * c));
-        (
-            _mm256_and_si256(q, low4),
-            _mm256_and_si256(_mm256_srli_epi16(q, 4), low4),
-        )
+        nibbles(load(self.qs.as_ptr().add(32 * c)), false)
     }
 }
 
@@ -175,16 +197,14 @@ impl BlockQ5K {
     /// As Q4_K's chunks, with bits 2c and 2c+1 of qh[j] as the fifth bits.
     #[inline(always)]
     pub(super) unsafe fn chunk(&self, c: usize) -> (__m256i, __m256i) {
-        let low4 = _mm256_set1_epi8(0x0F);
+        // One shift by a count in a register for both bits: with `bits_at_4` (a shift chosen
+        // by `c`) this path measured 40 times slower, 15.5 ms a 4096×3072 pass against 0.4.
         let one = _mm256_set1_epi8(1);
-        let q = load(self.qs.as_ptr().add(32 * c));
+        let (lo, hi) = nibbles(load(self.qs.as_ptr().add(32 * c)), false);
         let qh = _mm256_srl_epi16(load(self.qh.as_ptr()), _mm_cvtsi32_si128(2 * c as i32));
         let fifth_lo = _mm256_slli_epi16(_mm256_and_si256(qh, one), 4);
         let fifth_hi = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4);
-        (
-            _mm256_or_si256(_mm256_and_si256(q, low4), fifth_lo),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), low4), fifth_hi),
-        )
+        (_mm256_or_si256(lo, fifth_lo), _mm256_or_si256(hi, fifth_hi))
     }
 }
 

@@ -31,8 +31,8 @@ use super::super::kquant::{Groups, TILE_ACTS, TILE_ROWS};
 use super::group_dot::{chain_ends, chain_span, scale_pair, Evex, GroupDot, Vex};
 use super::wide::{tile_sixteens, WideBlock};
 use super::{
-    f32_of, load, prefetch, prefetch_next_tile, scale_block, tile, widened_scales_and_mins, Avx2,
-    Avx2Block, SixteenBlock, Unpacked,
+    f32_of, load, nibbles, prefetch, prefetch_next_tile, scale_block, tile,
+    widened_scales_and_mins, Avx2, Avx2Block, SixteenBlock, Unpacked,
 };
 
 /// A K-quant block that can be multiplied with interleaved groups of activation blocks.
@@ -286,7 +286,7 @@ unsafe fn pair_totals<const RUN: usize, const G: usize>(total: &mut [__m256i; G]
 
 /// RUN (4 or 8) bytes at `ptr` repeated across the vector: one row's lanes each.
 #[inline(always)]
-unsafe fn broadcast<const RUN: usize>(ptr: *const u8) -> __m256i {
+pub(super) unsafe fn broadcast<const RUN: usize>(ptr: *const u8) -> __m256i {
     if RUN == 8 {
         _mm256_set1_epi64x(std::ptr::read_unaligned(ptr as *const i64))
     } else {
@@ -331,10 +331,9 @@ struct PackedNibbles<'a>(&'a [u8; 128]);
 impl Broadcasts for PackedNibbles<'_> {
     #[inline(always)]
     unsafe fn pair<const RUN: usize>(&self, c: usize, k: usize) -> (__m256i, __m256i) {
-        let bytes = broadcast::<RUN>(self.0.as_ptr().add(32 * c + RUN * k));
-        (
-            _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F)),
-            _mm256_and_si256(bytes, _mm256_set1_epi8(0xF0u8 as i8)),
+        nibbles(
+            broadcast::<RUN>(self.0.as_ptr().add(32 * c + RUN * k)),
+            true,
         )
     }
     const HIGH_TIMES_16: bool = true;

@@ -34,7 +34,7 @@ mod wide;
 pub use activations::{quantize_q8_0, quantize_q8k, transpose};
 pub use float_tiles::{float_group, FloatGroup};
 pub use group_dot::{has_avx512_vnni, has_avx_vnni};
-use k_blocks::{widened_scales_and_mins, SixteenBlock, Unpacked};
+use k_blocks::{bits_at_4, nibbles, widened_scales_and_mins, SixteenBlock, Unpacked};
 pub use k_groups::{tile_avx2, tile_avx512_vnni, tile_avx_vnni, GroupBlock};
 pub use legacy_interleaved::{interleaved, InterleavedGroup, InterleavedKernel};
 pub use legacy_tiles::{

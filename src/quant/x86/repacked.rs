@@ -29,6 +29,7 @@ use super::super::blocks::BlockQ8K;
 use super::super::kquant::TILE_ACTS;
 use super::super::repacked::{RepackedBlock, ROWS};
 use super::group_dot::{chain_ends, chain_span, Evex, GroupDot, Vex};
+use super::k_groups::broadcast;
 use super::{prefetch_lines, Avx2};
 
 /// Activation rows one pass over a group's weights serves: each takes three registers (two
@@ -214,7 +215,7 @@ pub trait RepackedKernel: RepackedBlock {
 
 /// How a repacked block's values unpack: `runs(p, c)` is values 64p + 4c..64p + 4c + 4
 /// (low) and 64p + 32 + 4c.. (high) of each row, a byte each, the high ones 16 times too
-/// large where `HIGH_TIMES_16`; chunk p's run c meets the scales `scale_pair(p, c / (8 /
+/// large where `high_times_16`; chunk p's run c meets the scales `scale_pair(p, c / (8 /
 /// SPLITS))`: low and high chains of 8 / SPLITS runs each.
 pub trait Runs {
     const MAX_VALUE: i32;
@@ -290,9 +291,9 @@ unsafe fn totals<V: GroupDot, W: Runs, const R: usize>(x: &W, ys: [&BlockQ8K; R]
                 let c = k * runs + step;
                 let (wl, wh) = x.runs(p, c);
                 for i in 0..R {
-                    let q = ys[i].qs.as_ptr().add(64 * p + 4 * c);
-                    lo[i] = V::step(lo[i], wl, broadcast(q));
-                    hi[i] = V::step(hi[i], wh, broadcast(q.add(32)));
+                    let q = ys[i].qs.as_ptr().add(64 * p + 4 * c) as *const u8;
+                    lo[i] = V::step(lo[i], wl, broadcast::<4>(q));
+                    hi[i] = V::step(hi[i], wh, broadcast::<4>(q.add(32)));
                 }
                 if chain_ends(step, runs, span) {
                     if x.high_times_16() {
@@ -309,10 +310,4 @@ unsafe fn totals<V: GroupDot, W: Runs, const R: usize>(x: &W, ys: [&BlockQ8K; R]
         }
     }
     total
-}
-
-/// Four activation bytes at `q` in every lane.
-#[inline(always)]
-unsafe fn broadcast(q: *const i8) -> __m256i {
-    _mm256_set1_epi32(std::ptr::read_unaligned(q as *const i32))
 }

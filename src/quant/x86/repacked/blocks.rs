@@ -7,7 +7,7 @@ use std::arch::x86_64::*;
 use super::super::super::blocks::BlockQ8K;
 use super::super::super::repacked::{BlockQ4Kx8, BlockQ5Kx8, BlockQ6Kx8, ROWS};
 use super::super::group_dot::GroupDot;
-use super::super::{load, scale_block};
+use super::super::{bits_at_4, load, nibbles, scale_block};
 use super::{RepackedKernel, Runs};
 
 /// Each lane's Σ weights·sums over N pairs of i16 weights (`weights[q]`, lane r: row r's)
@@ -25,31 +25,6 @@ unsafe fn weighted_sums<const R: usize, const N: usize>(
         }
     }
     total
-}
-
-/// The low four bits of `w`'s bytes (`low`) and the high four, shifted down (`high`); with
-/// VNNI's i32 chains the high ones stay in place (16 times their value: `HIGH_TIMES_16`).
-#[inline(always)]
-unsafe fn nibbles(w: __m256i, in_place: bool) -> (__m256i, __m256i) {
-    let low = _mm256_set1_epi8(0x0F);
-    let high = if in_place {
-        _mm256_and_si256(w, _mm256_set1_epi8(0xF0u8 as i8))
-    } else {
-        _mm256_and_si256(_mm256_srli_epi16::<4>(w), low)
-    };
-    (_mm256_and_si256(w, low), high)
-}
-
-/// Bits `from..from + n` of each byte of `v`, moved to bits 4..4 + n (`mask` selects them
-/// there). 16-bit shifts by at most 4 move no bits that land there across bytes.
-#[inline(always)]
-unsafe fn bits_at_4(v: __m256i, from: u32, mask: i8) -> __m256i {
-    let moved = if from >= 4 {
-        _mm256_srl_epi16(v, _mm_cvtsi32_si128(from as i32 - 4))
-    } else {
-        _mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - from as i32))
-    };
-    _mm256_and_si256(moved, _mm256_set1_epi8(mask))
 }
 
 #[inline(always)]
