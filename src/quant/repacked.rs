@@ -42,25 +42,22 @@ pub struct BlockQ4Kx8 {
     pub dmin: [f16; ROWS],
 }
 
-/// Q5_K: Q4_K's layout, and each value's fifth bit: `qh[c]` holds bytes 4c..4c+4 of each
-/// row's `qh`, row r in bytes 4r..4r+4 (bit 2p of a byte: chunk p's low value, bit 2p+1 its
-/// high one, as in the file). 1,440 bytes for 8 × 176: 2.3% more.
+/// Q5_K: Q4_K's layout for the low four bits, scales, minimums and factors (`low4`), and
+/// each value's fifth bit: `qh[c]` holds bytes 4c..4c+4 of each row's `qh`, row r in bytes
+/// 4r..4r+4 (bit 2p of a byte: chunk p's low value, bit 2p+1 its high one, as in the file).
+/// 1,440 bytes for 8 × 176: 2.3% more.
 #[repr(C, align(32))]
 #[derive(Clone, Copy)]
 pub struct BlockQ5Kx8 {
-    pub qs: [[[u8; 32]; 8]; 4],
+    pub low4: BlockQ4Kx8,
     pub qh: [[u8; 32]; 8],
-    pub scales: [[u8; 16]; 4],
-    pub mins: [[u8; 16]; 4],
-    pub d: [f16; ROWS],
-    pub dmin: [f16; ROWS],
 }
 
 /// Q6_K, re-encoded as Q4_K's chunks: values 64p + 4c + j (low nibble of `ql[p][c]`'s byte
 /// 4r + j) and 64p + 32 + 4c + j (high nibble), their top two bits in `qh[p / 2][c]`'s
-/// same byte (bits 4(p % 2) and 4(p % 2) + 2: the file's `qh` bytes as they are). `scales[p][k]`: sub-blocks 4p + k and
-/// 4p + 2 + k of row r in bytes 2r and 2r+1 (the values a chain of four runs meets: low
-/// nibbles and high). 1,680 bytes, as 8 × 210.
+/// same byte (bits 4(p % 2) and 4(p % 2) + 2: the file's `qh` bytes as they are).
+/// `scales[p][k]`: sub-blocks 4p + k and 4p + 2 + k of row r in bytes 2r and 2r+1 (the
+/// values a chain of four runs meets: low nibbles and high). 1,680 bytes, as 8 × 210.
 #[repr(C, align(16))]
 #[derive(Clone, Copy)]
 pub struct BlockQ6Kx8 {
@@ -74,23 +71,30 @@ const _: () = assert!(std::mem::size_of::<BlockQ4Kx8>() == 1184);
 const _: () = assert!(std::mem::size_of::<BlockQ5Kx8>() == 1440);
 const _: () = assert!(std::mem::size_of::<BlockQ6Kx8>() == 1680);
 
-/// Q4_K's and Q5_K's scales, minimums and packed nibbles, repacked into `scales`, `mins`
-/// and `qs` as `BlockQ4Kx8` lays them out.
-fn k_quant_parts(
-    rows: [(&[u8; 12], &[u8; QK_K / 2]); ROWS],
-    scales: &mut [[u8; 16]; 4],
-    mins: &mut [[u8; 16]; 4],
-    qs: &mut [[[u8; 32]; 8]; 4],
-) {
-    for (r, (packed, row_qs)) in rows.iter().enumerate() {
-        let (row_scales, row_mins) = scales_and_mins(packed);
-        for p in 0..4 {
-            scales[p][2 * r..2 * r + 2].copy_from_slice(&row_scales[2 * p..2 * p + 2]);
-            mins[p][2 * r..2 * r + 2].copy_from_slice(&row_mins[2 * p..2 * p + 2]);
-            for c in 0..8 {
-                qs[p][c][4 * r..4 * r + 4].copy_from_slice(&row_qs[32 * p + 4 * c..][..4]);
+impl BlockQ4Kx8 {
+    /// Eight rows' factors, packed scales and minimums, and packed nibbles (Q4_K's, or
+    /// Q5_K's low four bits), laid out as the type says.
+    fn of_parts(rows: [(f16, f16, &[u8; 12], &[u8; QK_K / 2]); ROWS]) -> Self {
+        let mut block = BlockQ4Kx8 {
+            qs: [[[0; 32]; 8]; 4],
+            scales: [[0; 16]; 4],
+            mins: [[0; 16]; 4],
+            d: rows.map(|row| row.0),
+            dmin: rows.map(|row| row.1),
+        };
+        for (r, (_, _, packed, row_qs)) in rows.iter().enumerate() {
+            let (row_scales, row_mins) = scales_and_mins(packed);
+            for p in 0..4 {
+                let pair = 2 * p..2 * p + 2;
+                block.scales[p][2 * r..2 * r + 2].copy_from_slice(&row_scales[pair.clone()]);
+                block.mins[p][2 * r..2 * r + 2].copy_from_slice(&row_mins[pair]);
+                for c in 0..8 {
+                    let bytes = &row_qs[32 * p + 4 * c..][..4];
+                    block.qs[p][c][4 * r..4 * r + 4].copy_from_slice(bytes);
+                }
             }
         }
+        block
     }
 }
 
@@ -111,16 +115,7 @@ impl RepackedBlock for BlockQ4Kx8 {
     type Sums = [i32; 4];
 
     fn of(rows: [&BlockQ4K; ROWS]) -> Self {
-        let mut block = BlockQ4Kx8 {
-            qs: [[[0; 32]; 8]; 4],
-            scales: [[0; 16]; 4],
-            mins: [[0; 16]; 4],
-            d: rows.map(|row| row.d),
-            dmin: rows.map(|row| row.dmin),
-        };
-        let parts = rows.map(|row| (&row.scales, &row.qs));
-        k_quant_parts(parts, &mut block.scales, &mut block.mins, &mut block.qs);
-        block
+        BlockQ4Kx8::of_parts(rows.map(|row| (row.d, row.dmin, &row.scales, &row.qs)))
     }
 
     fn sums(y: &BlockQ8K) -> [i32; 4] {
@@ -133,22 +128,16 @@ impl RepackedBlock for BlockQ5Kx8 {
     type Sums = [i32; 4];
 
     fn of(rows: [&BlockQ5K; ROWS]) -> Self {
-        let mut block = BlockQ5Kx8 {
-            qs: [[[0; 32]; 8]; 4],
-            qh: [[0; 32]; 8],
-            scales: [[0; 16]; 4],
-            mins: [[0; 16]; 4],
-            d: rows.map(|row| row.d),
-            dmin: rows.map(|row| row.dmin),
-        };
-        let parts = rows.map(|row| (&row.scales, &row.qs));
-        k_quant_parts(parts, &mut block.scales, &mut block.mins, &mut block.qs);
+        let mut qh = [[0; 32]; 8];
         for (r, row) in rows.iter().enumerate() {
-            for c in 0..8 {
-                block.qh[c][4 * r..4 * r + 4].copy_from_slice(&row.qh[4 * c..4 * c + 4]);
+            for (c, bits) in qh.iter_mut().enumerate() {
+                bits[4 * r..4 * r + 4].copy_from_slice(&row.qh[4 * c..4 * c + 4]);
             }
         }
-        block
+        BlockQ5Kx8 {
+            low4: BlockQ4Kx8::of_parts(rows.map(|row| (row.d, row.dmin, &row.scales, &row.qs))),
+            qh,
+        }
     }
 
     fn sums(y: &BlockQ8K) -> [i32; 4] {

@@ -5,7 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::super::super::blocks::BlockQ8K;
-use super::super::super::repacked::{BlockQ4Kx8, BlockQ5Kx8, BlockQ6Kx8, ROWS};
+use super::super::super::repacked::{BlockQ4Kx8, BlockQ5Kx8, BlockQ6Kx8};
 use super::super::group_dot::GroupDot;
 use super::super::{bits_at_4, load, nibbles, scale_block};
 use super::{RepackedKernel, Runs};
@@ -56,16 +56,20 @@ impl Runs for Q4Runs<'_> {
     }
 }
 
-/// A Q5_K block's runs: Q4_K's nibbles with bits 2p and 2p+1 of `qh` as their fifth bits.
-pub struct Q5Runs<'a>(&'a BlockQ5Kx8);
+/// A Q5_K block's runs: Q4_K's (`low4`'s nibbles, shifted down) with bits 2p and 2p+1 of
+/// `qh` as their fifth bits.
+pub struct Q5Runs<'a> {
+    low4: Q4Runs<'a>,
+    qh: &'a [[u8; 32]; 8],
+}
 
 impl Runs for Q5Runs<'_> {
     const MAX_VALUE: i32 = 31;
     const SPLITS: usize = 1;
     #[inline(always)]
     unsafe fn runs(&self, p: usize, c: usize) -> (__m256i, __m256i) {
-        let (lo, hi) = nibbles(load(self.0.qs[p][c].as_ptr()), false);
-        let qh = load(self.0.qh[c].as_ptr());
+        let (lo, hi) = self.low4.runs(p, c);
+        let qh = load(self.qh[c].as_ptr());
         let bit = 2 * p as u32;
         (
             _mm256_or_si256(lo, bits_at_4(qh, bit, 0x10)),
@@ -73,8 +77,8 @@ impl Runs for Q5Runs<'_> {
         )
     }
     #[inline(always)]
-    unsafe fn scale_pair(&self, p: usize, _: usize) -> __m256i {
-        _mm256_cvtepu8_epi16(load128(self.0.scales[p].as_ptr()))
+    unsafe fn scale_pair(&self, p: usize, k: usize) -> __m256i {
+        self.low4.scale_pair(p, k)
     }
 }
 
@@ -101,60 +105,71 @@ impl Runs for Q6Runs<'_> {
     }
 }
 
-/// Q4_K and Q5_K: `d`·Σ scale·q·y − `dmin`·Σ min·sum, per row.
+/// Q4_K and Q5_K (`block`, or its `low4`): `d`·Σ scale·q·y − `dmin`·Σ min·sum, per row.
 #[inline(always)]
 unsafe fn with_minimums<const R: usize>(
+    block: &BlockQ4Kx8,
     total: [__m256i; R],
-    mins: &[[u8; 16]; 4],
-    (d, dmin): (&[half::f16; ROWS], &[half::f16; ROWS]),
     ys: [&BlockQ8K; R],
     sums: [&[i32; 4]; R],
     acc: &mut [__m256; R],
 ) {
-    let mut widened = [_mm256_setzero_si256(); 4];
-    for (wide, pair) in widened.iter_mut().zip(mins) {
+    let mut mins = [_mm256_setzero_si256(); 4];
+    for (wide, pair) in mins.iter_mut().zip(&block.mins) {
         *wide = _mm256_cvtepu8_epi16(load128(pair.as_ptr()));
     }
-    let mins = widened;
     let offsets = weighted_sums(mins, sums);
-    let d = _mm256_cvtph_ps(load128(d.as_ptr()));
-    let dmin = _mm256_cvtph_ps(load128(dmin.as_ptr()));
+    let d = _mm256_cvtph_ps(load128(block.d.as_ptr()));
+    let dmin = _mm256_cvtph_ps(load128(block.dmin.as_ptr()));
     for i in 0..R {
         let yd = _mm256_set1_ps(ys[i].d);
         acc[i] = scale_block(acc[i], total[i], offsets[i], yd, d, dmin, false);
     }
 }
 
-/// Q4_K and Q5_K: their runs as `$make` builds them from `$block` for the steps `$v`, and
-/// the minimums' term (`with_minimums`).
-macro_rules! minimums_kernel {
-    ($($block:ty => $runs:ident, |$x:ident, $v:ident| $make:expr;)*) => {$(
-        impl RepackedKernel for $block {
-            type Runs<'a> = $runs<'a>;
-            #[inline(always)]
-            unsafe fn runs<$v: GroupDot>(&self) -> $runs<'_> {
-                let $x = self;
-                $make
-            }
-            #[inline(always)]
-            unsafe fn finish<const R: usize>(
-                &self,
-                total: [__m256i; R],
-                ys: [&BlockQ8K; R],
-                sums: [&[i32; 4]; R],
-                acc: &mut [__m256; R],
-            ) {
-                with_minimums(total, &self.mins, (&self.d, &self.dmin), ys, sums, acc)
-            }
+impl RepackedKernel for BlockQ4Kx8 {
+    type Runs<'a> = Q4Runs<'a>;
+    #[inline(always)]
+    unsafe fn runs<V: GroupDot>(&self) -> Q4Runs<'_> {
+        // VNNI's i32 chains take the high nibbles in place (exact: each product a multiple
+        // of 16, each chain below 2^20), shifted down once at the chain's end.
+        Q4Runs {
+            block: self,
+            in_place: V::CHAIN_MAX == i32::MAX,
         }
-    )*};
+    }
+    #[inline(always)]
+    unsafe fn finish<const R: usize>(
+        &self,
+        total: [__m256i; R],
+        ys: [&BlockQ8K; R],
+        sums: [&[i32; 4]; R],
+        acc: &mut [__m256; R],
+    ) {
+        with_minimums(self, total, ys, sums, acc)
+    }
 }
 
-minimums_kernel! {
-    // VNNI's i32 chains take the high nibbles in place (exact: each product a multiple of
-    // 16, each chain below 2^20), shifted down once at the chain's end.
-    BlockQ4Kx8 => Q4Runs, |x, V| Q4Runs { block: x, in_place: V::CHAIN_MAX == i32::MAX };
-    BlockQ5Kx8 => Q5Runs, |x, V| Q5Runs(x);
+impl RepackedKernel for BlockQ5Kx8 {
+    type Runs<'a> = Q5Runs<'a>;
+    #[inline(always)]
+    unsafe fn runs<V: GroupDot>(&self) -> Q5Runs<'_> {
+        let low4 = Q4Runs {
+            block: &self.low4,
+            in_place: false,
+        };
+        Q5Runs { low4, qh: &self.qh }
+    }
+    #[inline(always)]
+    unsafe fn finish<const R: usize>(
+        &self,
+        total: [__m256i; R],
+        ys: [&BlockQ8K; R],
+        sums: [&[i32; 4]; R],
+        acc: &mut [__m256; R],
+    ) {
+        with_minimums(&self.low4, total, ys, sums, acc)
+    }
 }
 
 impl RepackedKernel for BlockQ6Kx8 {
