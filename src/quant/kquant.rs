@@ -286,7 +286,10 @@ impl QMatrix {
         let m = acts.len();
         // A few adds per block, for all rows in one buffer: no task of its own, no vector a row.
         let blocks_per_row = self.cols / QK_K;
-        let sums: Vec<T::Sums> = acts.iter().flat_map(|row| row.iter().map(T::sums)).collect();
+        let sums: Vec<T::Sums> = acts
+            .iter()
+            .flat_map(|row| row.iter().map(T::sums))
+            .collect();
         let sums: Vec<&[T::Sums]> = sums.chunks_exact(blocks_per_row).collect();
         let mut out = vec![0f32; m * self.rows];
         let out_ptr = OutPtr(out.as_mut_ptr());

@@ -236,7 +236,7 @@ pub enum Linear {
 }
 
 impl Linear {
-    /// `repack`: a Q4_K matrix is repacked (`QMatrix::repack`).
+    /// `repack`: a Q4_K, Q5_K or Q6_K matrix is repacked (`QMatrix::repack`).
     pub fn new(tensor: &RawTensor, kernels: Kernels, repack: bool) -> Result<Self> {
         if let Some(matrix) = QMatrix::new(tensor, kernels) {
             return Ok(Linear::KQuant(if repack {
