@@ -67,6 +67,12 @@ def test_kv_cache_type_flag(hello: list[str]) -> None:
     assert bad.returncode == 2 and "f16" in bad.stderr
 
 
+def test_no_repack_weights_flag(hello: list[str]) -> None:
+    result = cli(*hello, "Hi", "--temperature", "0", "--no-repack-weights")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello world\n"
+
+
 def test_raw_prompt(generator: Phi3Generator) -> None:
     raw = "<|user|>\nHi<|end|>\n<|assistant|>"
     result = cli(
