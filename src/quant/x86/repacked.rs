@@ -17,9 +17,10 @@
 //! | Q6_K | 0.39 / 0.93 / 1.45 / 6.35 -> 0.44 / 0.71 / 1.04 / 7.36 | 0.43 / 1.11 / 1.49 / 8.43 -> 0.44 / 0.92 / 1.41 / 9.27 |
 //!
 //! From memory, as decoding reads a model, the repacked rows are one sequential stream and
-//! gain more (`PREFETCH_AHEAD`). Prompts' Q5_K and Q6_K tiles lose 7-16%: their values take
-//! four to five operations per vector to unpack where the file's tiles unpack a block once for
-//! 64 rows; the model's prompts still gain, by Q4_K's share.
+//! gain more (`PREFETCH_AHEAD`). Prompts' Q5_K and Q6_K tiles lost 7-16%: their values take
+//! four to five operations per vector to unpack, where the file's tiles unpack a block once
+//! for 64 rows. They now unpack once per tile too (`BUFFERED_WITH_EVEX`): 64 rows, AVX-512
+//! VNNI, Q5_K 5.89 -> 6.21 ms and Q6_K 6.28 -> 6.67 (a loss of 5-6%).
 
 use std::arch::x86_64::*;
 
@@ -110,7 +111,7 @@ unsafe fn streams<V: GroupDot, T: RepackedKernel>(
     } else {
         STREAMS
     };
-    if ys.len() > per_pass && per_pass < EVEX_STREAMS {
+    if ys.len() > per_pass && (per_pass < EVEX_STREAMS || T::BUFFERED_WITH_EVEX) {
         return unpacked_once::<V, T>(blocks, ys, sums, per_pass, out);
     }
     let mut first = 0;
@@ -155,7 +156,9 @@ unsafe fn pass<V: GroupDot, T: RepackedKernel, const R: usize>(
 /// More activation rows than a pass of 16 registers takes (AVX2, AVX-VNNI): each block's
 /// values unpacked once, into L1 (`Buffered`), for all the passes over it, where unpacking
 /// per pass took longer than the loads. AVX2, a 4096×3072 matrix, 64 rows: Q4_K 8.2 -> 7.5
-/// ms, Q5_K 10.8 -> 8.5, Q6_K 13.7 -> 9.2. (With AVX-512's eight rows a pass, no faster.)
+/// ms, Q5_K 10.8 -> 8.5, Q6_K 13.7 -> 9.2. With AVX-512's eight rows a pass, only for the
+/// types whose unpacking costs more than a load (`BUFFERED_WITH_EVEX`): Q5_K 6.63 -> 6.21,
+/// Q6_K 7.36 -> 6.67, but Q4_K 5.21 -> 5.92.
 #[inline(always)]
 unsafe fn unpacked_once<V: GroupDot, T: RepackedKernel>(
     blocks: &[T],
@@ -182,6 +185,10 @@ unsafe fn unpacked_once<V: GroupDot, T: RepackedKernel>(
                 }};
             }
             match n {
+                8 => pass!(8),
+                7 => pass!(7),
+                6 => pass!(6),
+                5 => pass!(5),
                 4 => pass!(4),
                 3 => pass!(3),
                 2 => pass!(2),
@@ -197,6 +204,9 @@ unsafe fn unpacked_once<V: GroupDot, T: RepackedKernel>(
 
 /// A repacked block type the kernels here multiply.
 pub trait RepackedKernel: RepackedBlock {
+    /// Whether tiles of more rows than a pass unpack each block once (`Buffered`) with
+    /// EVEX's eight rows a pass too: where unpacking a vector takes more than loading it.
+    const BUFFERED_WITH_EVEX: bool;
     type Runs<'a>: Runs
     where
         Self: 'a;

@@ -128,6 +128,7 @@ unsafe fn with_minimums<const R: usize>(
 }
 
 impl RepackedKernel for BlockQ4Kx8 {
+    const BUFFERED_WITH_EVEX: bool = false;
     type Runs<'a> = Q4Runs<'a>;
     #[inline(always)]
     unsafe fn runs<V: GroupDot>(&self) -> Q4Runs<'_> {
@@ -151,6 +152,7 @@ impl RepackedKernel for BlockQ4Kx8 {
 }
 
 impl RepackedKernel for BlockQ5Kx8 {
+    const BUFFERED_WITH_EVEX: bool = true;
     type Runs<'a> = Q5Runs<'a>;
     #[inline(always)]
     unsafe fn runs<V: GroupDot>(&self) -> Q5Runs<'_> {
@@ -173,6 +175,7 @@ impl RepackedKernel for BlockQ5Kx8 {
 }
 
 impl RepackedKernel for BlockQ6Kx8 {
+    const BUFFERED_WITH_EVEX: bool = true;
     type Runs<'a> = Q6Runs<'a>;
     #[inline(always)]
     unsafe fn runs<V: GroupDot>(&self) -> Q6Runs<'_> {
