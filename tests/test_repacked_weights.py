@@ -1,5 +1,6 @@
-"""K-quant weights repacked eight rows to a block at load (`repack_weights`, the default):
-the same tokens and log-probabilities as the file's layout, in the memory the file took."""
+"""K-quant and Q4_0 weights repacked eight rows to a block at load (`repack_weights`, the
+default): the same tokens and log-probabilities as the file's layout, in the memory the file
+took."""
 
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ KQUANT_CONFIG = fx.TinyPhi3Config(
     hidden_size=256, num_heads=4, num_kv_heads=4, intermediate_size=512, context_length=512
 )
 # Each repacked type in some matrices; the output (32064 rows: whole groups of eight) too.
-TENSOR_TYPES = {"blk.0.attn_qkv.weight": "Q5_K", "blk.1.ffn_down.weight": "Q6_K"}
+TENSOR_TYPES = {
+    "blk.0.attn_qkv.weight": "Q5_K",
+    "blk.1.ffn_down.weight": "Q6_K",
+    "blk.1.ffn_up.weight": "Q4_0",
+}
 
 # Our x86 kernels repack; elsewhere every matrix reads the file.
 REPACKS = platform.machine() in ("x86_64", "AMD64")
@@ -48,7 +53,7 @@ def test_repacked_and_file_layout_agree(kquant_model: Path, tokenizer_path: Path
     assert len(repacked_ids) == 12 and repacked_ids == file_ids
     assert "repacked" not in file_kernels
     if REPACKS:
-        assert "K-quants repacked by 8 rows" in repacked_kernels
+        assert "; repacked by 8 rows" in repacked_kernels
 
 
 def test_streams_batched_on_repacked_weights(kquant_model: Path, tokenizer_path: Path) -> None:

@@ -51,9 +51,9 @@ class Phi3Generator:
             2 bytes a value, 384 KiB a token for Phi-3-mini), ``"q8_0"`` (blocks of 32 values
             in 8 bits with one scale: 1.125 bytes, 216 KiB a token; logits move by about 0.6%
             of their spread, rms) or ``"f32"`` (4 bytes, 768 KiB a token; exact).
-        repack_weights: Repack the Q4_K, Q5_K and Q6_K matrices eight rows to a block at load
-            (the default, on x86 CPUs with AVX2), as llama.cpp does: the products read them about
-            twice as fast, several decoding streams most. They take the place of the file's
+        repack_weights: Repack the Q4_K, Q5_K, Q6_K and Q4_0 matrices eight rows to a block
+            at load (the default, on x86 CPUs with AVX2), as llama.cpp does: the products read
+            them about twice as fast, several decoding streams most. They take the place of the file's
             pages, so memory stays at the file's size; False reads every matrix from the
             memory-mapped file, which loads at once and whose pages processes share.
 
@@ -194,8 +194,8 @@ class Phi3Generator:
         "avx2", "scalar" or "candle" (the environment variable ``CANDLE_PHI_KERNELS`` picks
         another this CPU runs), followed by any tensor types left to Candle's kernels, as in
         "avx2; candle for Q8_K" (every type files hold in practice runs on ours), and how
-        much of the K-quant weights were repacked at load, as in "avx2; K-quants repacked by
-        8 rows (1276 MiB)" (``repack_weights``)."""
+        much of the weights were repacked at load, as in "avx2; repacked by 8 rows
+        (1276 MiB)" (``repack_weights``)."""
 
     @property
     def n_threads(self) -> int:

@@ -54,13 +54,14 @@ pub const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
 pub const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
 
 impl Phi3Weights {
-    /// The weights `source` holds, Q4_K, Q5_K and Q6_K matrices repacked (`load_with`).
+    /// The weights `source` holds, Q4_K, Q5_K, Q6_K and Q4_0 matrices repacked (`load_with`).
     pub fn load(config: Phi3Config, source: &mut impl TensorSource) -> crate::Result<Self> {
         Self::load_with(config, source, true)
     }
 
-    /// `repack_weights`: Q4_K, Q5_K and Q6_K matrices are repacked eight rows to a block, in
-    /// place of the file's pages (`quant::QMatrix::repack`); else every matrix reads the file.
+    /// `repack_weights`: Q4_K, Q5_K, Q6_K and Q4_0 matrices are repacked eight rows to a
+    /// block, in place of the file's pages (`quant::QMatrix::repack`,
+    /// `quant::LegacyMatrix::repack`); else every matrix reads the file.
     pub fn load_with(
         config: Phi3Config,
         source: &mut impl TensorSource,
@@ -133,7 +134,7 @@ impl Phi3Weights {
         let repacked: usize = self.matrices().map(Linear::repacked_bytes).sum();
         if repacked > 0 {
             let mib = repacked as f64 / (1 << 20) as f64;
-            report.push_str(&format!("; K-quants repacked by 8 rows ({mib:.0} MiB)"));
+            report.push_str(&format!("; repacked by 8 rows ({mib:.0} MiB)"));
         }
         report
     }

@@ -273,17 +273,13 @@ impl QMatrix {
         out
     }
 
-    /// `acts` · Wᵀ on the repacked rows. Tasks take runs of groups of eight rows (each
-    /// group's blocks one stretch of memory); within a task, a tile of activation rows at a
-    /// time meets all its groups, so that the tile stays in L2 while the weights stream past.
+    /// `acts` · Wᵀ on the repacked rows (`Repacked::products`).
     #[cfg(target_arch = "x86_64")]
     fn repacked_matmul<T: x86::RepackedKernel>(
         &self,
         repacked: &Repacked<T>,
         acts: &[&[BlockQ8K]],
     ) -> Vec<f32> {
-        const ROWS: usize = super::repacked::ROWS;
-        let m = acts.len();
         // A few adds per block, for all rows in one buffer: no task of its own, no vector a row.
         let blocks_per_row = self.cols / QK_K;
         let sums: Vec<T::Sums> = acts
@@ -291,48 +287,19 @@ impl QMatrix {
             .flat_map(|row| row.iter().map(T::sums))
             .collect();
         let sums: Vec<&[T::Sums]> = sums.chunks_exact(blocks_per_row).collect();
-        let mut out = vec![0f32; m * self.rows];
-        let out_ptr = OutPtr(out.as_mut_ptr());
         let kernels = self.kernels;
-        let groups = repacked.groups();
-        let per_task = groups.div_ceil(rayon::current_num_threads() * 4).max(1);
-        (0..groups.div_ceil(per_task))
-            .into_par_iter()
-            .for_each(|task| {
-                let task_groups = task * per_task..((task + 1) * per_task).min(groups);
-                let mut tile_out = [[0f32; ROWS]; TILE_ACTS];
-                for first_act in (0..m).step_by(TILE_ACTS) {
-                    let tile = first_act..(first_act + TILE_ACTS).min(m);
-                    let (acts, sums) = (&acts[tile.clone()], &sums[tile.clone()]);
-                    let tile_out = &mut tile_out[..tile.len()];
-                    for g in task_groups.clone() {
-                        let blocks = repacked.group(g);
-                        // SAFETY: only built where the CPU has these kernels (`repack`); every
-                        // activation row has the group's number of blocks; `tile_out` is as
-                        // long as the tile.
-                        unsafe {
-                            match kernels {
-                                Kernels::Avx512Vnni => {
-                                    x86::repacked_avx512_vnni(blocks, acts, sums, tile_out)
-                                }
-                                Kernels::AvxVnni => {
-                                    x86::repacked_avx_vnni(blocks, acts, sums, tile_out)
-                                }
-                                _ => x86::repacked_avx2(blocks, acts, sums, tile_out),
-                            }
-                        }
-                        for (i, rows) in tile.clone().zip(tile_out.iter()) {
-                            // SAFETY: rows 8g..8g+8 of output row i, within `out`; each group
-                            // is one task's, so no two tasks write one element.
-                            unsafe {
-                                let at = out_ptr.at(i * self.rows + g * ROWS);
-                                std::ptr::copy_nonoverlapping(rows.as_ptr(), at, ROWS)
-                            };
-                        }
-                    }
+        repacked.products(acts.len(), |blocks, tile, out| {
+            let (acts, sums) = (&acts[tile.clone()], &sums[tile]);
+            // SAFETY: only built where the CPU has these kernels (`repack`); every activation
+            // row has the group's number of blocks; `out` is as long as the tile.
+            unsafe {
+                match kernels {
+                    Kernels::Avx512Vnni => x86::repacked_avx512_vnni(blocks, acts, sums, out),
+                    Kernels::AvxVnni => x86::repacked_avx_vnni(blocks, acts, sums, out),
+                    _ => x86::repacked_avx2(blocks, acts, sums, out),
                 }
-            });
-        out
+            }
+        })
     }
 
     /// `dst[i * rows + j] = tile[j * n + i]`: a tile's products into the (m, rows) output.

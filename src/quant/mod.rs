@@ -1,7 +1,8 @@
 //! Matrix products on the GGUF's own blocks, read in place from the memory-mapped file: no
-//! second copy of the weights. K-quants (Q2_K to Q6_K) here, Q4_K, Q5_K and Q6_K repacked
-//! eight rows to a block at load in place of their pages of the file (`repacked.rs`), the
-//! 32-value types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) in `legacy/`, F32/F16/BF16 in `float.rs`.
+//! second copy of the weights. K-quants (Q2_K to Q6_K) here, the 32-value types (Q8_0, Q4_0,
+//! Q4_1, Q5_0, Q5_1) in `legacy/`, F32/F16/BF16 in `float.rs`; Q4_K, Q5_K, Q6_K and Q4_0
+//! repacked eight rows to a block at load, in place of their pages of the file
+//! (`repacked.rs`).
 //!
 //! Candle's kernels remain the path for what else Candle loads (Q8_K matrices, shapes ours
 //! do not take) and for CPUs (or builds) without ours; `CANDLE_PHI_KERNELS=candle` selects
@@ -236,7 +237,8 @@ pub enum Linear {
 }
 
 impl Linear {
-    /// `repack`: a Q4_K, Q5_K or Q6_K matrix is repacked (`QMatrix::repack`).
+    /// `repack`: a Q4_K, Q5_K, Q6_K or Q4_0 matrix is repacked (`QMatrix::repack`,
+    /// `LegacyMatrix::repack`).
     pub fn new(tensor: &RawTensor, kernels: Kernels, repack: bool) -> Result<Self> {
         if let Some(matrix) = QMatrix::new(tensor, kernels) {
             return Ok(Linear::KQuant(if repack {
@@ -249,7 +251,11 @@ impl Linear {
             return Ok(Linear::Float(matrix));
         }
         if let Some(matrix) = LegacyMatrix::new(tensor, kernels) {
-            return Ok(Linear::Legacy(matrix));
+            return Ok(Linear::Legacy(if repack {
+                matrix.repack()
+            } else {
+                matrix
+            }));
         }
         let dtype = tensor.dtype();
         Ok(Linear::Candle(
@@ -262,6 +268,7 @@ impl Linear {
     pub fn repacked_bytes(&self) -> usize {
         match self {
             Linear::KQuant(matrix) => matrix.repacked_bytes(),
+            Linear::Legacy(matrix) => matrix.repacked_bytes(),
             _ => 0,
         }
     }

@@ -1,5 +1,6 @@
-//! K-quant rows repacked eight to a block (`BlockQ4Kx8`, `BlockQ5Kx8`, `BlockQ6Kx8`), as
-//! llama.cpp's `Q4_K_8x8` and ik_llama.cpp's `_R8` types are. In the file's layout each
+//! K-quant and Q4_0 rows repacked eight to a block (`BlockQ4Kx8`, `BlockQ5Kx8`,
+//! `BlockQ6Kx8`, `BlockQ4_0x8`), as llama.cpp's `Q4_K_8x8` and `Q4_0_8x8` and ik_llama.cpp's
+//! `_R8` types are. In the file's layout each
 //! weight block is one row's, so a kernel broadcasts the weights a few values at a time, one
 //! vector per activation row; here the same four positions of eight rows fill one 256-bit
 //! vector, the activations are the broadcast (a load), and every weight vector serves every
@@ -10,20 +11,28 @@
 use half::f16;
 use rayon::prelude::*;
 
+use std::ops::Range;
+
 use super::blocks::{scales_and_mins, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, QK_K};
+use super::kquant::TILE_ACTS;
+use super::legacy::{BlockQ4_0, QK};
+use super::OutPtr;
 
 /// Weight rows in a repacked block.
 pub const ROWS: usize = 8;
 
-/// A block column of eight rows of a K-quant type, repacked from the file's blocks.
+/// A block column of eight rows, repacked from the file's blocks.
 pub trait RepackedBlock: Copy + Send + Sync {
     /// The file's block type.
     type Source: Sync;
-    /// What each activation block contributes to the offsets' term, paired as the block's
-    /// kernel meets it (`sums`).
-    type Sums: Copy + Send + Sync;
     /// The same block column of eight rows: the same values, scales and factors.
     fn of(rows: [&Self::Source; ROWS]) -> Self;
+}
+
+/// A repacked K-quant block: what each activation block contributes to its offsets' term,
+/// paired as the block's kernel meets it.
+pub trait SubBlockSums: RepackedBlock {
+    type Sums: Copy + Send + Sync;
     fn sums(y: &BlockQ8K) -> Self::Sums;
 }
 
@@ -67,6 +76,17 @@ pub struct BlockQ6Kx8 {
     pub d: [f16; ROWS],
 }
 
+/// Q4_0: `qs[c]` holds bytes 4c..4c+4 of each row's packed nibbles, row r in bytes
+/// 4r..4r+4 (low nibbles: values 4c..4c+4, high: 16 + 4c..), and `d` each row's scale. 144
+/// bytes, as 8 × 18.
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+pub struct BlockQ4_0x8 {
+    pub qs: [[u8; 32]; QK / 8],
+    pub d: [f16; ROWS],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ4_0x8>() == 144);
 const _: () = assert!(std::mem::size_of::<BlockQ4Kx8>() == 1184);
 const _: () = assert!(std::mem::size_of::<BlockQ5Kx8>() == 1440);
 const _: () = assert!(std::mem::size_of::<BlockQ6Kx8>() == 1680);
@@ -112,11 +132,14 @@ fn i16_pair(lo: i16, hi: i16) -> i32 {
 
 impl RepackedBlock for BlockQ4Kx8 {
     type Source = BlockQ4K;
-    type Sums = [i32; 4];
 
     fn of(rows: [&BlockQ4K; ROWS]) -> Self {
         BlockQ4Kx8::of_parts(rows.map(|row| (row.d, row.dmin, &row.scales, &row.qs)))
     }
+}
+
+impl SubBlockSums for BlockQ4Kx8 {
+    type Sums = [i32; 4];
 
     fn sums(y: &BlockQ8K) -> [i32; 4] {
         paired_sub_block_sums(y)
@@ -125,7 +148,6 @@ impl RepackedBlock for BlockQ4Kx8 {
 
 impl RepackedBlock for BlockQ5Kx8 {
     type Source = BlockQ5K;
-    type Sums = [i32; 4];
 
     fn of(rows: [&BlockQ5K; ROWS]) -> Self {
         let mut qh = [[0; 32]; 8];
@@ -139,6 +161,10 @@ impl RepackedBlock for BlockQ5Kx8 {
             qh,
         }
     }
+}
+
+impl SubBlockSums for BlockQ5Kx8 {
+    type Sums = [i32; 4];
 
     fn sums(y: &BlockQ8K) -> [i32; 4] {
         paired_sub_block_sums(y)
@@ -152,7 +178,6 @@ fn word(bytes: &[u8], at: usize) -> u32 {
 
 impl RepackedBlock for BlockQ6Kx8 {
     type Source = BlockQ6K;
-    type Sums = [i32; 8];
 
     /// In the file, half h (values 128h..128h + 128) keeps its four runs of 32 in `ql`'s
     /// bytes 64h..64h + 32 (low nibbles: run 0, high: run 2) and 64h + 32.. (runs 1 and 3),
@@ -194,6 +219,10 @@ impl RepackedBlock for BlockQ6Kx8 {
         }
         block
     }
+}
+
+impl SubBlockSums for BlockQ6Kx8 {
+    type Sums = [i32; 8];
 
     /// Lane 2p + k: the 16-value sums of sub-blocks 4p + k and 4p + 2 + k.
     fn sums(y: &BlockQ8K) -> [i32; 8] {
@@ -201,6 +230,23 @@ impl RepackedBlock for BlockQ6Kx8 {
             let (p, k) = (lane / 2, lane % 2);
             i16_pair(y.bsums[4 * p + k], y.bsums[4 * p + 2 + k])
         })
+    }
+}
+
+impl RepackedBlock for BlockQ4_0x8 {
+    type Source = BlockQ4_0;
+
+    fn of(rows: [&BlockQ4_0; ROWS]) -> Self {
+        let mut qs = [[0; 32]; QK / 8];
+        for (r, row) in rows.iter().enumerate() {
+            for (c, bytes) in qs.iter_mut().enumerate() {
+                bytes[4 * r..4 * r + 4].copy_from_slice(&row.qs[4 * c..4 * c + 4]);
+            }
+        }
+        BlockQ4_0x8 {
+            qs,
+            d: rows.map(|row| row.d),
+        }
     }
 }
 
@@ -252,6 +298,46 @@ impl<T: RepackedBlock> Repacked<T> {
     /// Bytes held beside the mapped file.
     pub fn bytes(&self) -> usize {
         std::mem::size_of_val(self.blocks.as_slice())
+    }
+
+    /// The (m, rows) products with `m` activation rows, where `kernel(blocks, tile, out)`
+    /// puts group `blocks`' eight rows times activation rows `tile` in `out` (one array per
+    /// activation row). Tasks take runs of groups (each group's blocks one stretch of
+    /// memory); within a task a tile of activation rows at a time meets all its groups, so
+    /// that the tile stays in L2 while the weights stream past.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub fn products(
+        &self,
+        m: usize,
+        kernel: impl Fn(&[T], Range<usize>, &mut [[f32; ROWS]]) + Sync,
+    ) -> Vec<f32> {
+        let groups = self.groups();
+        let rows = groups * ROWS;
+        let mut out = vec![0f32; m * rows];
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let per_task = groups.div_ceil(rayon::current_num_threads() * 4).max(1);
+        (0..groups.div_ceil(per_task))
+            .into_par_iter()
+            .for_each(|task| {
+                let task_groups = task * per_task..((task + 1) * per_task).min(groups);
+                let mut tile_out = [[0f32; ROWS]; TILE_ACTS];
+                for first_act in (0..m).step_by(TILE_ACTS) {
+                    let tile = first_act..(first_act + TILE_ACTS).min(m);
+                    let tile_out = &mut tile_out[..tile.len()];
+                    for g in task_groups.clone() {
+                        kernel(self.group(g), tile.clone(), tile_out);
+                        for (i, sums) in tile.clone().zip(tile_out.iter()) {
+                            // SAFETY: rows 8g..8g+8 of output row i, within `out`; each
+                            // group is one task's, so no two tasks write one element.
+                            unsafe {
+                                let at = out_ptr.at(i * rows + g * ROWS);
+                                std::ptr::copy_nonoverlapping(sums.as_ptr(), at, ROWS)
+                            };
+                        }
+                    }
+                }
+            });
+        out
     }
 }
 

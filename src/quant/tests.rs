@@ -393,7 +393,12 @@ const LEGACY: [GgmlDType; 5] = [
 
 /// Legacy blocks of random bits (Q8_0's -128, every fifth-bit pattern), with small finite
 /// f16 scales and minimums.
-fn random_legacy_blocks(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> RawTensor {
+pub(super) fn random_legacy_blocks(
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    seed: u64,
+) -> RawTensor {
     let block_bytes = dtype.type_size();
     let n_blocks = rows * cols / dtype.block_size();
     let bits = noise(seed, n_blocks * block_bytes);

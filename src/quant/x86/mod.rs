@@ -7,9 +7,9 @@
 //! eight activation rows at a time in `legacy_interleaved.rs`. Float weights: `float_tiles.rs`.
 //!
 //! The weights are read in the file's own block layout here, or repacked eight rows to a block
-//! (`repacked.rs`, which takes Q4_K, Q5_K and Q6_K where they are repacked). A prompt's tile
-//! of weight rows meets its tile of activation rows one 256-value block column at a time, so
-//! that column's activations stay in L1 for all the tile's weight rows; decoding streams go
+//! (`repacked.rs`, which takes Q4_K, Q5_K, Q6_K and Q4_0 where they are repacked). A prompt's
+//! tile of weight rows meets its tile of activation rows one 256-value block column at a time,
+//! so that column's activations stay in L1 for all the tile's weight rows; decoding streams go
 //! row after row, prefetched.
 //!
 //! Row by row, with AVX2: each 32 values of a row take one `maddubs` (unsigned weight ×
@@ -40,7 +40,10 @@ pub use legacy_interleaved::{interleaved, InterleavedGroup, InterleavedKernel};
 pub use legacy_tiles::{
     legacy_group_avx2, legacy_group_avx512_vnni, legacy_group_avx_vnni, LegacyGroup,
 };
-pub use repacked::{repacked_avx2, repacked_avx512_vnni, repacked_avx_vnni, RepackedKernel};
+pub use repacked::{
+    repacked_avx2, repacked_avx512_vnni, repacked_avx_vnni, repacked_q4_0_avx2,
+    repacked_q4_0_avx512_vnni, repacked_q4_0_avx_vnni, Q8_0Row, RepackedKernel,
+};
 
 pub fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2")

@@ -25,10 +25,13 @@
 use std::arch::x86_64::*;
 
 mod blocks;
+mod q4_0;
+
+pub use q4_0::{repacked_q4_0_avx2, repacked_q4_0_avx512_vnni, repacked_q4_0_avx_vnni, Q8_0Row};
 
 use super::super::blocks::BlockQ8K;
 use super::super::kquant::TILE_ACTS;
-use super::super::repacked::{RepackedBlock, ROWS};
+use super::super::repacked::{SubBlockSums, ROWS};
 use super::group_dot::{chain_ends, chain_span, Evex, GroupDot, Vex};
 use super::k_groups::broadcast;
 use super::{prefetch_lines, Avx2};
@@ -56,7 +59,7 @@ unsafe fn prefetch_ahead<T>(x: &T) {
 }
 
 /// `out[i]` = the eight rows of `blocks` times `ys[i]` (whose sums are `sums[i]`,
-/// `RepackedBlock::sums`), with AVX2.
+/// `SubBlockSums::sums`), with AVX2.
 ///
 /// Safety: the CPU has AVX2, FMA and F16C (`has_avx2`); every `ys[i]` and `sums[i]` holds
 /// at least `blocks.len()` blocks; `out` is as long as `ys`, at most `TILE_ACTS` rows.
@@ -203,7 +206,7 @@ unsafe fn unpacked_once<V: GroupDot, T: RepackedKernel>(
 }
 
 /// A repacked block type the kernels here multiply.
-pub trait RepackedKernel: RepackedBlock {
+pub trait RepackedKernel: SubBlockSums {
     /// Whether tiles of more rows than a pass unpack each block once (`Buffered`) with
     /// EVEX's eight rows a pass too: where unpacking a vector takes more than loading it.
     const BUFFERED_WITH_EVEX: bool;
