@@ -1,8 +1,8 @@
 //! F32, F16 and BF16 weight rows times f32 activation rows, with FMA (F16C converts f16, a
 //! shift bf16), in AVX2's 8 lanes or AVX-512's 16. A microkernel of 3 weight rows (2 for one
-//! decoding stream) × 4 activation rows (AVX2; 8 with AVX-512's 32 registers) keeps its
-//! sums in registers beside the weight vectors and one activation vector, so each converted
-//! weight vector serves four (eight) rows. A group's weight rows (up to 48: 288 KiB of f16 at
+//! decoding stream) × 4 activation rows (AVX2; with AVX-512's 32 registers, 6 × 4 for
+//! prompts and 3 × 8 decoding) keeps its sums in registers beside the weight vectors and one
+//! activation vector, so each converted weight vector serves four (eight) rows. A group's weight rows (up to 48: 288 KiB of f16 at
 //! Phi-3-mini's 3072 columns) stay in L2 while every tile of 8 activation rows passes;
 //! prompt tiles go up to 8,192 columns at a time (`PASS_COLUMNS`).
 //! Decoding (a few rows) streams each weight strip over all its columns (two weight rows
@@ -27,8 +27,9 @@ use crate::lanes::{Avx2, Avx512, Lanes};
 /// prompts 0.82x -> 0.98-1.00x of llama.cpp's (AVX2: 0.93-0.97x -> 1.06-1.09x). Copying
 /// the rows a line apart instead was slower for 8,192 columns (17.3 -> 20.5 ms).
 const ACTS: usize = 8;
-/// Weight rows per microkernel strip.
+/// Weight rows per microkernel strip (`Tiles::PROMPT_STRIP` for prompts), and the most.
 const STRIP: usize = 3;
+const MAX_STRIP: usize = 6;
 /// Columns per pass of a prompt tile: whole rows of Phi-3's matrices (3,072 and 8,192
 /// columns), so each microkernel loads and stores its sums once. Passes short enough for the
 /// tile's 8 rows of activations to stay in L1 (512 columns, 1,024 with AVX-512) had been
@@ -102,9 +103,12 @@ impl Format for BF16 {
 /// The lanes the tiles take (`Lanes`: AVX2's 8 or AVX-512's 16), their microkernel's shape,
 /// and how a format's weights load into them.
 trait Tiles: Lanes {
-    /// Activation rows per microkernel: what the registers hold beside three weight vectors
-    /// and one activation vector (16 ymm, 32 zmm).
+    /// Activation rows per decoding microkernel: what the registers hold beside three weight
+    /// vectors and one activation vector (16 ymm, 32 zmm).
     const QUAD: usize;
+    /// A prompt microkernel's weight rows and activation rows.
+    const PROMPT_STRIP: usize = STRIP;
+    const PROMPT_QUAD: usize = Self::QUAD;
     unsafe fn weights<F: Format>(row: *const u8, k: usize) -> Self::V;
 }
 
@@ -118,6 +122,16 @@ impl Tiles for Avx2 {
 
 impl Tiles for Avx512 {
     const QUAD: usize = 8;
+    /// Six weight rows by four activation rows (24 sums, six weight vectors and one
+    /// activation vector in 32 registers), not three by eight: each activation vector loaded
+    /// serves six weight rows, so a prompt reads its activations (from L2: eight rows of up
+    /// to 8,192 columns) half as often. Per 64-row pass on a 2-vCPU Zen 4, alternating, one
+    /// thread: F16 9216×3072 37.4-38.6 -> 35.5-35.9 ms (90% of the FMA peak measured there),
+    /// 3072×8192 32.3-32.6 -> 30.8-30.9, F32 40-41 -> 37-38 and 37 -> 33; two threads, F16
+    /// 19.1-20.2 -> 18.0-19.6 and 16.4 -> 15.4-16.0. Four by six was slower (52.9 ms: a
+    /// tile's eight rows go as six and two).
+    const PROMPT_STRIP: usize = 6;
+    const PROMPT_QUAD: usize = 4;
     #[inline(always)]
     unsafe fn weights<F: Format>(row: *const u8, k: usize) -> __m512 {
         F::load16(row, k)
@@ -174,7 +188,11 @@ unsafe fn group<F: Format, L: Tiles>(g: &FloatGroup<'_>) {
     let x = |i: usize| g.x.as_ptr().add(i * cols);
     let decoding = g.m <= ACTS;
     let chunk = if decoding { cols } else { PASS_COLUMNS };
-    let strip = if g.m == 1 { ONE_STREAM_STRIP } else { STRIP };
+    let (strip, quad) = match (decoding, g.m) {
+        (true, 1) => (ONE_STREAM_STRIP, L::QUAD),
+        (true, _) => (STRIP, L::QUAD),
+        (false, _) => (L::PROMPT_STRIP, L::PROMPT_QUAD),
+    };
     let mut acc = vec![L::zero(); n * ACTS];
     for first_act in (0..g.m).step_by(ACTS) {
         let acts = first_act..(first_act + ACTS).min(g.m);
@@ -182,10 +200,11 @@ unsafe fn group<F: Format, L: Tiles>(g: &FloatGroup<'_>) {
         for k0 in (0..cols).step_by(chunk) {
             let k = k0..(k0 + chunk).min(cols);
             for j in (0..n).step_by(strip) {
-                for i in acts.clone().step_by(L::QUAD) {
-                    let (r, a) = ((n - j).min(strip), (acts.end - i).min(L::QUAD));
+                for i in acts.clone().step_by(quad) {
+                    let (r, a) = ((n - j).min(strip), (acts.end - i).min(quad));
                     let at = Micro {
-                        w: [w(j), w(j + (r > 1) as usize), w(j + 2 * (r > 2) as usize)],
+                        // Slots past the strip's rows repeat its first (and compute nothing).
+                        w: std::array::from_fn(|q| w(j + q * (r > q) as usize)),
                         x: x(i),
                         x_stride: cols,
                         k: k.clone(),
@@ -211,7 +230,7 @@ unsafe fn group<F: Format, L: Tiles>(g: &FloatGroup<'_>) {
 /// could not forward from, a stall on 9-14% of an F16 prompt's samples (without it, a
 /// 512-token prompt of the 8-layer file took 6.4-6.6 s against 6.8-7.0 on the Xeon VM).
 struct Micro<V> {
-    w: [*const u8; STRIP],
+    w: [*const u8; MAX_STRIP],
     x: *const f32,
     x_stride: usize,
     k: Range<usize>,
@@ -219,7 +238,8 @@ struct Micro<V> {
 }
 
 /// The microkernel for `r` weight rows and `a` activation rows. AVX-512's rows beyond four
-/// go as eight (the extra sums computed and dropped), which keeps its instances few.
+/// (decoding) go as eight (the extra sums computed and dropped), which keeps its instances
+/// few; strips of four to six rows (AVX-512's prompts) take at most four.
 #[inline(always)]
 unsafe fn micro_any<F: Format, L: Tiles>(at: &Micro<L::V>, r: usize, a: usize, prefetch: bool) {
     macro_rules! by_shape {
@@ -229,11 +249,23 @@ unsafe fn micro_any<F: Format, L: Tiles>(at: &Micro<L::V>, r: usize, a: usize, p
                     ($r, $a, true) => micro::<F, L, $r, $a, true>(at, a),
                     ($r, $a, false) => micro::<F, L, $r, $a, false>(at, a),
                 )*
-                _ => unreachable!("strips of 1-3 rows, quads of 1-4 or 8"),
+                _ => unreachable!("strips of 1-3 rows with quads of 1-4 or 8, 4-6 with 1-4"),
             }
         };
     }
     by_shape!(
+        (6, 4),
+        (6, 3),
+        (6, 2),
+        (6, 1),
+        (5, 4),
+        (5, 3),
+        (5, 2),
+        (5, 1),
+        (4, 4),
+        (4, 3),
+        (4, 2),
+        (4, 1),
         (3, 8),
         (3, 4),
         (3, 3),
