@@ -53,9 +53,9 @@ class Phi3Generator:
             of their spread, rms) or ``"f32"`` (4 bytes, 768 KiB a token; exact).
         repack_weights: Repack the Q4_K, Q5_K, Q6_K and Q4_0 matrices eight rows to a block
             at load (the default, on x86 CPUs with AVX2), as llama.cpp does: the products read
-            them about twice as fast, several decoding streams most. They take the place of the file's
-            pages, so memory stays at the file's size; False reads every matrix from the
-            memory-mapped file, which loads at once and whose pages processes share.
+            them about twice as fast, several decoding streams most. They take the place of
+            the file's pages, so memory stays at the file's size; False reads every matrix
+            from the memory-mapped file, which loads at once and whose pages processes share.
 
     Raises:
         ModelLoadError: The model file is missing, not a valid ``phi3`` GGUF, or cannot be
