@@ -237,50 +237,27 @@ struct Micro<V> {
     acc: *mut V,
 }
 
-/// The microkernel for `r` weight rows and `a` activation rows. AVX-512's rows beyond four
-/// (decoding) go as eight (the extra sums computed and dropped), which keeps its instances
-/// few; strips of four to six rows (AVX-512's prompts) take at most four.
+/// The microkernel for `r` weight rows and `a` activation rows: decoding's strips of 1-3
+/// rows, prefetching, with AVX-512's rows beyond four going as eight (the extra sums
+/// computed and dropped), which keeps its instances few; prompts' strips of 1-6 rows (six
+/// with AVX-512, three with AVX2) with quads of 1-4.
 #[inline(always)]
 unsafe fn micro_any<F: Format, L: Tiles>(at: &Micro<L::V>, r: usize, a: usize, prefetch: bool) {
     macro_rules! by_shape {
-        ($(($r:literal, $a:literal)),*) => {
+        (decoding: $(($dr:literal, $da:literal)),*; prompts: $(($pr:literal, $pa:literal)),*) => {
             match (r, if a > 4 { 8 } else { a }, prefetch) {
-                $(
-                    ($r, $a, true) => micro::<F, L, $r, $a, true>(at, a),
-                    ($r, $a, false) => micro::<F, L, $r, $a, false>(at, a),
-                )*
-                _ => unreachable!("strips of 1-3 rows with quads of 1-4 or 8, 4-6 with 1-4"),
+                $(($dr, $da, true) => micro::<F, L, $dr, $da, true>(at, a),)*
+                $(($pr, $pa, false) => micro::<F, L, $pr, $pa, false>(at, a),)*
+                _ => unreachable!("the shapes listed: {r} x {a}, prefetch {prefetch}"),
             }
         };
     }
     by_shape!(
-        (6, 4),
-        (6, 3),
-        (6, 2),
-        (6, 1),
-        (5, 4),
-        (5, 3),
-        (5, 2),
-        (5, 1),
-        (4, 4),
-        (4, 3),
-        (4, 2),
-        (4, 1),
-        (3, 8),
-        (3, 4),
-        (3, 3),
-        (3, 2),
-        (3, 1),
-        (2, 8),
-        (2, 4),
-        (2, 3),
-        (2, 2),
-        (2, 1),
-        (1, 8),
-        (1, 4),
-        (1, 3),
-        (1, 2),
-        (1, 1)
+        decoding: (3, 8), (3, 4), (3, 3), (3, 2), (3, 1), (2, 8), (2, 4), (2, 3), (2, 2),
+        (2, 1), (1, 8), (1, 4), (1, 3), (1, 2), (1, 1);
+        prompts: (6, 4), (6, 3), (6, 2), (6, 1), (5, 4), (5, 3), (5, 2), (5, 1), (4, 4),
+        (4, 3), (4, 2), (4, 1), (3, 4), (3, 3), (3, 2), (3, 1), (2, 4), (2, 3), (2, 2),
+        (2, 1), (1, 4), (1, 3), (1, 2), (1, 1)
     )
 }
 

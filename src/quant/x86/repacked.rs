@@ -20,7 +20,8 @@
 //! gain more (`PREFETCH_AHEAD`). Prompts' Q5_K and Q6_K tiles lost 7-16%: their values take
 //! four to five operations per vector to unpack, where the file's tiles unpack a block once
 //! for 64 rows. They now unpack once per tile too (`BUFFERED_WITH_EVEX`): 64 rows, AVX-512
-//! VNNI, Q5_K 5.89 -> 6.21 ms and Q6_K 6.28 -> 6.67 (a loss of 5-6%).
+//! VNNI, the file's layout against repacked, Q5_K 5.89 against 6.21 ms and Q6_K 6.28 against
+//! 6.67 (a loss of 5-6%).
 
 use std::arch::x86_64::*;
 
