@@ -14,11 +14,12 @@
 //! comes back in microseconds, a Python consumer under the GIL (a server's streams) in
 //! milliseconds, while a decode pass of Phi-3-mini takes hundreds; the wait is at most an
 //! eighth of the last pass. A stream whose consumer is slower than that is not waited for.
-//! Streams seated within that window and not yet stepped are waited for too: a burst of
-//! requests then starts in one pass. Taking the first prompt alone put it a pass ahead of
-//! the rest, and it stayed ahead (its next request came back a pass early): on the server
-//! bench, four clients' first tokens came 2 s apart, its decode steps ran beside the others'
-//! prompts.
+//! Streams seated within that window and not yet stepped are waited for too, and new
+//! streams with nothing else to run wait until arrivals pause for a few milliseconds: a
+//! burst of requests then starts in one pass. Taking the first prompt alone put it a pass
+//! ahead of the rest, and it stayed ahead (its next request came a pass early): on the
+//! server bench, four clients' first tokens came 2 s apart, and the first one's decode
+//! steps ran beside the others' prompts.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -39,9 +40,10 @@ const GATHER_MAX: Duration = Duration::from_millis(100);
 /// The wait as a fraction of the last pass: at most 1/8 more time per pass, for passes that
 /// serve every stream instead of splitting in two (which would cost a whole pass).
 const GATHER_SHARE: u32 = 8;
-/// A burst of new streams (two or more first steps waiting) is gathered until none has
-/// arrived for this long, within the gather window: the server's requests reach the engine
-/// a few milliseconds apart, as the event loop takes them one after another.
+/// New streams with nothing else to run (every step waiting is a first one) are gathered
+/// until none has arrived for this long, within the gather window: a burst of the server's
+/// requests reaches the engine a few milliseconds apart, as the event loop takes them one
+/// after another (the next may not be seated yet when the first steps).
 const BURST_QUIET: Duration = Duration::from_millis(5);
 /// How often a waiting stream checks its interrupt flag while its step is not yet in a pass.
 const POLL: Duration = Duration::from_millis(5);
@@ -138,11 +140,11 @@ impl State {
         })
     }
 
-    /// Until when a burst of new streams is still arriving: two or more first steps wait,
-    /// and the last stream came less than `BURST_QUIET` ago.
+    /// Until when new streams may still be arriving: only first steps wait, and the last
+    /// stream came less than `BURST_QUIET` ago.
     fn burst_until(&self, now: Instant) -> Option<Instant> {
-        let newcomers = self.queue.iter().filter(|j| j.first).count();
-        burst_end(newcomers, self.last_arrival, now)
+        let only_first = self.queue.iter().all(|j| j.first);
+        burst_end(only_first, self.last_arrival, now)
     }
 
     /// The steps of the next pass: decode steps first (one row each, always in), then the
@@ -336,11 +338,12 @@ impl Batcher {
     }
 }
 
-/// Until when a burst of `newcomers` first steps waits for more, the last stream having
-/// arrived at `last_arrival`: none for a lone stream, nor once the burst has gone quiet.
-fn burst_end(newcomers: usize, last_arrival: Option<Instant>, now: Instant) -> Option<Instant> {
+/// Until when first steps (`only_first`: nothing else waits) wait for more, the last stream
+/// having arrived at `last_arrival`: not while other streams' steps wait, nor once arrivals
+/// have gone quiet.
+fn burst_end(only_first: bool, last_arrival: Option<Instant>, now: Instant) -> Option<Instant> {
     let until = last_arrival? + BURST_QUIET;
-    (newcomers >= 2 && until > now).then_some(until)
+    (only_first && until > now).then_some(until)
 }
 
 /// Runs `jobs` as one pass; a panic fails each of them instead of unwinding past the
@@ -457,15 +460,15 @@ mod tests {
     fn a_burst_of_new_streams_is_gathered_until_it_goes_quiet() {
         let now = Instant::now();
         let ms = Duration::from_millis;
-        assert_eq!(burst_end(3, Some(now), now), Some(now + BURST_QUIET));
+        assert_eq!(burst_end(true, Some(now), now), Some(now + BURST_QUIET));
         assert_eq!(
-            burst_end(2, Some(now - ms(2)), now),
+            burst_end(true, Some(now - ms(2)), now),
             Some(now - ms(2) + BURST_QUIET)
         );
-        // A lone new stream starts at once; a burst quiet for long enough starts.
-        assert_eq!(burst_end(1, Some(now), now), None);
-        assert_eq!(burst_end(4, Some(now - BURST_QUIET), now), None);
-        assert_eq!(burst_end(4, None, now), None);
+        // Streams under way do not wait for new ones; nor does a burst gone quiet.
+        assert_eq!(burst_end(false, Some(now), now), None);
+        assert_eq!(burst_end(true, Some(now - BURST_QUIET), now), None);
+        assert_eq!(burst_end(true, None, now), None);
     }
 
     #[test]
