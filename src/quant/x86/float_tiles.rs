@@ -2,9 +2,10 @@
 //! shift bf16), in AVX2's 8 lanes or AVX-512's 16. A microkernel of 3 weight rows (2 for one
 //! decoding stream) × 4 activation rows (AVX2; with AVX-512's 32 registers, 6 × 4 for
 //! prompts and 3 × 8 decoding) keeps its sums in registers beside the weight vectors and one
-//! activation vector, so each converted weight vector serves four (eight) rows. A group's weight rows (up to 48: 288 KiB of f16 at
-//! Phi-3-mini's 3072 columns) stay in L2 while every tile of 8 activation rows passes;
-//! prompt tiles go up to 8,192 columns at a time (`PASS_COLUMNS`).
+//! activation vector, so each converted weight vector serves four (eight) rows. A group's
+//! weight rows (up to 48: 288 KiB of f16 at Phi-3-mini's 3072 columns) stay in L2 while
+//! every tile of 8 activation rows passes; prompt tiles go up to 8,192 columns at a time
+//! (`PASS_COLUMNS`).
 //! Decoding (a few rows) streams each weight strip over all its columns (two weight rows
 //! at a time for one stream, strips of three for a few), prefetched 16 KiB ahead into L2
 //! (`STREAM_AHEAD`). A matrix takes one width for every pass (`FloatGroup::wide`), so a
