@@ -2,6 +2,7 @@
 
 mod attention;
 mod config;
+mod elementwise;
 mod embedding;
 mod kv_cache;
 mod pass;

@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use candle_core::{Module, Result, Tensor, D};
 
-use super::attention;
 use super::config::Phi3Config;
 use super::phi3::{Layer, Phi3Model, Phi3Weights};
+use super::{attention, elementwise};
 
 /// What a pass returns for a segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,9 +124,9 @@ fn run(
                 return Ok(());
             }
             let attn = attention(layer, layer_index, weights, segments, &active, &xs)?;
-            xs = (xs + attn)?;
+            xs = elementwise::add(&xs, &attn)?;
             let ffn = feed_forward(layer, &weights.config, &xs)?;
-            xs = (xs + ffn)?;
+            xs = elementwise::add(&xs, &ffn)?;
         }
         xs = drop_interrupted(segments, &mut active, results, &xs)?;
         let hidden = weights.output_norm.forward(&xs)?;
@@ -243,16 +243,10 @@ fn attention(
 }
 
 fn feed_forward(layer: &Layer, config: &Phi3Config, xs: &Tensor) -> Result<Tensor> {
-    let up = layer.ffn_up.forward(&layer.ffn_norm.forward(xs)?)?;
-    let gate = up.narrow(D::Minus1, 0, config.intermediate_size)?;
-    let up = up.narrow(
-        D::Minus1,
-        config.intermediate_size,
-        config.intermediate_size,
-    )?;
-    layer
-        .ffn_down
-        .forward(&(candle_nn::ops::silu(&gate)? * up)?)
+    // One matrix gives the gate and then the up projection.
+    let gate_up = layer.ffn_up.forward(&layer.ffn_norm.forward(xs)?)?;
+    let hidden = elementwise::swiglu(&gate_up, config.intermediate_size)?;
+    layer.ffn_down.forward(&hidden)
 }
 
 /// The logits each segment asked for, from one output projection over all their rows.
