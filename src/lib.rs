@@ -22,6 +22,8 @@ pub mod sampling;
 pub mod sandbox;
 pub mod source;
 pub mod stop;
+#[cfg(test)]
+mod testing;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, Role};

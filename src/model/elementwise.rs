@@ -51,14 +51,13 @@ impl CustomOp2 for Add {
             candle_core::bail!("add: {:?} and {:?}", a_layout.shape(), b_layout.shape())
         }
         let (a, b) = (values("add", a, a_layout)?, values("add", b, b_layout)?);
-        let mut out = vec![0f32; a.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(out, (a, b))| {
-                for (o, (a, b)) in out.iter_mut().zip(a.iter().zip(b)) {
-                    *o = a + b;
-                }
-            });
+        // An indexed collect writes each value once, into the result's own memory.
+        let out: Vec<f32> = a
+            .par_iter()
+            .zip(b)
+            .with_min_len(CHUNK)
+            .map(|(a, b)| a + b)
+            .collect();
         Ok((CpuStorage::F32(out), a_layout.shape().clone()))
     }
 }
@@ -107,15 +106,11 @@ mod tests {
     use super::*;
     use candle_core::{Device, D};
 
+    /// Values in [-8, 8): the sigmoid's whole range, saturated at both ends.
     fn noise(seed: u64, n: usize) -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 16.0 - 8.0
-            })
+        crate::testing::noise(seed, n)
+            .iter()
+            .map(|v| 8.0 * v)
             .collect()
     }
 

@@ -6,18 +6,7 @@ use candle_core::{Device, Module, Tensor};
 use super::blocks::QK_K;
 use super::{Kernels, QMatrix, RawTensor, WeightBytes};
 
-/// Deterministic pseudo-random numbers in [-1, 1).
-pub(super) fn noise(seed: u64, n: usize) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+pub(super) use crate::testing::noise;
 
 /// Blocks of random bits (every scale and value pattern), with small finite f16 factors.
 pub(super) fn random_blocks(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> RawTensor {
