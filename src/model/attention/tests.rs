@@ -72,44 +72,58 @@ fn scaled(
     }
 }
 
+/// One query (decoding): the vector path equals the portable one for every cache format.
+/// The long cache spans three pages and two heads, so the rows asked for ahead
+/// (`simd::prefetch_rows`, 16 KiB: 102-409 rows here) fall in the next page, the next
+/// head's rows or past the last key.
 #[test]
 fn vector_and_portable_attention_agree() {
     if !simd::available() {
         return;
     }
     let d = 40;
-    let (keys, values, q) = (noise(1, 40 * d), noise(2, 40 * d), noise(3, d));
-    for kind in KvCacheType::ALL {
-        let cache = cache(kind, 1, d, &keys, &values);
-        fn vector<E: Element>(
-            (keys, values): (HeadRows<'_, E>, HeadRows<'_, E>),
-            q: &[f32],
-            range: std::ops::Range<usize>,
-        ) -> Vec<f32> {
-            let query = Query {
-                q,
-                keys,
-                values,
-                kv_h: 0,
-                range: range.clone(),
-                scale: 0.2,
-            };
-            let mut scores = vec![0f32; range.len()];
-            let mut out = vec![0f32; q.len()];
-            // SAFETY: the caller checked the CPU; d is a multiple of 8.
-            let total = unsafe { simd::attend(&query, &mut scores, &mut out) };
-            out.iter().map(|o| o / total).collect()
-        }
-        // All keys, a window's tail (a range not starting at 0), and counts off multiples of 4.
-        for range in [0..40, 13..40, 5..11, 7..8] {
-            let got = match cache.rows() {
-                Rows::F32(k, v) => vector((k, v), &q, range.clone()),
-                Rows::F16(k, v) => vector((k, v), &q, range.clone()),
-                Rows::Q8(k, v) => vector((k, v), &q, range.clone()),
-            };
-            let want = expected(&cache, &q, 0, range.clone());
-            for (a, b) in want.iter().zip(&got) {
-                assert!((a - b).abs() < 1e-5, "{kind:?} {range:?}: {a} vs {b}");
+    let short = [0..40, 13..40, 5..11, 7..8];
+    let long = [0..600, 250..600, 0..257, 511..600, 255..256, 100..530];
+    for (n, kv_heads, ranges) in [(40, 1, &short[..]), (600, 2, &long[..])] {
+        let (keys, values) = (noise(1, kv_heads * n * d), noise(2, kv_heads * n * d));
+        let q = noise(3, d);
+        for kind in KvCacheType::ALL {
+            let cache = cache(kind, kv_heads, d, &keys, &values);
+            fn vector<E: Element>(
+                (keys, values): (HeadRows<'_, E>, HeadRows<'_, E>),
+                q: &[f32],
+                kv_h: usize,
+                range: std::ops::Range<usize>,
+            ) -> Vec<f32> {
+                let query = Query {
+                    q,
+                    keys,
+                    values,
+                    kv_h,
+                    range: range.clone(),
+                    scale: 0.2,
+                };
+                let mut scores = vec![0f32; range.len()];
+                let mut out = vec![0f32; q.len()];
+                // SAFETY: the caller checked the CPU; d is a multiple of 8.
+                let total = unsafe { simd::attend(&query, &mut scores, &mut out) };
+                out.iter().map(|o| o / total).collect()
+            }
+            // All keys, a window's tail (a range not starting at 0), counts off multiples of
+            // 4, and (long) ranges ending at and across page boundaries.
+            for (kv_h, range) in (0..kv_heads).flat_map(|h| ranges.iter().map(move |r| (h, r))) {
+                let got = match cache.rows() {
+                    Rows::F32(k, v) => vector((k, v), &q, kv_h, range.clone()),
+                    Rows::F16(k, v) => vector((k, v), &q, kv_h, range.clone()),
+                    Rows::Q8(k, v) => vector((k, v), &q, kv_h, range.clone()),
+                };
+                let want = expected(&cache, &q, kv_h, range.clone());
+                for (a, b) in want.iter().zip(&got) {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{kind:?} head {kv_h} {range:?}: {a} vs {b}"
+                    );
+                }
             }
         }
     }
