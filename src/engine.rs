@@ -74,7 +74,7 @@ pub struct LoadOptions {
     pub threads: Option<usize>,
     /// How sequences store their keys and values.
     pub kv_cache_type: KvCacheType,
-    /// Q4_K, Q5_K, Q6_K, Q4_0 and Q8_0 matrices repacked eight rows to a block at load
+    /// Q4_K, Q5_K, Q6_K and Q4_0 matrices repacked eight rows to a block at load
     /// (`quant::repacked`), in place of the file's pages; off, every matrix is read from the
     /// mapped file, which processes share and which loads at once.
     pub repack_weights: bool,

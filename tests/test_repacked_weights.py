@@ -1,4 +1,4 @@
-"""K-quant, Q4_0 and Q8_0 weights repacked eight rows to a block at load (`repack_weights`, the
+"""K-quant and Q4_0 weights repacked eight rows to a block at load (`repack_weights`, the
 default): the same tokens and log-probabilities as the file's layout, in the memory the file
 took."""
 
@@ -23,7 +23,6 @@ TENSOR_TYPES = {
     "blk.0.attn_qkv.weight": "Q5_K",
     "blk.1.ffn_down.weight": "Q6_K",
     "blk.1.ffn_up.weight": "Q4_0",
-    "blk.1.attn_output.weight": "Q8_0",
 }
 
 # Our x86 kernels repack; elsewhere every matrix reads the file.

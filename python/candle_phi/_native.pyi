@@ -51,8 +51,8 @@ class Phi3Generator:
             2 bytes a value, 384 KiB a token for Phi-3-mini), ``"q8_0"`` (blocks of 32 values
             in 8 bits with one scale: 1.125 bytes, 216 KiB a token; logits move by about 0.6%
             of their spread, rms) or ``"f32"`` (4 bytes, 768 KiB a token; exact).
-        repack_weights: Repack the Q4_K, Q5_K, Q6_K, Q4_0 and Q8_0 matrices eight rows to a
-            block at load (the default, on x86 CPUs with AVX2), as llama.cpp does: the products read
+        repack_weights: Repack the Q4_K, Q5_K, Q6_K and Q4_0 matrices eight rows to a block
+            at load (the default, on x86 CPUs with AVX2), as llama.cpp does: the products read
             them about twice as fast, several decoding streams most. They take the place of
             the file's pages, so memory stays at the file's size; False reads every matrix
             from the memory-mapped file, which loads at once and whose pages processes share.

@@ -54,13 +54,12 @@ pub const ROPE_FACTORS_SHORT: &str = "rope_factors_short.weight";
 pub const ROPE_FACTORS_LONG: &str = "rope_factors_long.weight";
 
 impl Phi3Weights {
-    /// The weights `source` holds, Q4_K, Q5_K, Q6_K, Q4_0 and Q8_0 matrices repacked
-    /// (`load_with`).
+    /// The weights `source` holds, Q4_K, Q5_K, Q6_K and Q4_0 matrices repacked (`load_with`).
     pub fn load(config: Phi3Config, source: &mut impl TensorSource) -> crate::Result<Self> {
         Self::load_with(config, source, true)
     }
 
-    /// `repack_weights`: Q4_K, Q5_K, Q6_K, Q4_0 and Q8_0 matrices are repacked eight rows to a
+    /// `repack_weights`: Q4_K, Q5_K, Q6_K and Q4_0 matrices are repacked eight rows to a
     /// block, in place of the file's pages (`quant::QMatrix::repack`,
     /// `quant::LegacyMatrix::repack`); else every matrix reads the file.
     pub fn load_with(

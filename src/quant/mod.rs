@@ -1,7 +1,7 @@
 //! Matrix products on the GGUF's own blocks, read in place from the memory-mapped file: no
 //! second copy of the weights. K-quants (Q2_K to Q6_K) here, the 32-value types (Q8_0, Q4_0,
-//! Q4_1, Q5_0, Q5_1) in `legacy/`, F32/F16/BF16 in `float.rs`; Q4_K, Q5_K, Q6_K, Q4_0 and
-//! Q8_0 repacked eight rows to a block at load, in place of their pages of the file
+//! Q4_1, Q5_0, Q5_1) in `legacy/`, F32/F16/BF16 in `float.rs`; Q4_K, Q5_K, Q6_K and Q4_0
+//! repacked eight rows to a block at load, in place of their pages of the file
 //! (`repacked.rs`).
 //!
 //! Candle's kernels remain the path for what else Candle loads (Q8_K matrices, shapes ours

@@ -1,6 +1,6 @@
-//! K-quant, Q4_0 and Q8_0 rows repacked eight to a block (`BlockQ4Kx8`, `BlockQ5Kx8`,
-//! `BlockQ6Kx8`, `BlockQ4_0x8`, `BlockQ8_0R8`), as llama.cpp's `Q4_K_8x8` and `Q4_0_8x8` and
-//! ik_llama.cpp's `_R8` types are. In the file's layout each
+//! K-quant and Q4_0 rows repacked eight to a block (`BlockQ4Kx8`, `BlockQ5Kx8`,
+//! `BlockQ6Kx8`, `BlockQ4_0x8`), as llama.cpp's `Q4_K_8x8` and `Q4_0_8x8` and ik_llama.cpp's
+//! `_R8` types are. In the file's layout each
 //! weight block is one row's, so a kernel broadcasts the weights a few values at a time, one
 //! vector per activation row; here the same four positions of eight rows fill one 256-bit
 //! vector, the activations are the broadcast (a load), and every weight vector serves every
@@ -15,7 +15,7 @@ use std::ops::Range;
 
 use super::blocks::{scales_and_mins, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, QK_K};
 use super::kquant::TILE_ACTS;
-use super::legacy::{BlockQ4_0, BlockQ8_0, QK};
+use super::legacy::{BlockQ4_0, QK};
 use super::OutPtr;
 
 /// Weight rows in a repacked block.
@@ -86,18 +86,7 @@ pub struct BlockQ4_0x8 {
     pub d: [f16; ROWS],
 }
 
-/// Q8_0: `qs[c]` holds values 4c..4c+4 of each row, row r in bytes 4r..4r+4, and `d` each
-/// row's scale. 272 bytes, as 8 × 34. (`R8` for eight weight rows, as ik_llama.cpp's
-/// `Q8_0_R8`: `legacy::BlockQ8_0x8` interleaves eight activation rows.)
-#[repr(C, align(16))]
-#[derive(Clone, Copy)]
-pub struct BlockQ8_0R8 {
-    pub qs: [[i8; 32]; QK / 4],
-    pub d: [f16; ROWS],
-}
-
 const _: () = assert!(std::mem::size_of::<BlockQ4_0x8>() == 144);
-const _: () = assert!(std::mem::size_of::<BlockQ8_0R8>() == 272);
 const _: () = assert!(std::mem::size_of::<BlockQ4Kx8>() == 1184);
 const _: () = assert!(std::mem::size_of::<BlockQ5Kx8>() == 1440);
 const _: () = assert!(std::mem::size_of::<BlockQ6Kx8>() == 1680);
@@ -255,23 +244,6 @@ impl RepackedBlock for BlockQ4_0x8 {
             }
         }
         BlockQ4_0x8 {
-            qs,
-            d: rows.map(|row| row.d),
-        }
-    }
-}
-
-impl RepackedBlock for BlockQ8_0R8 {
-    type Source = BlockQ8_0;
-
-    fn of(rows: [&BlockQ8_0; ROWS]) -> Self {
-        let mut qs = [[0; 32]; QK / 4];
-        for (r, row) in rows.iter().enumerate() {
-            for (c, bytes) in qs.iter_mut().enumerate() {
-                bytes[4 * r..4 * r + 4].copy_from_slice(&row.qs[4 * c..4 * c + 4]);
-            }
-        }
-        BlockQ8_0R8 {
             qs,
             d: rows.map(|row| row.d),
         }

@@ -1,7 +1,7 @@
 //! Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 matrices (blocks of 32 values with an f16 scale, and a
 //! minimum for Q4_1 and Q5_1: most community Phi-3 files, and the fallbacks of K-quant files
 //! for rows that are not whole 256-value blocks), multiplied in place from the mapped file, or
-//! for Q4_0 and Q8_0 repacked eight rows to a block at load (`LegacyMatrix::repack`).
+//! for Q4_0 repacked eight rows to a block at load (`LegacyMatrix::repack`).
 //! Activations are quantized to Q8_0 blocks as llama.cpp and Candle do, so products agree
 //! with theirs up to the order of additions; the minimum's term takes each activation
 //! block's sum in f32 (theirs rounds it to f16).
@@ -16,7 +16,7 @@ pub use blocks::BlockQ8_0x8;
 pub use blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, LegacyBlock, QK};
 
 use super::blocks::{as_blocks, WeightBlock};
-use super::repacked::{BlockQ4_0x8, BlockQ8_0R8, Repacked, RepackedBlock};
+use super::repacked::{BlockQ4_0x8, Repacked};
 use super::storage::RawTensor;
 use super::{par_row_groups, readable, Kernels, OutPtr, WeightBytes};
 use candle_core::quantized::GgmlDType;
@@ -57,15 +57,9 @@ pub struct LegacyMatrix {
     cols: usize,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     kernels: Kernels,
-    /// A Q4_0 or Q8_0 matrix's rows eight to a block, where `repack` made them (the file's
-    /// pages are then released and never read).
-    repacked: Option<RepackedRows>,
-}
-
-#[derive(Debug)]
-enum RepackedRows {
-    Q4_0(Repacked<BlockQ4_0x8>),
-    Q8_0(Repacked<BlockQ8_0R8>),
+    /// A Q4_0 matrix's rows eight to a block, where `repack` made them (the file's pages
+    /// are then released and never read).
+    repacked: Option<Repacked<BlockQ4_0x8>>,
 }
 
 impl LegacyMatrix {
@@ -90,31 +84,21 @@ impl LegacyMatrix {
         })
     }
 
-    /// With its rows repacked eight to a block, if it is a Q4_0 or Q8_0 matrix of whole
-    /// groups of eight rows, on x86 kernels, and the memory can be had (unchanged
-    /// otherwise); the file's pages of it are then dropped from this process's memory, as
-    /// for the K-quants (`QMatrix::repack`).
+    /// With its rows repacked eight to a block, if it is a Q4_0 matrix of whole groups of
+    /// eight rows, on x86 kernels, and the memory can be had (unchanged otherwise); the
+    /// file's pages of it are then dropped from this process's memory, as for the K-quants
+    /// (`QMatrix::repack`).
     pub fn repack(mut self) -> Self {
         let x86 = matches!(
             self.kernels,
             Kernels::Avx2 | Kernels::AvxVnni | Kernels::Avx512Vnni
         );
-        if !(x86 && cfg!(target_arch = "x86_64")) {
+        if !(x86 && cfg!(target_arch = "x86_64") && self.kind == Legacy::Q4_0) {
             return self;
         }
-        fn rows<T: RepackedBlock>(bytes: &[u8], blocks_per_row: usize) -> Option<Repacked<T>>
-        where
-            T::Source: WeightBlock,
-        {
-            let blocks = as_blocks(bytes).expect("whole, aligned blocks (checked in new)");
-            Repacked::new(blocks, blocks_per_row)
-        }
-        let (bytes, blocks_per_row) = (self.bytes.as_bytes(), self.cols / QK);
-        self.repacked = match self.kind {
-            Legacy::Q4_0 => rows(bytes, blocks_per_row).map(RepackedRows::Q4_0),
-            Legacy::Q8_0 => rows(bytes, blocks_per_row).map(RepackedRows::Q8_0),
-            _ => None,
-        };
+        let blocks =
+            as_blocks(self.bytes.as_bytes()).expect("whole, aligned blocks (checked in new)");
+        self.repacked = Repacked::new(blocks, self.cols / QK);
         if self.repacked.is_some() {
             self.bytes.release();
         }
@@ -123,11 +107,7 @@ impl LegacyMatrix {
 
     /// The bytes its repacked rows hold beside the file's.
     pub fn repacked_bytes(&self) -> usize {
-        match &self.repacked {
-            Some(RepackedRows::Q4_0(rows)) => rows.bytes(),
-            Some(RepackedRows::Q8_0(rows)) => rows.bytes(),
-            None => 0,
-        }
+        self.repacked.as_ref().map_or(0, Repacked::bytes)
     }
 
     pub fn rows(&self) -> usize {
@@ -161,13 +141,6 @@ impl LegacyMatrix {
         acts.par_chunks_mut(blocks)
             .zip(x.par_chunks(self.cols))
             .for_each(|(a, x)| self.quantize(x, a));
-        let scales: Vec<f32> = acts.iter().map(|a| a.d.to_f32()).collect();
-        #[cfg(target_arch = "x86_64")]
-        match &self.repacked {
-            Some(RepackedRows::Q4_0(rows)) => return self.repacked_matmul(rows, &acts, &scales, m),
-            Some(RepackedRows::Q8_0(rows)) => return self.repacked_matmul(rows, &acts, &scales, m),
-            None => {}
-        }
         let sums: Vec<f32> = match B::STORED_MIN {
             true => acts.iter().map(|a| a.d_sum(a.q_sum())).collect(),
             false => Vec::new(),
@@ -176,6 +149,11 @@ impl LegacyMatrix {
             0 => Vec::new(),
             offset => acts.iter().map(|a| offset * a.q_sum()).collect(),
         };
+        let scales: Vec<f32> = acts.iter().map(|a| a.d.to_f32()).collect();
+        #[cfg(target_arch = "x86_64")]
+        if let Some(repacked) = &self.repacked {
+            return self.repacked_matmul(repacked, &acts, &scales, &offsets, m);
+        }
         // Whole groups of eight rows, interleaved, where this CPU has a kernel for them.
         #[cfg(target_arch = "x86_64")]
         let interleaved = (m >= 8)
@@ -206,23 +184,23 @@ impl LegacyMatrix {
 
     /// `x` · Wᵀ on the repacked rows (`Repacked::products`).
     #[cfg(target_arch = "x86_64")]
-    fn repacked_matmul<T: RepackedBlock + super::x86::LegacyRows>(
+    fn repacked_matmul(
         &self,
-        repacked: &Repacked<T>,
+        repacked: &Repacked<BlockQ4_0x8>,
         acts: &[BlockQ8_0],
         scales: &[f32],
+        offsets: &[i32],
         m: usize,
     ) -> Vec<f32> {
         use super::x86::{self, Q8_0Row};
         let blocks = self.cols / QK;
-        let sums: Vec<i32> = acts.iter().map(BlockQ8_0::q_sum).collect();
         let rows: Vec<Q8_0Row<'_>> = (0..m)
             .map(|i| {
                 let row = i * blocks..(i + 1) * blocks;
                 Q8_0Row {
                     blocks: &acts[row.clone()],
                     scales: &scales[row.clone()],
-                    sums: &sums[row],
+                    offsets: &offsets[row],
                 }
             })
             .collect();
@@ -230,13 +208,13 @@ impl LegacyMatrix {
         repacked.products(m, |blocks, tile, out| {
             let acts = &rows[tile];
             // SAFETY: only built where the CPU has these kernels (`repack`); every activation
-            // row has the group's number of blocks, scales and sums; `out` is as long as
+            // row has the group's number of blocks, scales and offsets; `out` is as long as
             // the tile.
             unsafe {
                 match kernels {
-                    Kernels::Avx512Vnni => x86::repacked_legacy_avx512_vnni(blocks, acts, out),
-                    Kernels::AvxVnni => x86::repacked_legacy_avx_vnni(blocks, acts, out),
-                    _ => x86::repacked_legacy_avx2(blocks, acts, out),
+                    Kernels::Avx512Vnni => x86::repacked_q4_0_avx512_vnni(blocks, acts, out),
+                    Kernels::AvxVnni => x86::repacked_q4_0_avx_vnni(blocks, acts, out),
+                    _ => x86::repacked_q4_0_avx2(blocks, acts, out),
                 }
             }
         })

@@ -8,12 +8,11 @@ use super::super::tests::{kernels_to_test, noise, random_blocks, random_legacy_b
 use super::super::{Kernels, LegacyMatrix, QMatrix, RawTensor};
 
 /// The types repacked.
-const REPACKED: [GgmlDType; 5] = [
+const REPACKED: [GgmlDType; 4] = [
     GgmlDType::Q4K,
     GgmlDType::Q5K,
     GgmlDType::Q6K,
     GgmlDType::Q4_0,
-    GgmlDType::Q8_0,
 ];
 
 /// `dtype` weights of `rows` × `cols`: random bits (every scale, minimum and value
@@ -22,13 +21,13 @@ fn weights(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> [RawTensor;
     let dense = Tensor::from_vec(noise(seed, rows * cols), (rows, cols), &Device::Cpu).unwrap();
     let quantized = QTensor::quantize(&dense, dtype).unwrap();
     let random = match dtype {
-        GgmlDType::Q4_0 | GgmlDType::Q8_0 => random_legacy_blocks(dtype, rows, cols, seed + 1),
+        GgmlDType::Q4_0 => random_legacy_blocks(dtype, rows, cols, seed + 1),
         _ => random_blocks(dtype, rows, cols, seed + 1),
     };
     [random, RawTensor::from_qtensor(&quantized).unwrap()]
 }
 
-/// A K-quant, Q4_0 or Q8_0 matrix, in the file's layout or repacked.
+/// A K-quant or Q4_0 matrix, in the file's layout or repacked.
 enum Matrix {
     KQuant(QMatrix),
     Legacy(LegacyMatrix),
@@ -110,7 +109,7 @@ fn uniform_block(dtype: GgmlDType, byte: u8) -> Vec<u8> {
             let n = block.len();
             block[n - 2..].copy_from_slice(&d);
         }
-        GgmlDType::Q4_0 | GgmlDType::Q8_0 => block[..2].copy_from_slice(&d),
+        GgmlDType::Q4_0 => block[..2].copy_from_slice(&d),
         _ => {
             block[..2].copy_from_slice(&d);
             block[2..4].copy_from_slice(&dmin);
@@ -122,8 +121,7 @@ fn uniform_block(dtype: GgmlDType, byte: u8) -> Vec<u8> {
 #[test]
 fn the_largest_values_sum_exactly_repacked() {
     // Every value, scale and minimum at its largest (all bits set; Q6_K's scales then -1,
-    // so also every scale at its most negative, 0x80; Q4_0's values 7, then -8 and 0;
-    // Q8_0's -1, then -128, the largest magnitude),
+    // so also every scale at its most negative, 0x80; Q4_0's values 7, then -8 and 0),
     // against activations of ±127: the
     // chains' and totals' largest magnitudes, which must neither wrap nor saturate.
     let (rows, cols) = (16, 2 * QK_K);
@@ -158,16 +156,15 @@ fn the_largest_values_sum_exactly_repacked() {
 fn only_whole_groups_of_eight_rows_of_the_repacked_types_are_repacked() {
     let [q4k_12_rows, _] = weights(GgmlDType::Q4K, 12, QK_K, 3);
     let [q4_0_12_rows, _] = weights(GgmlDType::Q4_0, 12, QK_K, 3);
-    let [q8_0_12_rows, _] = weights(GgmlDType::Q8_0, 12, QK_K, 3);
     let q3k = random_blocks(GgmlDType::Q3K, 16, QK_K, 4);
-    let q5_0 = random_legacy_blocks(GgmlDType::Q5_0, 16, QK_K, 4);
+    let q8_0 = random_legacy_blocks(GgmlDType::Q8_0, 16, QK_K, 4);
     for kernels in x86_kernels() {
-        for weights in [&q4k_12_rows, &q4_0_12_rows, &q8_0_12_rows, &q3k, &q5_0] {
+        for weights in [&q4k_12_rows, &q4_0_12_rows, &q3k, &q8_0] {
             let matrix = Matrix::new(weights, kernels, true);
             assert_eq!(matrix.repacked_bytes(), 0, "{:?}", weights.dtype());
         }
     }
-    for dtype in [GgmlDType::Q4K, GgmlDType::Q4_0, GgmlDType::Q8_0] {
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q4_0] {
         let [weights, _] = weights(dtype, 16, 2 * QK_K, 5);
         let matrix = Matrix::new(&weights, Kernels::Scalar, true);
         assert_eq!(

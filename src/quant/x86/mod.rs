@@ -41,8 +41,8 @@ pub use legacy_tiles::{
     legacy_group_avx2, legacy_group_avx512_vnni, legacy_group_avx_vnni, LegacyGroup,
 };
 pub use repacked::{
-    repacked_avx2, repacked_avx512_vnni, repacked_avx_vnni, repacked_legacy_avx2,
-    repacked_legacy_avx512_vnni, repacked_legacy_avx_vnni, LegacyRows, Q8_0Row, RepackedKernel,
+    repacked_avx2, repacked_avx512_vnni, repacked_avx_vnni, repacked_q4_0_avx2,
+    repacked_q4_0_avx512_vnni, repacked_q4_0_avx_vnni, Q8_0Row, RepackedKernel,
 };
 
 pub fn has_avx2() -> bool {

@@ -26,12 +26,9 @@
 use std::arch::x86_64::*;
 
 mod blocks;
-mod legacy;
+mod q4_0;
 
-pub use legacy::{
-    repacked_legacy_avx2, repacked_legacy_avx512_vnni, repacked_legacy_avx_vnni, LegacyRows,
-    Q8_0Row,
-};
+pub use q4_0::{repacked_q4_0_avx2, repacked_q4_0_avx512_vnni, repacked_q4_0_avx_vnni, Q8_0Row};
 
 use super::super::blocks::BlockQ8K;
 use super::super::kquant::TILE_ACTS;
