@@ -5,8 +5,9 @@
 //! decoding step after 4,000 tokens of context reads 375 MiB of keys and values (8-layer
 //! Phi-3-mini, f16), and without it the 8-layer Q4_K_M file decoded there at 17.4 tokens/s
 //! against 22.2 with it (medians of five alternating pairs, 2-vCPU Zen 4; in a faster
-//! hour, 8 KiB ahead 22.7, 16 KiB 25.5, 32 KiB 26.1). And the vector exp of every attention path, in
-//! 8 lanes (AVX2) and 16 (`exp16`, AVX-512), with the same constants and steps.
+//! hour, 8 KiB ahead 22.7, 16 KiB 25.5, 32 KiB 26.1). And the vector exp of every
+//! attention path, in 8 lanes (AVX2) and 16 (`exp16`, AVX-512), with the same constants and
+//! steps.
 
 use std::arch::x86_64::*;
 

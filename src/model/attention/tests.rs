@@ -30,13 +30,21 @@ fn cache(kind: KvCacheType, kv_heads: usize, d: usize, keys: &[f32], values: &[f
     cache
 }
 
-/// The portable path for one query: (normalized output, Σ numerators).
-fn portable<E: Element>(
+/// Which loop runs one query: `Query::attend`, or the AVX2 one (`simd::attend`).
+#[derive(Clone, Copy)]
+enum Path {
+    Portable,
+    Vector,
+}
+
+/// One query of head `kv_h` over the keys `range`, by `path`: its normalized output.
+fn one_query<E: Element>(
     (keys, values): (HeadRows<'_, E>, HeadRows<'_, E>),
     q: &[f32],
     kv_h: usize,
     range: std::ops::Range<usize>,
     scale: f32,
+    path: Path,
 ) -> Vec<f32> {
     let query = Query {
         q,
@@ -48,28 +56,36 @@ fn portable<E: Element>(
     };
     let mut scores = vec![0f32; range.len()];
     let mut out = vec![0f32; q.len()];
-    let total = query.attend(&mut scores, &mut out);
+    let total = match path {
+        Path::Portable => query.attend(&mut scores, &mut out),
+        Path::Vector => {
+            assert!(simd::available() && q.len().is_multiple_of(8));
+            // SAFETY: checked just above: the CPU runs it, and the head size is whole vectors.
+            unsafe { simd::attend(&query, &mut scores, &mut out) }
+        }
+    };
     out.iter().map(|o| o / total).collect()
 }
 
-/// `portable` with a scale of 0.2, for whichever format `cache` has.
-fn expected(cache: &KvCache, q: &[f32], kv_h: usize, range: std::ops::Range<usize>) -> Vec<f32> {
-    scaled(cache, q, kv_h, range, 0.2)
-}
-
-/// `portable`, for whichever format `cache` has.
-fn scaled(
+/// `one_query`, for whichever format `cache` has.
+fn attend_by(
     cache: &KvCache,
     q: &[f32],
     kv_h: usize,
     range: std::ops::Range<usize>,
     scale: f32,
+    path: Path,
 ) -> Vec<f32> {
     match cache.rows() {
-        Rows::F32(k, v) => portable((k, v), q, kv_h, range, scale),
-        Rows::F16(k, v) => portable((k, v), q, kv_h, range, scale),
-        Rows::Q8(k, v) => portable((k, v), q, kv_h, range, scale),
+        Rows::F32(k, v) => one_query((k, v), q, kv_h, range, scale, path),
+        Rows::F16(k, v) => one_query((k, v), q, kv_h, range, scale, path),
+        Rows::Q8(k, v) => one_query((k, v), q, kv_h, range, scale, path),
     }
+}
+
+/// The portable path with a scale of 0.2, for whichever format `cache` has.
+fn expected(cache: &KvCache, q: &[f32], kv_h: usize, range: std::ops::Range<usize>) -> Vec<f32> {
+    attend_by(cache, q, kv_h, range, 0.2, Path::Portable)
 }
 
 /// One query (decoding): the vector path equals the portable one for every cache format.
@@ -89,34 +105,10 @@ fn vector_and_portable_attention_agree() {
         let q = noise(3, d);
         for kind in KvCacheType::ALL {
             let cache = cache(kind, kv_heads, d, &keys, &values);
-            fn vector<E: Element>(
-                (keys, values): (HeadRows<'_, E>, HeadRows<'_, E>),
-                q: &[f32],
-                kv_h: usize,
-                range: std::ops::Range<usize>,
-            ) -> Vec<f32> {
-                let query = Query {
-                    q,
-                    keys,
-                    values,
-                    kv_h,
-                    range: range.clone(),
-                    scale: 0.2,
-                };
-                let mut scores = vec![0f32; range.len()];
-                let mut out = vec![0f32; q.len()];
-                // SAFETY: the caller checked the CPU; d is a multiple of 8.
-                let total = unsafe { simd::attend(&query, &mut scores, &mut out) };
-                out.iter().map(|o| o / total).collect()
-            }
             // All keys, a window's tail (a range not starting at 0), counts off multiples of
             // 4, and (long) ranges ending at and across page boundaries.
             for (kv_h, range) in (0..kv_heads).flat_map(|h| ranges.iter().map(move |r| (h, r))) {
-                let got = match cache.rows() {
-                    Rows::F32(k, v) => vector((k, v), &q, kv_h, range.clone()),
-                    Rows::F16(k, v) => vector((k, v), &q, kv_h, range.clone()),
-                    Rows::Q8(k, v) => vector((k, v), &q, kv_h, range.clone()),
-                };
+                let got = attend_by(&cache, &q, kv_h, range.clone(), 0.2, Path::Vector);
                 let want = expected(&cache, &q, kv_h, range.clone());
                 for (a, b) in want.iter().zip(&got) {
                     assert!(
@@ -183,7 +175,8 @@ fn tiled_and_per_query_attention_agree() {
                     let pos = offset + i;
                     let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
                     let q = &qd[(h * seq + i) * d..][..d];
-                    let want = scaled(&cache, q, h / (heads / kv_heads), first..pos + 1, scale);
+                    let kv_h = h / (heads / kv_heads);
+                    let want = attend_by(&cache, q, kv_h, first..pos + 1, scale, Path::Portable);
                     let got = &fast[(h * seq + i) * d..][..d];
                     // Each score sums its head's dimensions in one lane, in order, the
                     // portable path in another order: scores differ by their rounding, up
